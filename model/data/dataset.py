@@ -1,0 +1,94 @@
+"""The torch ``Dataset`` of annotated images, its batch collation and the train/validation split."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms.v2 import functional as F
+
+from model.data.images import open_rgb
+from model.data.records import AnnotatedImage, DatasetError
+
+Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+class DetectionDataset(Dataset):
+    """Images decoded on demand and passed through ``transforms`` (see ``model.data.transforms``).
+
+    Args:
+        images: the annotated images (absolute xyxy pixel boxes, 1-based labels).
+        transforms: called as ``transforms(image, {"boxes": ..., "labels": ...})``; it must
+            resize to a square ``S`` x ``S`` (``train_transforms`` and ``eval_transforms`` do).
+
+    An item is ``(image, boxes, labels)``: image uint8 Tensor[3, S, S]; boxes float32
+    Tensor[N, 4], xyxy normalised to [0, 1] by the output size; labels int64 Tensor[N].
+    N may be 0, and may be smaller than the image's box count after augmentation.
+    """
+
+    def __init__(self, images: list[AnnotatedImage], transforms: Callable[..., Any]):
+        self.images = list(images)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> Sample:
+        record = self.images[index]
+        image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path)))
+        height, width = image.shape[-2:]
+        if (width, height) != (record.width, record.height):
+            raise DatasetError(
+                f"{record.path}: image is {width}x{height} but was annotated as {record.width}x{record.height}"
+            )
+        target = {
+            "boxes": tv_tensors.BoundingBoxes(record.boxes.clone(), format="XYXY", canvas_size=(height, width)),
+            "labels": record.labels.clone(),
+        }
+        image, target = self.transforms(image, target)
+        out_height, out_width = image.shape[-2:]
+        scale = torch.tensor([out_width, out_height, out_width, out_height], dtype=torch.float32)
+        boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float32) / scale
+        return image.as_subclass(torch.Tensor), boxes, target["labels"].to(torch.int64)
+
+
+def collate_detections(batch: Sequence[Sample]) -> Sample:
+    """Stack samples into a batch, padding each image's boxes to the batch's largest count.
+
+    Returns:
+        images uint8 Tensor[B, 3, S, S]; boxes float32 Tensor[B, M, 4]; labels int64
+        Tensor[B, M], where M = max(1, largest N). Padding rows have zero boxes and label 0,
+        which the loss ignores (0 is the background id, never a real object's label).
+    """
+    images = torch.stack([image for image, _, _ in batch])
+    most = max([1] + [int(boxes.shape[0]) for _, boxes, _ in batch])
+    padded_boxes = torch.zeros((len(batch), most, 4), dtype=torch.float32)
+    padded_labels = torch.zeros((len(batch), most), dtype=torch.int64)
+    for row, (_, boxes, labels) in enumerate(batch):
+        padded_boxes[row, : boxes.shape[0]] = boxes
+        padded_labels[row, : labels.shape[0]] = labels
+    return images, padded_boxes, padded_labels
+
+
+def split_train_val(num_images: int, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """Split image indices ``0..num_images-1`` into training and validation, by a seeded permutation.
+
+    Validation gets ``round(val_fraction * num_images)`` images, at least 1 when
+    ``val_fraction > 0`` and there are 2 or more images, and never all of them: at least
+    one image is left for training. Both lists are sorted; the same arguments always give
+    the same split.
+    """
+    if num_images < 0:
+        raise ValueError(f"num_images must be >= 0, got {num_images}")
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    val_count = round(val_fraction * num_images)
+    if val_fraction > 0 and num_images >= 2:
+        val_count = max(val_count, 1)
+    val_count = min(val_count, max(num_images - 1, 0))
+    order = np.random.default_rng(seed).permutation(num_images)
+    return sorted(int(i) for i in order[val_count:]), sorted(int(i) for i in order[:val_count])
