@@ -1,0 +1,29 @@
+"""Detection datasets: COCO and VOC readers and writers, synthetic shapes, transforms, the torch Dataset.
+
+Boxes everywhere are absolute pixel ``[x1, y1, x2, y2]``; class ids are 1-based (0 is background).
+"""
+
+from model.data.coco import read_coco, write_coco
+from model.data.dataset import DetectionDataset, collate_detections, split_train_val
+from model.data.reader import read_dataset
+from model.data.records import AnnotatedImage, DatasetError, DetectionData
+from model.data.synthetic import make_shapes_dataset
+from model.data.transforms import eval_transforms, train_transforms
+from model.data.voc import read_voc, write_voc
+
+__all__ = [
+    "AnnotatedImage",
+    "DatasetError",
+    "DetectionData",
+    "DetectionDataset",
+    "collate_detections",
+    "eval_transforms",
+    "make_shapes_dataset",
+    "read_coco",
+    "read_dataset",
+    "read_voc",
+    "split_train_val",
+    "train_transforms",
+    "write_coco",
+    "write_voc",
+]
