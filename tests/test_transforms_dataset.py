@@ -1,0 +1,182 @@
+"""Transforms keep boxes on their objects; the Dataset, collation and the train/val split."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from model.data import (
+    AnnotatedImage,
+    DatasetError,
+    DetectionDataset,
+    collate_detections,
+    eval_transforms,
+    split_train_val,
+    train_transforms,
+)
+from model.data.transforms import IoUCropWithBoxes
+
+S = 64
+
+
+def _record(tmp_path: Path, boxes: list[list[float]], size=(60, 40), name="img.png") -> AnnotatedImage:
+    """A black image with a white rectangle on each box, saved as PNG (exact pixels)."""
+    image = Image.new("RGB", size, (0, 0, 0))
+    for x1, y1, x2, y2 in boxes:
+        image.paste((255, 255, 255), (int(x1), int(y1), int(x2), int(y2)))
+    path = tmp_path / name
+    image.save(path)
+    return AnnotatedImage(
+        path=path,
+        width=size[0],
+        height=size[1],
+        boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        labels=torch.arange(1, len(boxes) + 1, dtype=torch.int64),
+    )
+
+
+def _bright_box(image: torch.Tensor) -> torch.Tensor:
+    """xyxy pixel box around the bright pixels of a uint8 [3, H, W] image."""
+    mask = image.float().mean(dim=0) > 127
+    rows, cols = mask.any(dim=1).nonzero().flatten(), mask.any(dim=0).nonzero().flatten()
+    return torch.stack([cols[0], rows[0], cols[-1] + 1, rows[-1] + 1]).float()
+
+
+def test_eval_resize_scales_boxes_exactly(tmp_path):
+    record = _record(tmp_path, [[6, 4, 30, 20]], size=(60, 40))
+    image, boxes, labels = DetectionDataset([record], eval_transforms(S))[0]
+    assert image.shape == (3, S, S) and image.dtype == torch.uint8
+    torch.testing.assert_close(boxes, torch.tensor([[6 / 60, 4 / 40, 30 / 60, 20 / 40]]))
+    torch.testing.assert_close(labels, torch.tensor([1]))
+
+
+def test_horizontal_flip_mirrors_the_box(tmp_path):
+    record = _record(tmp_path, [[6, 4, 30, 20]], size=(60, 40))
+    flip_then_resize = v2.Compose([v2.RandomHorizontalFlip(p=1.0), v2.Resize((S, S))])
+    image, boxes, _ = DetectionDataset([record], flip_then_resize)[0]
+    torch.testing.assert_close(boxes, torch.tensor([[1 - 30 / 60, 4 / 40, 1 - 6 / 60, 20 / 40]]))
+    torch.testing.assert_close(_bright_box(image) / S, boxes[0], atol=2 / S, rtol=0)
+
+
+def test_geometric_train_transforms_keep_each_box_on_its_object(tmp_path):
+    record = _record(tmp_path, [[12, 8, 40, 30]], size=(60, 40))
+    pipeline = train_transforms(S, fill=(0, 0, 0))
+    # Photometric distortion is left out so that the object stays the only bright thing.
+    geometric = v2.Compose(pipeline.transforms[1:])
+    dataset = DetectionDataset([record], geometric)
+    kept = 0
+    for seed in range(40):
+        torch.manual_seed(seed)
+        image, boxes, labels = dataset[0]
+        assert image.shape == (3, S, S) and image.dtype == torch.uint8
+        assert boxes.shape[0] == labels.shape[0] <= 1
+        if boxes.shape[0] == 1:
+            kept += 1
+            torch.testing.assert_close(_bright_box(image), boxes[0] * S, atol=2.0, rtol=0)
+    assert kept > 20
+
+
+def test_full_train_transforms_give_normalised_boxes_and_matching_labels(tmp_path):
+    record = _record(tmp_path, [[2, 2, 20, 12], [30, 10, 58, 38]], size=(60, 40))
+    dataset = DetectionDataset([record], train_transforms(S, fill=(123, 117, 104)))
+    torch.manual_seed(0)
+    for _ in range(20):
+        image, boxes, labels = dataset[0]
+        assert image.shape == (3, S, S) and image.dtype == torch.uint8
+        assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
+        assert boxes.shape == (labels.shape[0], 4)
+        assert ((boxes >= 0) & (boxes <= 1)).all()
+        assert (boxes[:, 2:] > boxes[:, :2]).all()
+        assert set(labels.tolist()) <= {1, 2}
+
+
+def test_images_without_boxes_pass_through_train_transforms(tmp_path):
+    dataset = DetectionDataset([_record(tmp_path, [])], train_transforms(S, fill=(123, 117, 104)))
+    torch.manual_seed(0)
+    for _ in range(20):
+        image, boxes, labels = dataset[0]
+        assert image.shape == (3, S, S)
+        assert boxes.shape == (0, 4) and labels.shape == (0,)
+
+
+def test_iou_crop_leaves_images_without_boxes_unchanged_at_once():
+    image = tv_tensors.Image(torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8))
+    target = {"boxes": tv_tensors.BoundingBoxes(torch.zeros(0, 4), format="XYXY", canvas_size=(30, 50))}
+    # Plain RandomIoUCrop would draw random crops until it happened on "keep the image".
+    rng_state = torch.get_rng_state()
+    out_image, out_target = IoUCropWithBoxes()(image, target)
+    torch.testing.assert_close(torch.get_rng_state(), rng_state)
+    torch.testing.assert_close(out_image, image)
+    assert out_target["boxes"].shape == (0, 4)
+
+
+def test_dataset_with_train_transforms_survives_pickling(tmp_path):
+    dataset = DetectionDataset([_record(tmp_path, [[6, 4, 30, 20]])], train_transforms(S, fill=(1, 2, 3)))
+    again = pickle.loads(pickle.dumps(dataset))
+    image, boxes, labels = again[0]
+    assert image.shape == (3, S, S) and boxes.shape[0] == labels.shape[0]
+
+
+def test_dataset_reports_unreadable_images_and_size_changes(tmp_path, monkeypatch):
+    record = _record(tmp_path, [[6, 4, 30, 20]])
+    resized = AnnotatedImage(record.path, 61, 40, record.boxes, record.labels)
+    with pytest.raises(DatasetError, match=r"img.png: image is 60x40 but was annotated as 61x40"):
+        DetectionDataset([resized], eval_transforms(S))[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 60x40 = 2400 pixels: a bomb warning
+    with pytest.raises(DatasetError, match="img.png: image has too many pixels"):
+        DetectionDataset([record], eval_transforms(S))[0]
+    monkeypatch.undo()
+    record.path.write_bytes(b"garbage")
+    with pytest.raises(DatasetError, match="img.png: not a readable image"):
+        DetectionDataset([record], eval_transforms(S))[0]
+
+
+def test_collate_pads_boxes_with_zeros_and_label_zero():
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    two = (image, torch.tensor([[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.4, 0.9]]), torch.tensor([3, 1]))
+    none = (image, torch.zeros(0, 4), torch.zeros(0, dtype=torch.int64))
+    images, boxes, labels = collate_detections([two, none])
+    assert images.shape == (2, 3, 8, 8) and images.dtype == torch.uint8
+    torch.testing.assert_close(boxes[0], two[1])
+    torch.testing.assert_close(boxes[1], torch.zeros(2, 4))
+    torch.testing.assert_close(labels, torch.tensor([[3, 1], [0, 0]]))
+
+    _, boxes, labels = collate_detections([none, none])
+    assert boxes.shape == (2, 1, 4) and labels.shape == (2, 1)
+    assert boxes.dtype == torch.float32 and labels.dtype == torch.int64
+    assert not labels.any()
+
+
+def test_dataloader_batches_with_collate(tmp_path):
+    records = [_record(tmp_path, [[6, 4, 30, 20]] * n, name=f"{n}.png") for n in (0, 1, 3)]
+    loader = torch.utils.data.DataLoader(
+        DetectionDataset(records, eval_transforms(S)), batch_size=3, collate_fn=collate_detections
+    )
+    images, boxes, labels = next(iter(loader))
+    assert images.shape == (3, 3, S, S) and boxes.shape == (3, 3, 4)
+    torch.testing.assert_close((labels > 0).sum(dim=1), torch.tensor([0, 1, 3]))
+
+
+@pytest.mark.parametrize(
+    "num_images, val_fraction, val_count",
+    [(10, 0.1, 1), (10, 0.3, 3), (100, 0.15, 15), (2, 0.1, 1), (5, 0.01, 1), (3, 0.9, 2), (1, 0.5, 0), (8, 0.0, 0)],
+)
+def test_split_sizes(num_images, val_fraction, val_count):
+    train, val = split_train_val(num_images, val_fraction, seed=0)
+    assert len(val) == val_count
+    assert sorted(train + val) == list(range(num_images))
+    assert not set(train) & set(val)
+
+
+def test_split_is_deterministic_per_seed():
+    assert split_train_val(50, 0.2, seed=1) == split_train_val(50, 0.2, seed=1)
+    assert split_train_val(50, 0.2, seed=1) != split_train_val(50, 0.2, seed=2)
+    assert split_train_val(0, 0.2, seed=0) == ([], [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_train_val(10, 1.0, seed=0)
