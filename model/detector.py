@@ -1,0 +1,136 @@
+"""A trained SSD ready to serve: images of any size in, boxes in their own pixels out."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as F
+
+from .checkpoint import CheckpointError, load_checkpoint
+from .config import ModelConfig
+from .engine import amp_dtype, resolve_device
+from .network import SSD300
+from .postprocess import Detections, postprocess
+
+ImageInput = Image.Image | torch.Tensor
+
+
+class Detector:
+    """Runs one batched forward pass over a list of images and decodes the boxes.
+
+    Args:
+        model: a trained network (its ``config`` gives the input size and variances).
+        classes: class names; class id i (1-based) is ``classes[i - 1]``.
+        device: where to run; with CUDA, inference runs in mixed precision and channels_last.
+        nms_threshold, topk_candidates: decoding settings (see ``postprocess``).
+    """
+
+    def __init__(
+        self,
+        model: SSD300,
+        classes: list[str],
+        device: torch.device | str = "cpu",
+        *,
+        nms_threshold: float = 0.45,
+        topk_candidates: int = 200,
+    ):
+        if len(classes) + 1 != model.config.num_classes:
+            raise ValueError(f"{len(classes)} class names for a model of {model.config.num_classes - 1} classes")
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.classes = list(classes)
+        self.nms_threshold = nms_threshold
+        self.topk_candidates = topk_candidates
+        self._autocast_dtype = amp_dtype(self.device, enabled=True)
+
+    @classmethod
+    def from_checkpoint(cls, path: Path | str, device: str = "auto", **kwargs) -> Detector:
+        """Rebuild the exact trained network from a checkpoint of ``fit``.
+
+        Raises:
+            CheckpointError: unreadable, truncated or foreign checkpoint.
+        """
+        state = load_checkpoint(Path(path))
+        try:
+            model = SSD300(ModelConfig.from_dict(state["model_config"]))
+            model.load_state_dict(state["model"])
+        except (TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path} does not describe a loadable SSD: {error}") from None
+        return cls(model, state["classes"], resolve_device(device), **kwargs)
+
+    @property
+    def image_size(self) -> int:
+        return self.model.config.image_size
+
+    def _prepare(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Resize every image to the network's square input on the device.
+
+        Returns:
+            batch: float Tensor[B, 3, S, S] in 0-1, channels_last.
+            sizes: Tensor[B, 2] original ``(width, height)``.
+        """
+        batch, sizes = [], []
+        for image in images:
+            tensor = _to_chw_tensor(image).to(self.device, non_blocking=True)
+            sizes.append((tensor.shape[-1], tensor.shape[-2]))
+            tensor = tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
+            batch.append(F.resize(tensor, [self.image_size, self.image_size], antialias=True))
+        stacked = torch.stack(batch).contiguous(memory_format=torch.channels_last)
+        return stacked, torch.tensor(sizes, device=self.device)
+
+    @torch.inference_mode()
+    def predict(
+        self, images: list[ImageInput], score_threshold: float = 0.5, max_detections: int = 100
+    ) -> list[Detections]:
+        """Tensor detections per image: boxes ``(x1, y1, x2, y2)`` in that image's pixels."""
+        if not images:
+            return []
+        batch, sizes = self._prepare(images)
+        autocast = torch.autocast(self.device.type, self._autocast_dtype) if self._autocast_dtype else nullcontext()
+        with autocast:
+            loc, logits = self.model(batch)
+        return postprocess(
+            loc,
+            logits,
+            self.model.defaults,
+            sizes,
+            variances=self.model.config.variances,
+            score_threshold=score_threshold,
+            topk_candidates=self.topk_candidates,
+            nms_threshold=self.nms_threshold,
+            max_detections=max_detections,
+        )
+
+    def detect(
+        self, images: list[ImageInput], score_threshold: float = 0.5, max_detections: int = 100
+    ) -> list[list[dict]]:
+        """Detections per image as JSON-ready dicts, sorted by descending score.
+
+        Args:
+            images: PIL images (any mode) or Tensor[3, H, W] (uint8 0-255 or float 0-1), any sizes.
+
+        Returns:
+            Per image: ``[{"box": [x1, y1, x2, y2], "label": str, "class_id": int, "score": float}]``
+            with boxes in the image's own pixels.
+        """
+        results = []
+        for found in self.predict(images, score_threshold, max_detections):
+            boxes, scores, labels = found["boxes"].tolist(), found["scores"].tolist(), found["labels"].tolist()
+            results.append(
+                [
+                    {"box": [round(v, 2) for v in box], "label": self.classes[c - 1], "class_id": c, "score": s}
+                    for box, s, c in zip(boxes, scores, labels, strict=True)
+                ]
+            )
+        return results
+
+
+def _to_chw_tensor(image: ImageInput) -> torch.Tensor:
+    if isinstance(image, Image.Image):
+        return F.pil_to_tensor(image.convert("RGB"))
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected an RGB image tensor [3, H, W], got shape {tuple(image.shape)}")
+    return image

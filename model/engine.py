@@ -1,0 +1,414 @@
+"""The training loop: ``fit`` trains, validates after every epoch, checkpoints and reports.
+
+Plain functions in the manner of torchvision's detection references: ``train_one_epoch``
+and ``evaluate`` do one pass each; ``fit`` wires them with the data, the optimiser, the
+checkpoints and the caller's callbacks (progress, epoch records, cancellation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .config import ModelConfig, TrainConfig
+from .data.dataset import DetectionDataset, collate_detections, split_train_val
+from .data.records import DetectionData
+from .data.transforms import eval_transforms, train_transforms
+from .loss import SSDLoss
+from .metrics import MeanAP
+from .network import SSD300, load_pretrained_backbone
+from .plots import plot_losses
+from .postprocess import postprocess
+
+log = logging.getLogger(__name__)
+
+LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pt", "best.pt"
+PROGRESS_INTERVAL_SECONDS = 0.5
+
+
+@dataclass
+class StepProgress:
+    """Where training stands, reported at most every ``PROGRESS_INTERVAL_SECONDS`` and at epoch ends."""
+
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    epochs: int
+    loss: float
+    images_per_second: float
+    eta_seconds: float
+
+
+@dataclass
+class Callbacks:
+    """Hooks into ``fit``; each is optional.
+
+    on_step: progress within an epoch.
+    on_epoch: the epoch record, called after the epoch's checkpoint is on disk.
+    should_stop: checked before every batch; True stops the run (the last checkpoint stays).
+    """
+
+    on_step: Callable[[StepProgress], None] | None = None
+    on_epoch: Callable[[dict], None] | None = None
+    should_stop: Callable[[], bool] | None = None
+
+
+@dataclass
+class FitResult:
+    status: Literal["completed", "cancelled"]
+    epochs_completed: int
+    best_val_loss: float | None
+    last_checkpoint: Path | None
+    best_checkpoint: Path | None
+    history: list[dict]
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite: the run is diverging (learning rate too high?)."""
+
+
+class WarmupSchedule:
+    """Learning-rate factor per step: linear warm-up from 1%, then cosine decay to 1% or constant.
+
+    A plain object (not a lambda) so ``LambdaLR`` can save and restore it in checkpoints.
+    """
+
+    def __init__(self, total_steps: int, warmup_steps: int, cosine: bool):
+        self.total_steps = max(1, total_steps)
+        self.warmup_steps = min(warmup_steps, self.total_steps // 5)
+        self.cosine = cosine
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return 0.01 + 0.99 * step / self.warmup_steps
+        if not self.cosine:
+            return 1.0
+        progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
+        return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
+    return torch.device(name)
+
+
+def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
+    """bf16 where the GPU has it (no loss scaling needed), else fp16; None on CPU or when off."""
+    if not enabled or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def build_model(model_config: ModelConfig, config: TrainConfig) -> SSD300:
+    """The network with the recipe's backbone weights and frozen layers."""
+    torch.manual_seed(config.seed)
+    model = SSD300(model_config)
+    if config.pretrained_backbone:
+        load_pretrained_backbone(model, config.pretrained_backbone)
+    elif config.resolved_frozen_layers:
+        warnings.warn(
+            f"freezing {config.resolved_frozen_layers} VGG layers of a randomly initialised backbone: "
+            "they will stay random. Freezing is meant for pretrained backbones.",
+            stacklevel=2,
+        )
+    model.freeze_vgg_layers(config.resolved_frozen_layers)
+    return model
+
+
+def build_optimizer(model: SSD300, config: TrainConfig, device: torch.device) -> torch.optim.Adam:
+    """Adam with two groups: conv blocks 1-2 at ``learning_rate * early_block_lr_factor``, the rest at
+    ``learning_rate``. Frozen parameters are left out."""
+    early_ids = {id(p) for p in model.early_block_parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if id(p) not in early_ids], "lr": config.learning_rate},
+        {
+            "params": [p for p in trainable if id(p) in early_ids],
+            "lr": config.learning_rate * config.early_block_lr_factor,
+        },
+    ]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.Adam(
+        groups, lr=config.learning_rate, weight_decay=config.weight_decay, fused=device.type == "cuda"
+    )
+
+
+def build_loaders(
+    data: DetectionData, config: TrainConfig, model_config: ModelConfig
+) -> tuple[DataLoader, DataLoader | None]:
+    """Training loader (augmented, shuffled by a per-epoch seed) and validation loader (resize only)."""
+    train_idx, val_idx = split_train_val(len(data.images), config.val_fraction, config.seed)
+    if config.max_train_images is not None:
+        train_idx = train_idx[: config.max_train_images]
+    fill = tuple(round(255 * m) for m in model_config.image_mean)
+    augment = train_transforms(config.image_size, fill) if config.augment else eval_transforms(config.image_size)
+    common = {
+        "batch_size": config.batch_size,
+        "num_workers": config.num_workers,
+        "collate_fn": collate_detections,
+        "pin_memory": torch.cuda.is_available(),
+    }
+    train_set = DetectionDataset([data.images[i] for i in train_idx], augment)
+    train_loader = DataLoader(train_set, shuffle=True, generator=torch.Generator(), **common)
+    val_loader = None
+    if val_idx:
+        val_set = DetectionDataset([data.images[i] for i in val_idx], eval_transforms(config.image_size))
+        val_loader = DataLoader(val_set, shuffle=False, **common)
+    return train_loader, val_loader
+
+
+class _Reporter:
+    """Throttles progress reports; the loss is read off the device only when reporting."""
+
+    def __init__(self, callbacks: Callbacks, epoch: int, epochs: int, steps: int, start_step_time: float):
+        self.callbacks, self.epoch, self.epochs, self.steps = callbacks, epoch, epochs, steps
+        self.started = start_step_time
+        self.last_report = start_step_time
+        self.images = 0
+
+    def due(self, step: int) -> bool:
+        return step == self.steps or time.perf_counter() - self.last_report >= PROGRESS_INTERVAL_SECONDS
+
+    def report(self, step: int, mean_loss: float) -> None:
+        now = time.perf_counter()
+        self.last_report = now
+        if self.callbacks.on_step is None:
+            return
+        elapsed = max(now - self.started, 1e-9)
+        seconds_per_step = elapsed / step
+        remaining = (self.steps - step) + (self.epochs - self.epoch) * self.steps
+        self.callbacks.on_step(
+            StepProgress(
+                epoch=self.epoch,
+                step=step,
+                steps_per_epoch=self.steps,
+                epochs=self.epochs,
+                loss=mean_loss,
+                images_per_second=self.images / elapsed,
+                eta_seconds=remaining * seconds_per_step,
+            )
+        )
+
+
+def train_one_epoch(
+    model: SSD300,
+    loss_fn: SSDLoss,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    epoch: int,
+    epochs: int,
+    callbacks: Callbacks,
+) -> dict[str, float] | None:
+    """One pass over ``loader``. Returns mean train_loss/_loc_loss/_conf_loss, or None if stopped."""
+    model.train()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)  # total, loc, conf
+    first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
+    reporter = _Reporter(callbacks, epoch, epochs, len(loader), time.perf_counter())
+    for step, (images, gt_boxes, gt_labels) in enumerate(loader, start=1):
+        if callbacks.should_stop is not None and callbacks.should_stop():
+            return None
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        gt_boxes, gt_labels = gt_boxes.to(device, non_blocking=True), gt_labels.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            loc, logits = model(images)
+        losses = loss_fn(loc, logits, gt_boxes, gt_labels)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(losses.total).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+
+        # Accumulated on the device: reading a loss each step would stall the GPU queue.
+        sums += torch.stack([losses.total.detach(), losses.loc.detach(), losses.conf.detach()]).double()
+        bad = ~torch.isfinite(losses.total.detach())
+        first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
+        reporter.images += images.shape[0]
+        if reporter.due(step):
+            _raise_if_diverged(first_bad_step, epoch)
+            reporter.report(step, float(sums[0]) / step)
+    _raise_if_diverged(first_bad_step, epoch)
+    means = (sums / max(1, len(loader))).tolist()
+    return {"train_loss": means[0], "train_loc_loss": means[1], "train_conf_loss": means[2]}
+
+
+def _raise_if_diverged(first_bad_step: torch.Tensor, epoch: int) -> None:
+    step = int(first_bad_step)
+    if step >= 0:
+        raise NonFiniteLossError(
+            f"the loss became NaN or infinite at epoch {epoch}, step {step}: training diverged. "
+            "Try a lower learning_rate, or the vgg16_bn backbone."
+        )
+
+
+@torch.inference_mode()
+def evaluate(
+    model: SSD300, loss_fn: SSDLoss, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
+) -> dict[str, float | None]:
+    """Validation loss and mAP (boxes compared in relative coordinates: IoU does not change with scale)."""
+    model.eval()
+    sums = torch.zeros(3, device=device, dtype=torch.float64)
+    metric = MeanAP()
+    for images, gt_boxes, gt_labels in loader:
+        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
+        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+            loc, logits = model(images)
+        losses = loss_fn(loc, logits, gt_boxes, gt_labels)
+        sums += torch.stack([losses.total, losses.loc, losses.conf]).double()
+        unit_sizes = torch.ones(images.shape[0], 2, device=device)
+        # COCO scores at most 100 detections per image.
+        detections = postprocess(
+            loc, logits, model.defaults, unit_sizes, variances=model.config.variances, max_detections=100
+        )
+        metric.update(detections, gt_boxes, gt_labels)
+    means = (sums / max(1, len(loader))).tolist()
+    scores = metric.compute()
+    return {
+        "val_loss": means[0],
+        "val_loc_loss": means[1],
+        "val_conf_loss": means[2],
+        "val_map50": scores["map50"],
+        "val_map": scores["map"],
+    }
+
+
+def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Callbacks | None = None) -> FitResult:
+    """Train an SSD on ``data``; everything the run produces goes to ``run_dir``.
+
+    Writes ``config.json``, ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and
+    ``best.pt`` (lowest validation loss; training loss without a validation split) and
+    ``losses.png``. If ``run_dir/last.pt`` exists the run resumes after its epoch with the
+    same weights, optimiser, schedule and history.
+
+    Raises:
+        ValueError: a dataset with no images, or settings that cannot run here.
+        NonFiniteLossError: the loss became NaN or infinite (names the epoch and step).
+    """
+    callbacks = callbacks or Callbacks()
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not data.images:
+        raise ValueError("the dataset has no images")
+    device = resolve_device(config.device)
+    model_config = config.model_config(num_classes=len(data.classes) + 1)
+    model = build_model(model_config, config).to(device).to(memory_format=torch.channels_last)
+    loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
+    train_loader, val_loader = build_loaders(data, config, model_config)
+    optimizer = build_optimizer(model, config, device)
+    schedule = WarmupSchedule(config.epochs * len(train_loader), config.warmup_steps, config.lr_schedule == "cosine")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    dtype = amp_dtype(device, config.amp)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+    state = {"epoch": 0, "history": [], "best_val_loss": None}
+    if (run_dir / LAST_CHECKPOINT).exists():
+        state = _resume(run_dir / LAST_CHECKPOINT, data, model, optimizer, scheduler, scaler)
+        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
+    atomic_write(run_dir / "config.json", lambda f: f.write(_config_json(config, model_config, data.classes)))
+
+    history, best = list(state["history"]), state["best_val_loss"]
+    for epoch in range(state["epoch"] + 1, config.epochs + 1):
+        train_loader.generator.manual_seed(config.seed * 100_003 + epoch)  # same order on resume
+        torch.manual_seed(config.seed * 100_003 + epoch)  # same augmentation with num_workers=0
+        started = time.perf_counter()
+        train = train_one_epoch(
+            model, loss_fn, train_loader, optimizer, scheduler, scaler, device, dtype, epoch, config.epochs, callbacks
+        )
+        if train is None:
+            return _result("cancelled", run_dir, history, best)
+        val = evaluate(model, loss_fn, val_loader, device, dtype) if val_loader else _no_validation()
+        record = {
+            "epoch": epoch,
+            **train,
+            **val,
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        history.append(record)
+        score = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
+        improved = best is None or score < best
+        best = score if improved else best
+        _save_epoch(run_dir, model, optimizer, scheduler, scaler, config, data.classes, history, best, improved)
+        if callbacks.on_epoch is not None:
+            callbacks.on_epoch(record)
+        if callbacks.should_stop is not None and callbacks.should_stop() and epoch < config.epochs:
+            return _result("cancelled", run_dir, history, best)
+    return _result("completed", run_dir, history, best)
+
+
+def _no_validation() -> dict[str, None]:
+    return dict.fromkeys(("val_loss", "val_loc_loss", "val_conf_loss", "val_map50", "val_map"))
+
+
+def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[str]) -> bytes:
+    payload = {"train_config": config.to_dict(), "model_config": model_config.to_dict(), "classes": classes}
+    return json.dumps(payload, indent=2).encode()
+
+
+def _resume(path, data, model, optimizer, scheduler, scaler) -> dict:
+    checkpoint = load_checkpoint(path)
+    if checkpoint["classes"] != data.classes:
+        raise ValueError(
+            f"{path} was trained on classes {checkpoint['classes']}, not this dataset's {data.classes}: "
+            "use a new run folder"
+        )
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    if checkpoint.get("scaler"):
+        scaler.load_state_dict(checkpoint["scaler"])
+    return checkpoint
+
+
+def _save_epoch(run_dir, model, optimizer, scheduler, scaler, config, classes, history, best, improved) -> None:
+    """Checkpoint(s), metrics.jsonl and the plot for the epoch just finished; each file atomic."""
+    state = {
+        "epoch": history[-1]["epoch"],
+        "classes": list(classes),
+        "model_config": model.config.to_dict(),
+        "train_config": config.to_dict(),
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
+        "best_val_loss": best,
+        "history": history,
+    }
+    save_checkpoint(run_dir / LAST_CHECKPOINT, state)
+    if improved:
+        # Serving needs no optimiser state: keep the best checkpoint small.
+        save_checkpoint(run_dir / BEST_CHECKPOINT, {**state, "optimizer": {}, "scheduler": {}, "scaler": None})
+    lines = "".join(json.dumps(record) + "\n" for record in history)
+    atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
+    plot_losses(history, run_dir / "losses.png")
+
+
+def _result(status, run_dir: Path, history: list[dict], best: float | None) -> FitResult:
+    last, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    return FitResult(
+        status=status,
+        epochs_completed=history[-1]["epoch"] if history else 0,
+        best_val_loss=best,
+        last_checkpoint=last if last.exists() else None,
+        best_checkpoint=best_path if best_path.exists() else None,
+        history=history,
+    )

@@ -1,0 +1,183 @@
+"""Training end to end on CPU: overfitting a tiny set, checkpoints, resume, cancel, divergence."""
+
+import json
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from model.checkpoint import CheckpointError, load_checkpoint
+from model.config import TrainConfig
+from model.data import make_shapes_dataset
+from model.detector import Detector
+from model.engine import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
+
+# A tiny network with SSD300's topology and default boxes, so CPU tests stay fast.
+TINY = {"width_multiplier": 0.125, "num_workers": 0, "batch_size": 4}
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_images=8, seed=0)
+
+
+@pytest.fixture(scope="module")
+def overfitted(shapes, tmp_path_factory):
+    config = TrainConfig(
+        epochs=40, learning_rate=1e-3, val_fraction=0.0, augment=False, warmup_steps=5, lr_schedule="constant", **TINY
+    )
+    run_dir = tmp_path_factory.mktemp("overfit")
+    return fit(config, shapes, run_dir), run_dir
+
+
+def test_overfitting_a_tiny_set_drives_the_loss_down(overfitted):
+    result, _ = overfitted
+    losses = [r["train_loss"] for r in result.history]
+    assert result.status == "completed" and result.epochs_completed == 40
+    assert [r["epoch"] for r in result.history] == list(range(1, 41))
+    assert min(losses[-5:]) < 0.15 * losses[0]
+
+
+def test_the_overfitted_detector_finds_the_drawn_objects(overfitted, shapes):
+    result, _ = overfitted
+    detector = Detector.from_checkpoint(result.best_checkpoint, device="cpu")
+    assert detector.classes == ["circle", "square", "triangle"]
+    images = [Image.open(image.path) for image in shapes.images]
+    found = detector.predict(images, score_threshold=0.3)
+    hits = 0
+    for truth, detections in zip(shapes.images, found, strict=True):
+        iou = box_iou(truth.boxes, detections["boxes"])
+        same_class = truth.labels[:, None] == detections["labels"][None, :]
+        hits += int(((iou >= 0.5) & same_class).any(dim=1).sum())
+    assert hits >= 0.8 * shapes.num_boxes
+
+
+def test_detect_gives_json_ready_boxes_inside_each_image_sorted_by_score(overfitted, shapes):
+    result, _ = overfitted
+    detector = Detector.from_checkpoint(result.best_checkpoint, device="cpu")
+    images = [Image.open(image.path) for image in shapes.images[:3]]
+    for image, detections in zip(images, detector.detect(images, score_threshold=0.2), strict=True):
+        assert detections, "the trained detector should find something in a training image"
+        scores = [d["score"] for d in detections]
+        assert scores == sorted(scores, reverse=True)
+        for d in detections:
+            x1, y1, x2, y2 = d["box"]
+            assert 0 <= x1 < x2 <= image.width and 0 <= y1 < y2 <= image.height
+            assert d["label"] == detector.classes[d["class_id"] - 1]
+
+
+def test_run_folder_holds_config_metrics_plot_and_checkpoints(overfitted):
+    _, run_dir = overfitted
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == list(range(1, 41))
+    assert json.loads((run_dir / "config.json").read_text())["classes"] == ["circle", "square", "triangle"]
+    assert (run_dir / "losses.png").read_bytes().startswith(b"\x89PNG")
+    state = load_checkpoint(run_dir / "last.pt")
+    assert state["epoch"] == 40 and state["optimizer"]["state"]
+
+
+def test_checkpoint_round_trip_gives_identical_outputs(overfitted):
+    result, _ = overfitted
+    state = load_checkpoint(result.last_checkpoint)
+    detector = Detector.from_checkpoint(result.last_checkpoint, device="cpu")
+    model = build_model(detector.model.config, TrainConfig(**TINY))
+    model.load_state_dict(state["model"])
+    model.eval().to(memory_format=torch.channels_last)  # as the detector runs it
+    images = torch.rand(2, 3, 300, 300)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), detector.model(images), rtol=0, atol=0)
+
+
+def test_truncated_and_foreign_checkpoints_give_clear_errors(overfitted, tmp_path):
+    result, _ = overfitted
+    data = result.last_checkpoint.read_bytes()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        Detector.from_checkpoint(truncated)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    with pytest.raises(CheckpointError, match="not an SSD checkpoint"):
+        load_checkpoint(foreign)
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(text)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(shapes, tmp_path):
+    config = TrainConfig(epochs=3, val_fraction=0.25, **TINY)
+    straight = fit(config, shapes, tmp_path / "straight")
+
+    stop_after_two = Callbacks(should_stop=lambda: len(seen) >= 2, on_epoch=lambda r: seen.append(r["epoch"]))
+    seen: list[int] = []
+    interrupted = fit(config, shapes, tmp_path / "resumed", stop_after_two)
+    assert interrupted.status == "cancelled" and interrupted.epochs_completed == 2
+    resumed = fit(config, shapes, tmp_path / "resumed", Callbacks(on_epoch=lambda r: seen.append(r["epoch"])))
+    assert seen == [1, 2, 3]
+    assert [r["epoch"] for r in resumed.history] == [1, 2, 3]
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-4)
+    a, b = load_checkpoint(straight.last_checkpoint)["model"], load_checkpoint(resumed.last_checkpoint)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_validation_records_loss_and_map_every_epoch(shapes, tmp_path):
+    records = fit(TrainConfig(epochs=1, val_fraction=0.25, **TINY), shapes, tmp_path).history
+    (record,) = records
+    assert set(record) >= {"epoch", "train_loss", "train_loc_loss", "train_conf_loss", "val_loss", "val_map50", "lr"}
+    assert record["val_loss"] > 0 and 0 <= record["val_map50"] <= 1
+    assert record["train_loss"] == pytest.approx(record["train_loc_loss"] + record["train_conf_loss"])
+
+
+def test_cancel_between_batches_stops_within_one_batch(shapes, tmp_path):
+    steps = []
+    callbacks = Callbacks(on_step=lambda p: steps.append(p.step), should_stop=lambda: True)
+    result = fit(TrainConfig(epochs=2, val_fraction=0, **TINY), shapes, tmp_path, callbacks)
+    assert result.status == "cancelled" and result.epochs_completed == 0 and steps == []
+    assert result.last_checkpoint is None
+
+
+def test_progress_reports_step_eta_and_throughput(shapes, tmp_path):
+    progress = []
+    fit(TrainConfig(epochs=1, val_fraction=0, **TINY), shapes, tmp_path, Callbacks(on_step=progress.append))
+    last = progress[-1]
+    assert (last.epoch, last.step, last.steps_per_epoch, last.epochs) == (1, 2, 2, 1)
+    assert last.eta_seconds == 0 and last.images_per_second > 0 and last.loss > 0
+
+
+def test_a_diverging_run_raises_naming_epoch_and_step(shapes, tmp_path):
+    config = TrainConfig(epochs=1, val_fraction=0, learning_rate=1e30, warmup_steps=0, **TINY)
+    with pytest.raises(NonFiniteLossError, match=r"epoch 1, step \d+"):
+        fit(config, shapes, tmp_path)
+
+
+def test_optimizer_gives_conv_blocks_one_and_two_a_lower_learning_rate():
+    config = TrainConfig(learning_rate=1e-3, early_block_lr_factor=0.1, **TINY)
+    model = build_model(config.model_config(num_classes=4), config)
+    optimizer = build_optimizer(model, config, torch.device("cpu"))
+    rest, early = optimizer.param_groups
+    assert (rest["lr"], early["lr"]) == (1e-3, pytest.approx(1e-4))
+    assert {id(p) for p in early["params"]} == {id(p) for p in model.early_block_parameters()}
+    assert len(rest["params"]) + len(early["params"]) == len(list(model.parameters()))
+
+
+def test_pretrained_backbone_freezes_ten_layers_and_scratch_freezes_none(tmp_path):
+    from torchvision.models import vgg16_bn
+
+    weights = tmp_path / "vgg16_bn.pth"
+    torch.save(vgg16_bn(weights=None).state_dict(), weights)
+    pretrained = TrainConfig(pretrained_backbone=str(weights), num_workers=0)
+    model = build_model(pretrained.model_config(num_classes=3), pretrained)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    assert {id(p) for p in frozen} == {id(p) for p in model.early_block_parameters()}
+    optimizer = build_optimizer(model, pretrained, torch.device("cpu"))
+    assert len(optimizer.param_groups) == 1  # the early blocks are frozen, so no low-rate group
+
+    scratch = TrainConfig(**TINY)
+    assert all(p.requires_grad for p in build_model(scratch.model_config(num_classes=3), scratch).parameters())
+    with pytest.warns(UserWarning, match="randomly initialised"):
+        build_model(scratch.model_config(num_classes=3), TrainConfig(frozen_layers=10, **TINY))
