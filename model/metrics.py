@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from torchmetrics.detection import MeanAveragePrecision
 
 from .postprocess import Detections
@@ -40,3 +43,27 @@ class MeanAP:
 def _or_none(value: torch.Tensor) -> float | None:
     value = float(value)
     return None if value < 0 else value  # torchmetrics reports -1 when nothing could be scored
+
+
+def evaluate_detector(
+    detector, images: list, batch_size: int = 16, on_batch: Callable[[int], None] | None = None
+) -> dict[str, float | None]:
+    """mAP of a ``Detector`` on annotated images, compared in each image's own pixels.
+
+    Args:
+        detector: a ``model.detector.Detector``.
+        images: ``AnnotatedImage`` records (boxes in pixels, 1-based labels).
+        on_batch: called with the number of images done after each batch (progress bars).
+    """
+    from .data.images import open_rgb  # the data layer is only needed when evaluating files
+
+    metric = MeanAP()
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        found = detector.predict([open_rgb(r.path) for r in chunk], score_threshold=0.01, max_detections=100)
+        gt_boxes = pad_sequence([r.boxes for r in chunk], batch_first=True)  # [B, M, 4]
+        gt_labels = pad_sequence([r.labels for r in chunk], batch_first=True)  # [B, M], 0 = padding
+        metric.update(found, gt_boxes, gt_labels)
+        if on_batch is not None:
+            on_batch(len(chunk))
+    return metric.compute()

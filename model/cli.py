@@ -1,0 +1,179 @@
+"""``ssd``: the model core from the command line, without the service.
+
+ssd synth data/shapes --num-images 200          # a synthetic COCO dataset
+ssd train data/shapes runs/first --epochs 20    # dataset folder -> run folder
+ssd detect runs/first/best.pt photo.jpg --annotated-dir out/
+ssd evaluate runs/first/best.pt data/shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .config import TrainConfig
+from .data import DatasetError, make_shapes_dataset, read_dataset, write_voc
+
+_OPTIONAL_TYPES = {"str | None": str, "int | None": int, "float | None": float}
+
+
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One ``--option`` per TrainConfig field, with its default, so the CLI never drifts from the config."""
+    for field in fields(TrainConfig):
+        flag = "--" + field.name.replace("_", "-")
+        default = field.default if field.default is not MISSING else None
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        elif field.type in _OPTIONAL_TYPES:
+            parser.add_argument(flag, type=_OPTIONAL_TYPES[field.type], default=default)
+        else:
+            parser.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+
+
+def _cmd_synth(args: argparse.Namespace) -> None:
+    data = make_shapes_dataset(args.out, args.num_images, seed=args.seed, image_size=(args.min_size, args.max_size))
+    if args.voc:
+        write_voc(data, args.out / "voc")
+    print(
+        json.dumps(
+            {
+                "folder": str(args.out),
+                "num_images": len(data.images),
+                "num_boxes": data.num_boxes,
+                "classes": data.classes,
+            }
+        )
+    )
+
+
+class _ProgressBar:
+    """A tqdm bar per epoch fed by fit's step callback, and one line per finished epoch."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm | None = None
+
+    def on_step(self, progress) -> None:
+        if self.bar is None:
+            self.bar = tqdm(
+                total=progress.steps_per_epoch,
+                desc=f"epoch {progress.epoch}/{progress.epochs}",
+                unit="batch",
+                leave=False,
+            )
+        self.bar.n = progress.step
+        self.bar.set_postfix(
+            loss=f"{progress.loss:.3f}", img_s=f"{progress.images_per_second:.1f}", eta=f"{progress.eta_seconds:.0f}s"
+        )
+
+    def on_epoch(self, record: dict) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+        tqdm.write(json.dumps(shown))
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from .engine import Callbacks, fit  # torch-heavy; keep `ssd --help` fast
+
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    data = read_dataset(args.dataset)
+    print(f"{len(data.images)} images, {data.num_boxes} boxes, classes {data.classes}", file=sys.stderr)
+    bar = _ProgressBar()
+    result = fit(config, data, args.run_dir, Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch))
+    print(
+        json.dumps(
+            {
+                "status": result.status,
+                "epochs": result.epochs_completed,
+                "best_val_loss": result.best_val_loss,
+                "best_checkpoint": str(result.best_checkpoint),
+            }
+        )
+    )
+
+
+def _cmd_detect(args: argparse.Namespace) -> None:
+    from .data.images import open_rgb
+    from .detector import Detector
+    from .draw import draw_detections
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    results = {}
+    for path in tqdm(args.images, unit="image", disable=len(args.images) < 2):
+        image = open_rgb(path)
+        (found,) = detector.detect([image], args.score_threshold, args.max_detections)
+        results[str(path)] = {"image": {"width": image.width, "height": image.height}, "detections": found}
+        if args.annotated_dir:
+            args.annotated_dir.mkdir(parents=True, exist_ok=True)
+            draw_detections(image, found).save(args.annotated_dir / f"{path.stem}.png")
+    print(json.dumps(results, indent=2))
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from .detector import Detector
+    from .metrics import evaluate_detector
+
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    data = read_dataset(args.dataset)
+    if data.classes != detector.classes:
+        raise ValueError(f"the dataset's classes {data.classes} differ from the model's {detector.classes}")
+    with tqdm(total=len(data.images), unit="image") as bar:
+        scores = evaluate_detector(detector, data.images, args.batch_size, on_batch=bar.update)
+    print(json.dumps({"num_images": len(data.images), "map50": scores["map50"], "map": scores["map"]}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ssd", description="Train and run SSD300 object detectors.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    synth = commands.add_parser("synth", help="generate a synthetic shapes dataset (COCO format)")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--num-images", type=int, default=200)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--min-size", type=int, default=240, help="smallest image side in pixels")
+    synth.add_argument("--max-size", type=int, default=400, help="largest image side in pixels")
+    synth.add_argument("--voc", action="store_true", help="also write the same data as Pascal VOC in OUT/voc")
+    synth.set_defaults(run=_cmd_synth)
+
+    train = commands.add_parser("train", help="train on a dataset folder (COCO or VOC); resumes a run folder")
+    train.add_argument("dataset", type=Path)
+    train.add_argument("run_dir", type=Path)
+    _add_train_options(train)
+    train.set_defaults(run=_cmd_train)
+
+    detect = commands.add_parser("detect", help="detect objects in images; prints JSON")
+    detect.add_argument("checkpoint", type=Path)
+    detect.add_argument("images", type=Path, nargs="+")
+    detect.add_argument("--score-threshold", type=float, default=0.5)
+    detect.add_argument("--max-detections", type=int, default=100)
+    detect.add_argument("--annotated-dir", type=Path, help="also save each image with its boxes drawn here")
+    detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    detect.set_defaults(run=_cmd_detect)
+
+    evaluate = commands.add_parser("evaluate", help="mAP@0.5 and mAP@0.5:0.95 of a checkpoint on a dataset")
+    evaluate.add_argument("checkpoint", type=Path)
+    evaluate.add_argument("dataset", type=Path)
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    evaluate.set_defaults(run=_cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except (DatasetError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

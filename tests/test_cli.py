@@ -1,0 +1,46 @@
+"""The ``ssd`` command line, run in-process: synth -> train -> detect -> evaluate."""
+
+import json
+
+from PIL import Image
+
+from model.cli import main
+
+
+def test_cli_walk_from_synthetic_data_to_detections(tmp_path, capsys):
+    data, run = tmp_path / "shapes", tmp_path / "run"
+    assert main(["synth", str(data), "--num-images", "6", "--voc"]) == 0
+    made = json.loads(capsys.readouterr().out)
+    assert made["num_images"] == 6 and made["classes"] == ["circle", "square", "triangle"]
+    assert (data / "voc" / "Annotations").is_dir()
+
+    train = ["train", str(data / "voc"), str(run), "--epochs", "1", "--batch-size", "3", "--val-fraction", "0.3"]
+    assert main([*train, "--width-multiplier", "0.125", "--num-workers", "0", "--no-augment"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["status"] == "completed" and trained["epochs"] == 1
+
+    image = data / "images" / "000000.jpg"
+    out = tmp_path / "annotated"
+    args = ["detect", str(run / "best.pt"), str(image), "--score-threshold", "0", "--max-detections", "3"]
+    assert main([*args, "--annotated-dir", str(out), "--device", "cpu"]) == 0
+    found = json.loads(capsys.readouterr().out)[str(image)]
+    width, height = Image.open(image).size
+    assert found["image"] == {"width": width, "height": height}
+    assert len(found["detections"]) == 3
+    assert Image.open(out / "000000.png").size == (width, height)
+
+    assert main(["evaluate", str(run / "best.pt"), str(data), "--device", "cpu"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["num_images"] == 6 and 0 <= scores["map50"] <= 1
+
+
+def test_cli_reports_a_bad_dataset_as_an_error_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["train", str(tmp_path / "empty"), str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
+
+
+def test_cli_refuses_invalid_training_settings(tmp_path, capsys):
+    main(["synth", str(tmp_path / "d"), "--num-images", "2"])
+    assert main(["train", str(tmp_path / "d"), str(tmp_path / "r"), "--epochs", "0"]) == 2
+    assert "epochs must be >= 1" in capsys.readouterr().err
