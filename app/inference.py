@@ -1,0 +1,240 @@
+"""Inference for /detect: image decoding, the detector cache, the micro-batcher, box drawing.
+
+Forward passes never run on the event loop: they run in a thread pool (``inference_threads``
+threads, 1 by default since one forward already uses every core) behind a micro-batcher
+that gathers requests for the same model for up to ``batch_max_wait_ms`` (or until
+``batch_max_size`` are waiting) and answers all of them from one batched forward.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import warnings
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.detector import Detector
+from model.draw import draw_detections
+
+ACCEPTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP"}
+Detections = list[dict[str, Any]]
+
+
+class ImageRejected(ValueError):
+    """An upload that is not a usable image; ``status_code`` is 400, 413 or 415."""
+
+    def __init__(self, message: str, status_code: int):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode an uploaded JPEG, PNG, WebP or BMP into an RGB image, EXIF orientation applied.
+
+    Pillow's decompression-bomb warning is an error here, and so is anything over
+    ``max_pixels``: the header is checked before any pixel is decoded.
+
+    Raises:
+        ImageRejected: 415 not an image or another format, 413 too many pixels, 400 truncated or corrupt.
+    """
+    accepted = ", ".join(ACCEPTED_FORMATS.values())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            image = Image.open(io.BytesIO(data))
+        except UnidentifiedImageError as error:
+            raise ImageRejected(f"the upload is not an image Pillow can read; send {accepted}", 415) from error
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise ImageRejected(f"the image has too many pixels: {error}", 413) from error
+        if image.format not in ACCEPTED_FORMATS:
+            raise ImageRejected(f"{image.format} images are not accepted; send {accepted}", 415)
+        width, height = image.size
+        if width * height > max_pixels:
+            raise ImageRejected(
+                f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
+            )
+        try:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return image.convert("RGB")
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
+            raise ImageRejected(f"the image has too many pixels: {error}", 413) from error
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageRejected(f"the {image.format} image is truncated or corrupt: {error}", 400) from error
+
+
+def annotated_png(image: Image.Image, detections: Detections) -> bytes:
+    """The image as PNG bytes with each detection's box and ``label score`` drawn on it."""
+    buffer = io.BytesIO()
+    draw_detections(image, detections).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def load_detector(checkpoint: Path, device: str) -> Detector:
+    """A trained job's detector; raises ``CheckpointError`` (a ValueError) for a bad file."""
+    return Detector.from_checkpoint(checkpoint, device=device)
+
+
+class DetectorCache:
+    """The last ``size`` loaded detectors by key (LRU); concurrent requests for one key load it once."""
+
+    def __init__(self, load: Callable[[Path], Any], size: int):
+        self._load = load
+        self.size = size
+        self._cache: OrderedDict[str, Any] = OrderedDict()
+        self._loading: dict[str, asyncio.Future] = {}
+
+    async def get(self, key: str, checkpoint: Path) -> Any:
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        if key in self._loading:
+            return await asyncio.shield(self._loading[key])
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, self._load, checkpoint)
+        self._loading[key] = future
+        try:
+            detector = await asyncio.shield(future)
+        finally:
+            self._loading.pop(key, None)
+        self._cache[key] = detector
+        while len(self._cache) > self.size:
+            self._cache.popitem(last=False)
+        return detector
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._cache
+
+
+@dataclass
+class _Request:
+    image: Image.Image
+    score_threshold: float
+    max_detections: int
+    future: asyncio.Future
+
+
+@dataclass
+class _Lane:
+    """The requests waiting for one model and the task that serves them."""
+
+    detector: Any
+    waiting: list[_Request] = field(default_factory=list)
+    full: asyncio.Event = field(default_factory=asyncio.Event)
+    runner: asyncio.Task | None = None
+
+
+class MicroBatcher:
+    """Serves concurrent ``detect`` calls for the same model from shared batched forward passes.
+
+    A request waits at most ``max_wait_s`` for others to join (less if ``max_batch`` are
+    waiting); requests arriving while a forward runs are gathered for the next one. The
+    batch runs with the lowest score threshold and the highest ``max_detections`` of its
+    requests, and each answer is then cut to its own: NMS only lets a higher-scoring box
+    remove a lower one, so this equals running each request alone.
+
+    ``max_batch=1`` turns batching off: one forward per request.
+    """
+
+    def __init__(
+        self,
+        executor: Executor,
+        max_batch: int,
+        max_wait_s: float,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.executor = executor
+        self.max_batch = max_batch
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch
+        self._lanes: dict[str, _Lane] = {}
+
+    async def detect(
+        self, key: str, detector: Any, image: Image.Image, score_threshold: float, max_detections: int
+    ) -> Detections:
+        """``detector.detect([image], ...)[0]``, batched with concurrent calls for the same ``key``."""
+        lane = self._lanes.get(key)
+        if lane is None:
+            lane = self._lanes[key] = _Lane(detector)
+        request = _Request(image, score_threshold, max_detections, asyncio.get_running_loop().create_future())
+        lane.waiting.append(request)
+        if len(lane.waiting) >= self.max_batch:
+            lane.full.set()
+        if lane.runner is None:
+            lane.runner = asyncio.create_task(self._serve(key, lane))
+        return await request.future
+
+    async def _serve(self, key: str, lane: _Lane) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while lane.waiting:
+                if len(lane.waiting) < self.max_batch and self.max_wait_s > 0:
+                    lane.full.clear()
+                    try:
+                        await asyncio.wait_for(lane.full.wait(), self.max_wait_s)
+                    except asyncio.TimeoutError:
+                        pass
+                batch = [r for r in lane.waiting[: self.max_batch] if not r.future.done()]
+                del lane.waiting[: self.max_batch]
+                if not batch:
+                    continue
+                threshold = min(r.score_threshold for r in batch)
+                most = max(r.max_detections for r in batch)
+                images = [r.image for r in batch]
+                if self.on_batch is not None:
+                    self.on_batch(len(batch))
+                try:
+                    results = await loop.run_in_executor(self.executor, lane.detector.detect, images, threshold, most)
+                except Exception as error:
+                    for r in batch:
+                        if not r.future.done():
+                            r.future.set_exception(error)
+                    continue
+                for r, found in zip(batch, results, strict=True):
+                    if not r.future.done():
+                        kept = [d for d in found if d["score"] >= r.score_threshold]
+                        r.future.set_result(kept[: r.max_detections])
+        except BaseException as error:  # cancelled (shutdown) or a bug: nobody may wait forever
+            for r in lane.waiting:
+                if not r.future.done():
+                    r.future.set_exception(RuntimeError(f"inference stopped: {error!r}"))
+            lane.waiting.clear()
+            raise
+        finally:
+            # No await since the loop's last check: no request can have joined unseen.
+            lane.runner = None
+            if not lane.waiting:
+                self._lanes.pop(key, None)
+
+
+class DetectionService:
+    """The API's inference: a detector cache and a micro-batcher over one thread pool."""
+
+    def __init__(
+        self,
+        load: Callable[[Path], Any],
+        cache_size: int,
+        threads: int,
+        max_batch: int,
+        max_wait_ms: float,
+        on_batch: Callable[[int], None] | None = None,
+    ):
+        self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssd-inference")
+        self.cache = DetectorCache(load, cache_size)
+        self.batcher = MicroBatcher(self.executor, max_batch, max_wait_ms / 1000, on_batch)
+
+    async def detect(
+        self, key: str, checkpoint: Path, image: Image.Image, score_threshold: float, max_detections: int
+    ) -> Detections:
+        detector = await self.cache.get(key, checkpoint)
+        return await self.batcher.detect(key, detector, image, score_threshold, max_detections)
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,85 @@
+"""Builds the FastAPI app: ``uvicorn app.main:app`` (settings from ``SSD_*``) or ``create_app(settings)``."""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from functools import partial
+
+import redis
+import redis.asyncio
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app.inference import DetectionService, load_detector
+from app.limits import BodyLimitMiddleware
+from app.metrics import Metrics, MetricsMiddleware
+from app.routers import datasets, detect, jobs, ops
+from worker.queue import make_celery
+from worker.settings import Settings
+from worker.store import Store
+
+DESCRIPTION = """
+Train SSD300 object detectors on your own labelled images and serve them.
+
+1. `POST /datasets` (a COCO or VOC zip) or `POST /datasets/synthetic`
+2. `POST /train` with the dataset id -> a job; watch `GET /jobs/{id}` and `GET /jobs/{id}/losses/stream`
+3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn)
+
+Errors are `{"detail": "..."}`. Boxes are `[x1, y1, x2, y2]` in the image's pixels.
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API with its own Redis clients, Celery client, detector cache and metrics registry."""
+    settings = settings or Settings()
+    store = Store.from_url(settings.redis_url, settings.key_prefix)
+    metrics = Metrics(store.status_counts)
+    detection = DetectionService(
+        load=partial(load_detector, device=settings.device),
+        cache_size=settings.detector_cache_size,
+        threads=settings.inference_threads,
+        max_batch=settings.batch_max_size,
+        max_wait_ms=settings.batch_max_wait_ms,
+        on_batch=metrics.detect_batch_size.observe,
+    )
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        yield
+        detection.close()
+        await app.state.async_redis.aclose()
+        store.redis.close()
+
+    app = FastAPI(title="SSD detector service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.store = store
+    app.state.async_redis = redis.asyncio.Redis.from_url(
+        settings.redis_url, decode_responses=True, socket_connect_timeout=5
+    )
+    app.state.celery = make_celery(settings)
+    app.state.metrics = metrics
+    app.state.detection = detection
+
+    for router in (datasets.router, jobs.router, detect.router, ops.router):
+        app.include_router(router)
+    app.add_middleware(
+        BodyLimitMiddleware,
+        limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
+    )
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def redis_unavailable(_request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"the job store (Redis) is unreachable: {error}"}, status_code=503)
+
+    return app
+
+
+def __getattr__(name: str) -> FastAPI:
+    """``app.main:app`` for uvicorn, built on first access so importing this module reads no settings."""
+    if name == "app":
+        globals()["app"] = create_app()
+        return globals()["app"]
+    raise AttributeError(name)

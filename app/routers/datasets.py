@@ -1,0 +1,85 @@
+"""/datasets: upload a COCO or VOC zip, generate a synthetic one, list, get, delete."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+
+from app.dataset_import import DatasetImportError, create_synthetic, import_archive, remove_dataset_files
+from app.deps import SettingsDep, StoreDep
+from app.schemas import Dataset, SyntheticDatasetRequest
+
+router = APIRouter(prefix="/datasets", tags=["datasets"])
+
+_ERRORS = {
+    400: {"description": "Not a zip, or a dataset with problems: the message names the file and the problem."},
+    413: {"description": "The upload, its entry count or its uncompressed size is over the limit."},
+}
+
+
+def _stored(record: dict, store: StoreDep, settings: SettingsDep) -> dict:
+    try:
+        store.put_dataset(record)
+    except Exception:
+        remove_dataset_files(record["id"], settings)
+        raise
+    return record
+
+
+@router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
+def upload_dataset(
+    file: Annotated[UploadFile, File(description="A .zip holding COCO (JSON + images) or Pascal VOC.")],
+    store: StoreDep,
+    settings: SettingsDep,
+    name: Annotated[str | None, Form(max_length=200)] = None,
+) -> dict:
+    """Import a zip of a COCO detection dataset or a Pascal VOC one (recognised from its layout)."""
+    filename = file.filename or "upload.zip"
+    if file.size is not None and file.size > settings.max_upload_bytes:
+        raise HTTPException(413, f"{filename}: {file.size} bytes; the limit is {settings.max_upload_bytes} bytes")
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        record = import_archive(file.file, filename, name, settings)
+    except DatasetImportError as error:
+        raise HTTPException(error.status_code, str(error)) from error
+    return _stored(record, store, settings)
+
+
+@router.post("/synthetic", status_code=201, response_model=Dataset)
+def synthetic_dataset(body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep) -> dict:
+    """Generate a dataset of coloured shapes (circle, square, triangle), for demos and tests."""
+    if body.num_images > settings.max_synthetic_images:
+        raise HTTPException(422, f"num_images must be at most {settings.max_synthetic_images}")
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+    record = create_synthetic(body.num_images, body.seed, body.size_range(), body.name, settings)
+    return _stored(record, store, settings)
+
+
+@router.get("", response_model=list[Dataset])
+def list_datasets(store: StoreDep) -> list[dict]:
+    """Every dataset, newest first."""
+    return store.list_datasets()
+
+
+@router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})
+def get_dataset(dataset_id: str, store: StoreDep) -> dict:
+    record = store.get_dataset(dataset_id)
+    if record is None:
+        raise HTTPException(404, f"no dataset with id {dataset_id!r}")
+    return record
+
+
+@router.delete(
+    "/{dataset_id}",
+    status_code=204,
+    responses={404: {"description": "No such dataset."}, 409: {"description": "A queued or running job uses it."}},
+)
+def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+    outcome, job_id = store.delete_dataset(dataset_id)
+    if outcome == "missing":
+        raise HTTPException(404, f"no dataset with id {dataset_id!r}")
+    if outcome == "busy":
+        raise HTTPException(409, f"dataset {dataset_id} is used by job {job_id}, which has not ended; cancel it first")
+    remove_dataset_files(dataset_id, settings)
+    return Response(status_code=204)

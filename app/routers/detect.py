@@ -1,0 +1,82 @@
+"""POST /detect: boxes for an uploaded image from a trained job's model, as JSON or drawn on a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, File, Header, HTTPException, Query, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import DetectorDep, SettingsDep, StoreDep
+from app.inference import ACCEPTED_FORMATS, ImageRejected, annotated_png, decode_image
+from app.routers.jobs import public
+from app.schemas import DetectResponse
+from worker.settings import Settings
+from worker.store import Store
+
+router = APIRouter(tags=["detection"])
+
+
+def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, Path]:
+    """The job whose model answers, and its checkpoint: ``job_id``'s, or the newest succeeded job's.
+
+    Raises:
+        HTTPException: 404 for an unknown job, 409 when there is no trained model to use.
+    """
+    if job_id is None:
+        job_id = store.newest_succeeded_job()
+        if job_id is None:
+            raise HTTPException(409, "no trained model yet: start a job with POST /train and wait until it succeeds")
+    job = store.get_job(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    if not public(job)["has_model"]:
+        raise HTTPException(409, f"job {job_id} is {job['status']} and has no trained model to detect with")
+    checkpoint = settings.runs_dir / job_id / Path(job["checkpoint"]).name
+    if not checkpoint.is_file():
+        raise HTTPException(409, f"job {job_id}'s checkpoint {checkpoint.name} is missing from its run folder")
+    return job_id, checkpoint
+
+
+@router.post(
+    "/detect",
+    response_model=DetectResponse,
+    responses={
+        200: {"content": {"image/png": {}}, "description": "JSON detections, or the annotated PNG."},
+        400: {"description": "A truncated or corrupt image."},
+        404: {"description": "No such job."},
+        409: {"description": "No trained model yet (or the job has none)."},
+        413: {"description": "The upload or its pixel count is over the limit."},
+        415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
+    },
+)
+async def detect(
+    file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP or BMP image.")],
+    store: StoreDep,
+    settings: SettingsDep,
+    detection: DetectorDep,
+    job_id: Annotated[str | None, Query(description="Default: the newest succeeded job.")] = None,
+    score_threshold: Annotated[float, Query(ge=0, le=1)] = 0.5,
+    max_detections: Annotated[int, Query(ge=1, le=1000)] = 100,
+    format: Annotated[Literal["json", "png"] | None, Query(description="png: the image with boxes drawn.")] = None,
+    accept: Annotated[str | None, Header(include_in_schema=False)] = None,
+):
+    """Detect objects in an image. Boxes are ``[x1, y1, x2, y2]`` in the uploaded image's pixels
+    (after its EXIF orientation), sorted by score."""
+    job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
+    if file.size is not None and file.size > settings.max_image_bytes:
+        raise HTTPException(413, f"the image is {file.size} bytes; the limit is {settings.max_image_bytes} bytes")
+    data = await file.read()
+    try:
+        image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
+    except ImageRejected as error:
+        raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
+    try:
+        detections = await detection.detect(job_id, checkpoint, image, score_threshold, max_detections)
+    except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
+        raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
+    if format == "png" or (format is None and accept is not None and "image/png" in accept):
+        png = await run_in_threadpool(annotated_png, image, detections)
+        return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
+    return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}

@@ -1,0 +1,180 @@
+"""POST /train and /jobs: job records, progress, losses (JSON, SSE, PNG), cancel."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep
+from app.schemas import Job, JobStatus, Losses, TrainRequest
+from model.plots import plot_losses
+from worker.queue import enqueue_training
+from worker.store import CANCELLED, FAILED, FINISHED, QUEUED, SUCCEEDED, Store, epoch_stream_id, new_id, now_iso
+
+router = APIRouter(tags=["jobs"])
+
+_NOT_FOUND = {404: {"description": "No such job."}}
+_plot_lock = threading.Lock()  # matplotlib's pyplot state is not thread-safe
+
+
+def public(job: dict[str, Any]) -> dict[str, Any]:
+    """A stored job record as the API shows it."""
+    return {**job, "has_model": bool(job.get("checkpoint")) and job["status"] in (SUCCEEDED, CANCELLED)}
+
+
+def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
+    job = store.get_job(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return job
+
+
+@router.post(
+    "/train",
+    status_code=202,
+    response_model=Job,
+    responses={404: {"description": "No such dataset."}, 422: {"description": "Invalid training settings."}},
+)
+def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, celery: CeleryDep) -> dict:
+    """Queue a training job on a dataset; a worker picks it up. Watch it at /jobs/{id}."""
+    dataset = store.get_dataset(body.dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"no dataset with id {body.dataset_id!r}")
+    try:
+        config = body.train_config()
+    except ValueError as error:
+        raise HTTPException(422, str(error)) from error
+    job = {
+        "id": new_id(),
+        "status": QUEUED,
+        "dataset_id": dataset["id"],
+        "dataset_name": dataset["name"],
+        "config": config.to_dict(),
+        "epoch": 0,
+        "epochs": config.epochs,
+        "epochs_completed": 0,
+        "progress": None,
+        "created_at": now_iso(),
+        "started_at": None,
+        "finished_at": None,
+        "error": None,
+        "best_val_loss": None,
+        "classes": dataset["classes"],
+        "cancel_requested": False,
+        "restarts": 0,
+        "worker": None,
+        "checkpoint": None,
+    }
+    if not store.create_job(job):
+        raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
+    try:
+        enqueue_training(celery, job["id"], settings.queue)
+    except Exception as error:
+        store.finish_job(job["id"], FAILED, error=f"could not queue the job: {error}")
+        raise HTTPException(503, f"could not queue the job: {error}") from error
+    return public(job)
+
+
+@router.get("/jobs", response_model=list[Job])
+def list_jobs(
+    store: StoreDep,
+    status: JobStatus | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0)] = 0,
+) -> list[dict]:
+    """Jobs, newest first; ``status`` keeps only jobs in that status."""
+    if status is None:
+        return [public(job) for job in store.get_jobs(store.list_job_ids(offset, limit))]
+    jobs = [job for job in store.get_jobs(store.list_job_ids(0, store.count_jobs())) if job["status"] == status]
+    return [public(job) for job in jobs[offset : offset + limit]]
+
+
+@router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)
+def get_job(job_id: str, store: StoreDep) -> dict:
+    """The job's record with its progress: epoch, step, steps per epoch and ETA in seconds."""
+    return public(_job_or_404(store, job_id))
+
+
+@router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=_NOT_FOUND)
+def cancel_job(job_id: str, store: StoreDep) -> dict:
+    """Cancel: a queued job never starts; a running one stops within a batch and keeps its last checkpoint."""
+    before = store.request_cancel(job_id)
+    if before is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    if before in (SUCCEEDED, FAILED):
+        raise HTTPException(409, f"job {job_id} already {before}; there is nothing to cancel")
+    return public(_job_or_404(store, job_id))
+
+
+@router.get("/jobs/{job_id}/losses", response_model=Losses, responses=_NOT_FOUND)
+def get_losses(job_id: str, store: StoreDep, after: Annotated[int, Query(ge=0)] = 0) -> dict:
+    """One record per finished epoch, oldest first; ``after=N`` returns only epochs after N."""
+    job = _job_or_404(store, job_id)
+    return {"job_id": job_id, "status": job["status"], "losses": store.losses(job_id, after)}
+
+
+async def _loss_events(redis, store: Store, job_id: str, after: int, request: Request) -> AsyncIterator:
+    """History, then live epochs (XREAD BLOCK), then one ``status`` event once the job has ended."""
+    key, job_key, last = store.losses_key(job_id), store.job_key(job_id), after
+    while not await request.is_disconnected():
+        raw_status = await redis.hget(job_key, "status")
+        ended = raw_status is None or json.loads(raw_status) in FINISHED
+        # Epochs are appended before the final status is written: once the job has ended,
+        # one non-blocking read drains what is left.
+        reply = await redis.xread({key: epoch_stream_id(last)}, count=100, block=None if ended else 1000)
+        entries = reply[0][1] if reply else []
+        for _, fields in entries:
+            last = int(fields["epoch"])
+            yield ServerSentEvent(data=fields["record"], event="epoch", id=str(last))
+        if ended and not entries:
+            job = store.get_job(job_id)
+            yield ServerSentEvent(data=json.dumps(public(job) if job else {"id": job_id}), event="status")
+            return
+
+
+@router.get(
+    "/jobs/{job_id}/losses/stream",
+    responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
+)
+async def stream_losses(
+    job_id: str,
+    request: Request,
+    store: StoreDep,
+    redis: AsyncRedisDep,
+    after: Annotated[int, Query(ge=0)] = 0,
+    last_event_id: Annotated[str | None, Header()] = None,
+) -> EventSourceResponse:
+    """Server-Sent Events: an ``epoch`` event per finished epoch (history first, then live), then a
+    ``status`` event with the job record when the job ends. Reconnects resume after ``Last-Event-ID``."""
+    if not await redis.exists(store.job_key(job_id)):
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    if last_event_id is not None and last_event_id.isdigit():
+        after = max(after, int(last_event_id))
+    return EventSourceResponse(_loss_events(redis, store, job_id, after, request), ping=15)
+
+
+def _render_losses(records: list[dict[str, Any]]) -> bytes:
+    with _plot_lock:
+        return plot_losses(records)
+
+
+@router.get(
+    "/jobs/{job_id}/losses.png",
+    response_class=Response,
+    responses={**_NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "The learning curve."}},
+)
+def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+    """The learning curve: train and validation loss per epoch."""
+    job = _job_or_404(store, job_id)
+    records = store.losses(job_id)
+    if records:
+        return Response(_render_losses(records), media_type="image/png")
+    saved = settings.runs_dir / job_id / "losses.png"
+    if saved.is_file():
+        return Response(saved.read_bytes(), media_type="image/png")
+    raise HTTPException(404, f"job {job_id} ({job['status']}) has no finished epoch yet: no learning curve to draw")

@@ -1,0 +1,36 @@
+"""Operations: liveness, readiness (Redis and the workers seen), Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from app.deps import MetricsDep, SettingsDep, StoreDep
+from app.schemas import Health, Ready
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=Health)
+def healthz() -> dict:
+    """The process is up (it checks nothing else)."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "Redis unreachable."}})
+def readyz(store: StoreDep, settings: SettingsDep):
+    """Ready when Redis answers; lists the training workers whose heartbeat was seen lately."""
+    try:
+        store.ping()
+        workers = store.workers_seen(within_seconds=3 * settings.worker_heartbeat_seconds)
+    except Exception as error:
+        body = {"status": "unavailable", "redis": f"unreachable: {error}", "workers": []}
+        return JSONResponse(body, status_code=503)
+    return {"status": "ready", "redis": "ok", "workers": workers}
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
+def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,245 @@
+"""Request and response bodies of the HTTP contract (``shared/design/API.md``), in one place.
+
+``TrainRequest`` mirrors ``model.config.TrainConfig``: the same fields, the same defaults
+(taken from ``TrainConfig()`` itself) and constraints that match its ``__post_init__``
+checks, so a bad value answers 422 before a job exists.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from model.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig
+
+_DEFAULTS = TrainConfig()
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Dataset(BaseModel):
+    id: str
+    name: str
+    format: Literal["coco", "voc"]
+    num_images: int
+    num_boxes: int
+    classes: list[str]
+    created_at: str | None = None
+    source: Literal["upload", "synthetic"] | None = None
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "3f9c1a2b7d4e",
+                    "name": "shapes",
+                    "format": "coco",
+                    "num_images": 64,
+                    "num_boxes": 161,
+                    "classes": ["circle", "square", "triangle"],
+                    "created_at": "2026-01-31T12:00:00Z",
+                    "source": "synthetic",
+                }
+            ]
+        }
+    )
+
+
+class SyntheticDatasetRequest(BaseModel):
+    """A generated dataset of circles, squares and triangles on textured backgrounds."""
+
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"examples": [{"num_images": 64, "seed": 0, "image_size": [240, 400]}]}
+    )
+
+    num_images: int = Field(64, ge=1, description="Images to draw (at most SSD_MAX_SYNTHETIC_IMAGES).")
+    seed: int = Field(0, ge=0, description="The same seed draws the same dataset.")
+    image_size: int | tuple[int, int] | None = Field(
+        None, description="Image side in pixels, or [min, max] to draw each side from; default [240, 400]."
+    )
+    name: str | None = Field(None, max_length=200)
+
+    @field_validator("image_size")
+    @classmethod
+    def _check_size(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        low, high = (value, value) if isinstance(value, int) else (value or (240, 400))
+        if not 16 <= low <= high <= 2048:
+            raise ValueError("image_size must be a side, or [min, max], with 16 <= min <= max <= 2048")
+        return value
+
+    def size_range(self) -> tuple[int, int]:
+        if self.image_size is None:
+            return (240, 400)
+        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+
+
+class TrainRequest(BaseModel):
+    """POST /train: a dataset and the training recipe (``model.config.TrainConfig``'s fields)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        allow_inf_nan=False,
+        json_schema_extra={
+            "examples": [
+                {
+                    "dataset_id": "3f9c1a2b7d4e",
+                    "epochs": 10,
+                    "batch_size": 16,
+                    "learning_rate": 0.001,
+                    "val_fraction": 0.1,
+                    "image_size": 300,
+                    "seed": 0,
+                }
+            ]
+        },
+    )
+
+    dataset_id: str = Field(min_length=1, max_length=100)
+    epochs: int = Field(_DEFAULTS.epochs, ge=1, le=100_000)
+    batch_size: int = Field(_DEFAULTS.batch_size, ge=1, le=4096)
+    learning_rate: float = Field(_DEFAULTS.learning_rate, gt=0, le=10)
+    early_block_lr_factor: float = Field(_DEFAULTS.early_block_lr_factor, ge=0, le=1)
+    weight_decay: float = Field(_DEFAULTS.weight_decay, ge=0, le=1)
+    lr_schedule: Literal["cosine", "constant"] = _DEFAULTS.lr_schedule
+    warmup_steps: int = Field(_DEFAULTS.warmup_steps, ge=0)
+    val_fraction: float = Field(_DEFAULTS.val_fraction, ge=0, lt=1)
+    image_size: int = Field(_DEFAULTS.image_size, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
+    seed: int = Field(_DEFAULTS.seed, ge=0, le=2**63 - 1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        _DEFAULTS.device, description="'auto' leaves the choice to the worker (SSD_DEVICE)."
+    )
+    amp: bool = _DEFAULTS.amp
+    backbone: Literal["vgg16", "vgg16_bn"] = _DEFAULTS.backbone
+    width_multiplier: float = Field(_DEFAULTS.width_multiplier, gt=0, le=4)
+    pretrained_backbone: Literal["imagenet"] | None = Field(
+        _DEFAULTS.pretrained_backbone, description="null (random weights) or 'imagenet'."
+    )
+    frozen_layers: int | None = Field(_DEFAULTS.frozen_layers, ge=0, le=31)
+    augment: bool = _DEFAULTS.augment
+    num_workers: int = Field(_DEFAULTS.num_workers, ge=0, le=64)
+    max_train_images: int | None = Field(_DEFAULTS.max_train_images, ge=1)
+
+    def train_config(self) -> TrainConfig:
+        """The ``TrainConfig``; raises ValueError where its own checks go beyond the ones above."""
+        return TrainConfig.from_dict(self.model_dump(exclude={"dataset_id"}))
+
+
+class Progress(BaseModel):
+    epoch: int
+    step: int
+    steps_per_epoch: int
+    eta_seconds: float
+    loss: float | None = None
+    images_per_second: float | None = None
+
+
+class Job(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "id": "9b1f0c3a5e7d",
+                    "status": "running",
+                    "dataset_id": "3f9c1a2b7d4e",
+                    "config": {"epochs": 10, "batch_size": 16, "learning_rate": 0.001},
+                    "epoch": 3,
+                    "epochs": 10,
+                    "progress": {"epoch": 3, "step": 40, "steps_per_epoch": 63, "eta_seconds": 812.0},
+                    "created_at": "2026-01-31T12:00:00Z",
+                    "started_at": "2026-01-31T12:00:02Z",
+                    "finished_at": None,
+                    "error": None,
+                    "best_val_loss": 2.31,
+                    "classes": ["circle", "square"],
+                }
+            ]
+        }
+    )
+
+    id: str
+    status: JobStatus
+    dataset_id: str
+    dataset_name: str | None = None
+    config: dict[str, Any]
+    epoch: int = Field(0, description="The epoch running now (or the last one finished, once the job ended).")
+    epochs: int
+    epochs_completed: int = 0
+    progress: Progress | None = None
+    created_at: str
+    started_at: str | None = None
+    finished_at: str | None = None
+    error: str | None = None
+    best_val_loss: float | None = None
+    classes: list[str]
+    cancel_requested: bool = False
+    restarts: int = 0
+    worker: str | None = None
+    has_model: bool = Field(False, description="Whether POST /detect can use this job's checkpoint.")
+
+
+class LossRecord(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    epoch: int
+    train_loss: float
+    train_loc_loss: float | None = None
+    train_conf_loss: float | None = None
+    val_loss: float | None = None
+    val_map50: float | None = None
+    val_map: float | None = None
+    lr: float | None = None
+    seconds: float | None = None
+
+
+class Losses(BaseModel):
+    job_id: str
+    status: JobStatus
+    losses: list[LossRecord]
+
+
+class ImageSize(BaseModel):
+    width: int
+    height: int
+
+
+class Detection(BaseModel):
+    box: list[float] = Field(description="[x1, y1, x2, y2] in the uploaded image's pixels.")
+    label: str
+    class_id: int
+    score: float
+
+
+class DetectResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "9b1f0c3a5e7d",
+                    "image": {"width": 640, "height": 480},
+                    "detections": [
+                        {"box": [12.0, 40.5, 200.0, 310.0], "label": "circle", "class_id": 1, "score": 0.97}
+                    ],
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    image: ImageSize
+    detections: list[Detection]
+
+
+class WorkerSeen(BaseModel):
+    name: str
+    last_seen_seconds_ago: float
+
+
+class Ready(BaseModel):
+    status: Literal["ready", "unavailable"]
+    redis: str
+    workers: list[WorkerSeen]
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"

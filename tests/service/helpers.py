@@ -1,0 +1,70 @@
+"""Building test archives and images, and waiting on jobs."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+import zipfile
+from pathlib import Path
+
+import httpx
+from PIL import Image
+
+from model.data import DetectionData, make_shapes_dataset, write_voc
+
+
+def zip_folder(folder: Path, prefix: str = "") -> bytes:
+    """Every file under ``folder`` in a zip, paths relative to it (under ``prefix/`` if given)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                name = path.relative_to(folder).as_posix()
+                archive.write(path, f"{prefix}/{name}" if prefix else name)
+    return buffer.getvalue()
+
+
+def zip_entries(entries: dict[str, bytes]) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, data in entries.items():
+            archive.writestr(name, data)
+    return buffer.getvalue()
+
+
+def shapes(folder: Path, num_images: int = 8, seed: int = 0) -> DetectionData:
+    """A small synthetic COCO dataset written to ``folder`` (annotations.json + images/)."""
+    return make_shapes_dataset(folder, num_images, seed=seed, image_size=(200, 260))
+
+
+def coco_zip(folder: Path, num_images: int = 8, seed: int = 0, prefix: str = "") -> bytes:
+    shapes(folder, num_images, seed)
+    return zip_folder(folder, prefix)
+
+
+def voc_zip(data: DetectionData, folder: Path) -> bytes:
+    write_voc(data, folder)
+    return zip_folder(folder)
+
+
+def coco_document(folder: Path) -> dict:
+    return json.loads((folder / "annotations.json").read_text())
+
+
+def image_bytes(width: int, height: int, fmt: str = "JPEG", colour=(90, 140, 200)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
+    """Poll GET /jobs/{id} until its status is one of ``statuses``; the job record."""
+    deadline = time.monotonic() + timeout
+    job = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout}s; last record: {job}")

@@ -1,0 +1,158 @@
+"""/datasets over real HTTP: COCO and VOC zips, synthetic, list/get/delete, and every bad archive."""
+
+from __future__ import annotations
+
+import io
+import json
+import stat
+import zipfile
+
+import pytest
+
+from tests.service.helpers import coco_document, coco_zip, image_bytes, shapes, voc_zip, zip_entries, zip_folder
+
+
+def upload(client, data: bytes, filename: str = "data.zip", name: str | None = None):
+    form = {"name": name} if name else None
+    return client.post("/datasets", files={"file": (filename, data, "application/zip")}, data=form)
+
+
+@pytest.fixture
+def dataset_dirs(settings):
+    """The dataset folder's entries now; the test asserts that a failed import added none."""
+
+    def entries() -> set[str]:
+        return {p.name for p in settings.datasets_dir.iterdir()} if settings.datasets_dir.exists() else set()
+
+    return entries
+
+
+def test_coco_and_voc_zips_of_the_same_data_import_with_the_same_counts(client, tmp_path, settings):
+    data = shapes(tmp_path / "coco", num_images=6, seed=3)
+    coco = upload(client, zip_folder(tmp_path / "coco"), "shapes-coco.zip", name="coco copy")
+    voc = upload(client, voc_zip(data, tmp_path / "voc"), "shapes-voc.zip")
+    assert coco.status_code == 201, coco.text
+    assert voc.status_code == 201, voc.text
+    coco, voc = coco.json(), voc.json()
+    assert (coco["format"], voc["format"]) == ("coco", "voc")
+    assert coco["name"] == "coco copy" and voc["name"] == "shapes-voc"
+    for record in (coco, voc):
+        assert record["num_images"] == 6
+        assert record["num_boxes"] == data.num_boxes
+        assert record["classes"] == ["circle", "square", "triangle"]
+    assert client.get(f"/datasets/{coco['id']}").json() == coco
+    listed = [d["id"] for d in client.get("/datasets").json()]
+    assert listed.index(voc["id"]) < listed.index(coco["id"])  # newest first
+    on_disk = json.loads((settings.datasets_dir / coco["id"] / "dataset.json").read_text())
+    assert on_disk["num_boxes"] == data.num_boxes
+
+
+def test_a_dataset_inside_one_top_level_folder_is_found(client, tmp_path):
+    response = upload(client, coco_zip(tmp_path, num_images=2, prefix="my-shapes"), "nested.zip")
+    assert response.status_code == 201, response.text
+    assert response.json()["num_images"] == 2
+
+
+def test_synthetic_dataset_and_delete(client, settings):
+    response = client.post("/datasets/synthetic", json={"num_images": 4, "seed": 1, "image_size": [120, 160]})
+    assert response.status_code == 201, response.text
+    record = response.json()
+    assert record["format"] == "coco" and record["num_images"] == 4 and record["num_boxes"] >= 4
+    assert (settings.datasets_dir / record["id"] / "files" / "annotations.json").is_file()
+    assert client.delete(f"/datasets/{record['id']}").status_code == 204
+    assert client.get(f"/datasets/{record['id']}").status_code == 404
+    assert not (settings.datasets_dir / record["id"]).exists()
+    assert client.delete(f"/datasets/{record['id']}").status_code == 404
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"num_images": 0}, {"num_images": 100000}, {"num_images": 2, "image_size": [300, 100]}, {"bogus": 1}],
+)
+def test_bad_synthetic_requests_answer_422(client, body):
+    assert client.post("/datasets/synthetic", json=body).status_code == 422
+
+
+def test_unknown_dataset_answers_404(client):
+    assert client.get("/datasets/nope").status_code == 404
+    assert client.delete("/datasets/nope").status_code == 404
+
+
+def _bad_coco(tmp_path, change) -> bytes:
+    folder = tmp_path / "bad"
+    shapes(folder, num_images=3)
+    document = coco_document(folder)
+    change(document, folder)
+    (folder / "annotations.json").write_text(json.dumps(document))
+    return zip_folder(folder)
+
+
+def _box_outside(document, _folder):
+    image = document["images"][0]
+    annotation = next(a for a in document["annotations"] if a["image_id"] == image["id"])
+    annotation["bbox"] = [image["width"] - 5, 10, 50, 20]
+
+
+def _empty_box(document, _folder):
+    document["annotations"][0]["bbox"][2] = 0
+
+
+def _missing_image(document, folder):
+    (folder / document["images"][1]["file_name"]).unlink()
+
+
+def _symlink_zip() -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        info = zipfile.ZipInfo("images/link.jpg")
+        info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        archive.writestr(info, "/etc/passwd")
+        archive.writestr("annotations.json", "{}")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("make", "status", "words"),
+    [
+        (lambda tmp: b"this is not a zip file at all", 400, ["bad.zip", "not a zip"]),
+        (lambda tmp: zip_entries({"images/a.jpg": image_bytes(32, 32)}), 400, ["bad.zip", "no dataset found"]),
+        (lambda tmp: zip_entries({}), 400, ["bad.zip", "no files"]),
+        (lambda tmp: _bad_coco(tmp, _box_outside), 400, ["annotations.json", "outside"]),
+        (lambda tmp: _bad_coco(tmp, _empty_box), 400, ["annotations.json", "x2 > x1"]),
+        (lambda tmp: _bad_coco(tmp, _missing_image), 400, ["annotations.json", "not found"]),
+        (lambda tmp: zip_entries({"../escape.json": b"{}"}), 400, ["../escape.json", "escaping"]),
+        (lambda tmp: zip_entries({"/etc/cron.d/x": b"{}"}), 400, ["/etc/cron.d/x", "escaping"]),
+        (lambda tmp: _symlink_zip(), 400, ["images/link.jpg", "symbolic link"]),
+        (lambda tmp: zip_entries({f"f{i}.txt": b"x" for i in range(301)}), 413, ["entries", "limit"]),
+        (lambda tmp: zip_entries({"bomb.bin": bytes(25_000_000)}), 413, ["unpacks to more than"]),
+        (lambda tmp: bytes(3_500_000), 413, ["limit"]),
+    ],
+    ids=[
+        "not-a-zip",
+        "no-annotations",
+        "empty-zip",
+        "box-outside-image",
+        "empty-box",
+        "missing-image",
+        "dotdot-path",
+        "absolute-path",
+        "symlink",
+        "too-many-files",
+        "zip-bomb",
+        "upload-too-large",
+    ],
+)
+def test_bad_archives_are_refused_and_leave_nothing_behind(client, tmp_path, dataset_dirs, make, status, words):
+    before_disk, before_list = dataset_dirs(), client.get("/datasets").json()
+    response = upload(client, make(tmp_path), "bad.zip")
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    for word in words:
+        assert word in detail, detail
+    assert str(tmp_path) not in detail and ".incoming-" not in detail  # paths inside the archive, not ours
+    assert dataset_dirs() == before_disk
+    assert client.get("/datasets").json() == before_list
+
+
+def test_upload_without_a_file_answers_422(client):
+    assert client.post("/datasets", data={"name": "x"}).status_code == 422

@@ -1,0 +1,233 @@
+"""Training through the real worker: end to end, SSE, losses, cancel, bad requests."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.service.helpers import shapes, voc_zip, wait_for_job, zip_folder
+
+# A tiny network with SSD300's topology: a step on a few 300x300 images takes well under a second on CPU.
+TINY = {
+    "width_multiplier": 0.125,
+    "image_size": 300,
+    "num_workers": 0,
+    "batch_size": 4,
+    "learning_rate": 0.001,
+    "warmup_steps": 0,
+    "amp": False,
+    "device": "cpu",
+    "augment": False,
+}
+
+
+def read_sse(base_url: str, path: str, events: list, done: threading.Event, headers: dict | None = None) -> None:
+    """Collect ``(event, data, id)`` from a Server-Sent Events stream until it ends."""
+    try:
+        with httpx.stream("GET", base_url + path, timeout=120, headers=headers) as response:
+            assert response.status_code == 200, response.read()
+            event, data, event_id = None, [], None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line == "" and event:
+                    events.append((event, json.loads("\n".join(data)), event_id))
+                    event, data, event_id = None, [], None
+    finally:
+        done.set()
+
+
+@pytest.fixture(scope="session")
+def trained(api, worker, tmp_path_factory):
+    """Upload the same 8 images as COCO and as VOC, train 2 tiny epochs on the COCO one, following the SSE stream."""
+    folder = tmp_path_factory.mktemp("e2e")
+    data = shapes(folder / "coco", num_images=8, seed=7)
+    with httpx.Client(base_url=api, timeout=60) as client:
+        coco = client.post("/datasets", files={"file": ("coco.zip", zip_folder(folder / "coco"))}).json()
+        voc = client.post("/datasets", files={"file": ("voc.zip", voc_zip(data, folder / "voc"))}).json()
+        response = client.post("/train", json={"dataset_id": coco["id"], "epochs": 2, "val_fraction": 0.25, **TINY})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        events: list = []
+        done = threading.Event()
+        threading.Thread(target=read_sse, args=(api, f"/jobs/{job['id']}/losses/stream", events, done)).start()
+        finished = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+        assert done.wait(30), "the SSE stream did not end after the job did"
+    return {"data": data, "coco": coco, "voc": voc, "queued": job, "job": finished, "events": events}
+
+
+def test_coco_and_voc_uploads_agree(trained):
+    coco, voc = trained["coco"], trained["voc"]
+    assert (coco["format"], voc["format"]) == ("coco", "voc")
+    for key in ("num_images", "num_boxes", "classes"):
+        assert coco[key] == voc[key]
+    assert coco["num_images"] == 8 and coco["num_boxes"] == trained["data"].num_boxes
+
+
+def test_training_job_end_to_end(trained, client, settings):
+    queued, job = trained["queued"], trained["job"]
+    assert queued["status"] == "queued" and queued["config"]["epochs"] == 2 and queued["epoch"] == 0
+    assert job["status"] == "succeeded", job
+    assert job["epoch"] == 2 and job["epochs"] == 2 and job["epochs_completed"] == 2
+    assert job["classes"] == ["circle", "square", "triangle"]
+    assert job["started_at"] and job["finished_at"] and job["error"] is None
+    assert job["best_val_loss"] is not None and job["has_model"]
+    progress = job["progress"]
+    assert progress["steps_per_epoch"] == 2 and progress["epoch"] in (1, 2) and progress["eta_seconds"] >= 0
+
+    losses = client.get(f"/jobs/{job['id']}/losses").json()
+    assert losses["job_id"] == job["id"] and losses["status"] == "succeeded"
+    assert [r["epoch"] for r in losses["losses"]] == [1, 2]
+    for record in losses["losses"]:
+        assert record["train_loss"] > 0 and record["val_loss"] is not None and record["seconds"] > 0
+    assert [r["epoch"] for r in client.get(f"/jobs/{job['id']}/losses?after=1").json()["losses"]] == [2]
+    assert client.get(f"/jobs/{job['id']}/losses?after=2").json()["losses"] == []
+
+    run_dir = settings.runs_dir / job["id"]
+    for name in ("config.json", "metrics.jsonl", "last.pt", "best.pt", "losses.png"):
+        assert (run_dir / name).is_file(), name
+    png = client.get(f"/jobs/{job['id']}/losses.png")
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).format == "PNG"
+    assert job["id"] in [j["id"] for j in client.get("/jobs").json()]
+    assert job["id"] in [j["id"] for j in client.get("/jobs?status=succeeded").json()]
+
+
+def test_sse_stream_yields_each_epoch_once_then_the_final_status(trained, api):
+    events = trained["events"]
+    assert [e[0] for e in events] == ["epoch", "epoch", "status"], events
+    assert [e[1]["epoch"] for e in events[:2]] == [1, 2]
+    assert [e[2] for e in events[:2]] == ["1", "2"]
+    assert events[2][1]["status"] == "succeeded"
+
+    # After the job ended: history (after Last-Event-ID), then the status at once.
+    replay, done = [], threading.Event()
+    read_sse(api, f"/jobs/{trained['job']['id']}/losses/stream", replay, done, headers={"Last-Event-ID": "1"})
+    assert [(e[0], e[1].get("epoch")) for e in replay[:1]] == [("epoch", 2)]
+    assert replay[-1][0] == "status" and len(replay) == 2
+
+
+def test_detect_returns_sorted_boxes_inside_the_image(trained, client):
+    job = trained["job"]
+    image_path = trained["data"].images[0].path
+    width, height = Image.open(image_path).size
+    with open(image_path, "rb") as file:
+        content = file.read()
+    response = client.post(
+        "/detect",
+        params={"job_id": job["id"], "score_threshold": 0.0, "max_detections": 25},
+        files={"file": ("shapes.jpg", content, "image/jpeg")},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["job_id"] == job["id"] and body["image"] == {"width": width, "height": height}
+    detections = body["detections"]
+    assert 0 < len(detections) <= 25
+    scores = [d["score"] for d in detections]
+    assert scores == sorted(scores, reverse=True)
+    for d in detections:
+        x1, y1, x2, y2 = d["box"]
+        assert 0 <= x1 <= x2 <= width and 0 <= y1 <= y2 <= height, d
+        assert d["label"] in job["classes"] and job["classes"][d["class_id"] - 1] == d["label"]
+
+    # The newest succeeded job is the default model.
+    default = client.post("/detect", params={"score_threshold": 0.0}, files={"file": ("a.jpg", content)})
+    newest = client.get("/jobs?status=succeeded").json()[0]["id"]
+    assert default.status_code == 200 and default.json()["job_id"] == newest
+
+    for kwargs in ({"params": {"job_id": job["id"], "format": "png"}}, {"headers": {"Accept": "image/png"}}):
+        png = client.post("/detect", files={"file": ("a.jpg", content)}, **kwargs)
+        assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+        assert Image.open(io.BytesIO(png.content)).size == (width, height)
+
+
+def test_cancel_a_queued_and_a_running_job(api, worker, client, tmp_path, settings):
+    folder = tmp_path / "data"
+    shapes(folder, num_images=8, seed=11)
+    dataset = client.post("/datasets", files={"file": ("cancel.zip", zip_folder(folder))}).json()
+    long = {"dataset_id": dataset["id"], "epochs": 500, "val_fraction": 0.0, **TINY, "batch_size": 2}
+    running = client.post("/train", json=long).json()
+    queued = client.post("/train", json=long).json()  # the one solo worker is busy: this one waits
+
+    wait_for_job(client, running["id"], ("running",), timeout=60)
+    start = time.monotonic()
+    while not client.get(f"/jobs/{running['id']}/losses").json()["losses"]:
+        assert time.monotonic() - start < 60, "no epoch finished"
+        time.sleep(0.2)
+    assert client.delete(f"/datasets/{dataset['id']}").status_code == 409
+
+    response = client.post(f"/jobs/{queued['id']}/cancel")
+    assert response.status_code == 202 and response.json()["status"] == "cancelled"
+
+    response = client.post(f"/jobs/{running['id']}/cancel")
+    assert response.status_code == 202 and response.json()["cancel_requested"]
+    asked = time.monotonic()
+    job = wait_for_job(client, running["id"], ("cancelled", "succeeded", "failed"), timeout=30)
+    assert job["status"] == "cancelled", job
+    assert time.monotonic() - asked < 10
+    assert job["has_model"] and (settings.runs_dir / running["id"] / "last.pt").is_file()
+    epochs = [r["epoch"] for r in client.get(f"/jobs/{running['id']}/losses").json()["losses"]]
+    assert epochs == list(range(1, len(epochs) + 1)) and 1 <= len(epochs) < 500
+    assert job["epochs_completed"] == len(epochs)
+
+    time.sleep(2)  # the queued job's task reaches the worker now, and must not start it
+    never = client.get(f"/jobs/{queued['id']}").json()
+    assert never["status"] == "cancelled" and never["started_at"] is None and not never["has_model"]
+    assert not (settings.runs_dir / queued["id"]).exists()
+    assert client.post(f"/jobs/{queued['id']}/cancel").status_code == 202  # idempotent
+    detect = client.post("/detect", params={"job_id": queued["id"]}, files={"file": ("a.jpg", b"x")})
+    assert detect.status_code == 409
+    assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"epochs": 0},
+        {"batch_size": 0},
+        {"learning_rate": 0},
+        {"learning_rate": -1},
+        {"val_fraction": 1.0},
+        {"image_size": 100},
+        {"width_multiplier": 0},
+        {"device": "tpu"},
+        {"backbone": "resnet"},
+        {"pretrained_backbone": "/etc/passwd"},
+        {"epochs": "many"},
+        {"unknown_knob": 1},
+    ],
+)
+def test_invalid_training_settings_answer_422(client, change):
+    response = client.post("/train", json={"dataset_id": "whatever", **change})
+    assert response.status_code == 422, response.text
+
+
+def test_train_requests_naming_no_dataset(client):
+    assert client.post("/train", json={}).status_code == 422
+    response = client.post("/train", json={"dataset_id": "no-such-dataset"})
+    assert response.status_code == 404 and "no-such-dataset" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/jobs/nope"),
+        ("GET", "/jobs/nope/losses"),
+        ("GET", "/jobs/nope/losses/stream"),
+        ("GET", "/jobs/nope/losses.png"),
+        ("POST", "/jobs/nope/cancel"),
+    ],
+)
+def test_unknown_job_answers_404(client, method, path):
+    response = client.request(method, path)
+    assert response.status_code == 404 and "nope" in response.json()["detail"]

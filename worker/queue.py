@@ -1,0 +1,54 @@
+"""Celery's configuration for training tasks, shared by the worker and the API that enqueues them.
+
+The API builds its own Celery client from this module and sends tasks by name, so it never
+imports the training code (``worker.tasks``).
+
+Why these settings:
+
+- ``task_acks_late``: the message is acked when training ends, not when it starts, so a job
+  whose worker dies is delivered again instead of being lost.
+- ``worker_prefetch_multiplier = 1`` and ``--pool solo``: a worker holds one training task at
+  a time (one per GPU), and does not hoard queued jobs that an idle worker could run.
+- ``visibility_timeout`` (``SSD_VISIBILITY_TIMEOUT_SECONDS``, 6 h by default): Redis's
+  transport redelivers a message not acked within it. A job running longer is therefore
+  delivered a second time while it still runs; the job's Redis lease (``worker.store``)
+  makes that second delivery a no-op, so a job never trains twice at once.
+- ``task_reject_on_worker_lost``: a task whose worker process dies is requeued, not acked.
+- JSON only: a task carries a job id, never a pickled object.
+"""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from worker.settings import Settings
+
+TRAIN_TASK = "ssd.train"
+
+
+def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
+    """A Celery app on ``settings.redis_url``; ``include_tasks`` makes a worker import ``worker.tasks``."""
+    app = Celery("ssd", broker=settings.redis_url, include=["worker.tasks"] if include_tasks else [])
+    app.conf.update(
+        task_default_queue=settings.queue,
+        task_routes={TRAIN_TASK: {"queue": settings.queue}},
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="solo",
+        task_serializer="json",
+        accept_content=["json"],
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={
+            "visibility_timeout": settings.visibility_timeout_seconds,
+            "global_keyprefix": f"{settings.key_prefix}:celery:",
+        },
+    )
+    return app
+
+
+def enqueue_training(celery: Celery, job_id: str, queue: str) -> None:
+    """Send the training task for ``job_id`` (the id only) to the training queue."""
+    celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)

@@ -1,0 +1,84 @@
+"""The service's one settings class, read from ``SSD_*`` environment variables.
+
+Read once per process (the API's ``create_app``, the Celery app module) and passed down.
+It lives in ``worker/`` because both layers need it and imports point down: ``app/``
+imports ``worker/``, never the reverse.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Every knob of the API, the worker and the launcher. Each is ``SSD_<NAME>`` in the environment.
+
+    Sizes are bytes, durations seconds unless the name says otherwise.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore", frozen=True)
+
+    # Where things live.
+    redis_url: str = Field("redis://localhost:6379/0", description="Redis for the job store and Celery's broker.")
+    data_dir: Path = Field(Path("data"), description="Datasets, training runs and (for `up`) Redis's files.")
+    key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
+
+    # HTTP server (`ssd-service api`, `up`).
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+    # Devices: "auto" = CUDA when available. Used for detection in the API and as the
+    # training device of jobs that do not name one.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    # Upload limits (413 above them; archive limits are checked before extracting).
+    max_upload_bytes: int = Field(1024 * MiB, ge=1024, description="Largest dataset archive upload.")
+    max_archive_files: int = Field(200_000, ge=1, description="Most entries in a dataset archive.")
+    max_archive_bytes: int = Field(8 * 1024 * MiB, ge=1024, description="Largest total uncompressed archive size.")
+    max_image_bytes: int = Field(32 * MiB, ge=1024, description="Largest image upload to /detect.")
+    max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) of a /detect image.")
+    max_synthetic_images: int = Field(5000, ge=1, description="Most images of one POST /datasets/synthetic.")
+
+    # Inference: the micro-batcher and the detector cache.
+    batch_max_size: int = Field(8, ge=1, le=256, description="Most images in one batched forward pass.")
+    batch_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join.")
+    inference_threads: int = Field(1, ge=1, le=64, description="Forward passes that may run at once.")
+    detector_cache_size: int = Field(2, ge=1, le=64, description="Trained models kept loaded in the API.")
+
+    # Worker: job lease, progress reporting, Celery's broker.
+    lease_seconds: float = Field(60.0, ge=1, description="A job's lease expires this long after its last renewal.")
+    progress_interval_seconds: float = Field(1.0, gt=0, description="Per-step progress is written this often.")
+    cancel_check_seconds: float = Field(0.5, gt=0, description="How often a running job looks for a cancel.")
+    worker_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker says it is alive.")
+    visibility_timeout_seconds: int = Field(
+        6 * 3600,
+        ge=10,
+        description=(
+            "Celery's Redis transport redelivers a task not acked within this time. Tasks are acked late "
+            "(after training), so a job longer than this is delivered again; the job's lease makes the "
+            "second delivery a no-op while the first still runs."
+        ),
+    )
+    queue: str = Field("training", pattern=r"^[A-Za-z0-9_.-]+$", description="Celery queue of training tasks.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
+        if self.worker_heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError("lease_seconds must be at least twice worker_heartbeat_seconds")
+        return self
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.data_dir / "runs"
