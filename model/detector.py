@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
-from .engine import amp_dtype, resolve_device
+from .engine import amp_dtype, memory_format, resolve_device
 from .network import SSD300
 from .postprocess import Detections, postprocess
 
@@ -40,7 +40,7 @@ class Detector:
         if len(classes) + 1 != model.config.num_classes:
             raise ValueError(f"{len(classes)} class names for a model of {model.config.num_classes - 1} classes")
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device, memory_format=torch.channels_last)
+        self.model = model.eval().to(self.device, memory_format=memory_format(self.device))
         self.classes = list(classes)
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
@@ -69,7 +69,7 @@ class Detector:
         """Resize every image to the network's square input on the device.
 
         Returns:
-            batch: float Tensor[B, 3, S, S] in 0-1, channels_last.
+            batch: float Tensor[B, 3, S, S] in 0-1 (channels_last on CUDA).
             sizes: Tensor[B, 2] original ``(width, height)``.
         """
         batch, sizes = [], []
@@ -78,7 +78,7 @@ class Detector:
             sizes.append((tensor.shape[-1], tensor.shape[-2]))
             tensor = tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
             batch.append(F.resize(tensor, [self.image_size, self.image_size], antialias=True))
-        stacked = torch.stack(batch).contiguous(memory_format=torch.channels_last)
+        stacked = torch.stack(batch).contiguous(memory_format=memory_format(self.device))
         return stacked, torch.tensor(sizes, device=self.device)
 
     @torch.inference_mode()

@@ -107,6 +107,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def memory_format(device: torch.device) -> torch.memory_format:
+    """channels_last on CUDA, where the tensor cores want NHWC; CPU convolutions stay NCHW."""
+    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
+
+
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
     """bf16 where the GPU has it (no loss scaling needed), else fp16; None on CPU or when off."""
     if not enabled or device.type != "cuda":
@@ -226,7 +231,7 @@ def train_one_epoch(
     for step, (images, gt_boxes, gt_labels) in enumerate(loader, start=1):
         if callbacks.should_stop is not None and callbacks.should_stop():
             return None
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
         gt_boxes, gt_labels = gt_boxes.to(device, non_blocking=True), gt_labels.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
             loc, logits = model(images)
@@ -268,7 +273,7 @@ def evaluate(
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     metric = MeanAP()
     for images, gt_boxes, gt_labels in loader:
-        images = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
             loc, logits = model(images)
@@ -310,7 +315,7 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
         raise ValueError("the dataset has no images")
     device = resolve_device(config.device)
     model_config = config.model_config(num_classes=len(data.classes) + 1)
-    model = build_model(model_config, config).to(device).to(memory_format=torch.channels_last)
+    model = build_model(model_config, config).to(device, memory_format=memory_format(device))
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
     train_loader, val_loader = build_loaders(data, config, model_config)
     optimizer = build_optimizer(model, config, device)

@@ -83,7 +83,7 @@ def test_checkpoint_round_trip_gives_identical_outputs(overfitted):
     detector = Detector.from_checkpoint(result.last_checkpoint, device="cpu")
     model = build_model(detector.model.config, TrainConfig(**TINY))
     model.load_state_dict(state["model"])
-    model.eval().to(memory_format=torch.channels_last)  # as the detector runs it
+    model.eval()
     images = torch.rand(2, 3, 300, 300)
     with torch.no_grad():
         torch.testing.assert_close(model(images), detector.model(images), rtol=0, atol=0)

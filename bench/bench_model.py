@@ -1,0 +1,258 @@
+"""Training-step and inference throughput of this SSD300 against torchvision's ssd300_vgg16, in one run.
+
+Both networks get the same random 300x300 images and targets on the same device. Rows:
+
+- train step: forward + loss + backward + optimiser step, images already on the device
+  (torchvision: its own per-image matching and loss, SGD as in its references; ours: the
+  batched SSDLoss and Adam as ``fit`` uses them).
+- match+loss: matching and loss alone on fixed head outputs.
+- infer net: backbone + heads only. infer full: preprocessing + network + decoding + NMS.
+
+Usage: python bench/bench_model.py [--quick] [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from contextlib import nullcontext
+from datetime import date
+from functools import partial
+
+import torch
+from torchvision.models.detection import ssd300_vgg16
+from torchvision.ops import box_iou
+
+from model.config import ModelConfig
+from model.detector import Detector
+from model.engine import memory_format
+from model.loss import SSDLoss
+from model.network import SSD300
+
+NUM_CLASSES = 21  # as the VOC-sized peer
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_seconds(fn, device: torch.device, iters: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def random_targets(batch: int, device: torch.device, seed: int = 0):
+    """1-5 boxes per image in 300x300 pixels: a list of dicts (torchvision) and padded relative tensors (ours)."""
+    generator = torch.Generator().manual_seed(seed)
+    per_image, most = [], 5
+    for _ in range(batch):
+        n = int(torch.randint(1, most + 1, (1,), generator=generator))
+        xy = torch.rand(n, 2, generator=generator) * 200
+        wh = torch.rand(n, 2, generator=generator) * 90 + 10
+        labels = torch.randint(1, NUM_CLASSES, (n,), generator=generator)
+        per_image.append({"boxes": torch.cat([xy, xy + wh], 1).to(device), "labels": labels.to(device)})
+    boxes = torch.zeros(batch, most, 4, device=device)
+    labels = torch.zeros(batch, most, dtype=torch.int64, device=device)
+    for i, target in enumerate(per_image):
+        boxes[i, : len(target["boxes"])] = target["boxes"] / 300
+        labels[i, : len(target["labels"])] = target["labels"]
+    return per_image, boxes, labels
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+
+
+def torchvision_train_step(model, images, targets, device, dtype):
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    image_list = list(images)
+
+    def step():
+        with autocast(device, dtype):
+            losses = model(image_list, targets)
+            loss = sum(losses.values())
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def our_train_step(model, images, boxes, labels, device, dtype):
+    loss_fn = SSDLoss(model.defaults, model.config.variances).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    images = images.contiguous(memory_format=memory_format(device))
+
+    def step():
+        with autocast(device, dtype):
+            loc, logits = model(images)
+        loss = loss_fn(loc, logits, boxes, labels).total
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+
+    return step
+
+
+def bench_training(rows: list, device: torch.device, quick: bool) -> None:
+    batches = [2] if quick else ([32, 64] if device.type == "cuda" else [4])
+    precisions = [("fp32", None)] + (
+        [("bf16", torch.bfloat16), ("fp16", torch.float16)] if device.type == "cuda" else []
+    )
+    for batch in batches:
+        images = torch.rand(batch, 3, 300, 300, device=device)
+        targets, boxes, labels = random_targets(batch, device)
+        for name, dtype in precisions:
+            iters, warm = (2, 1) if quick else (10, 3)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device).train()
+            t_tv = median_seconds(torchvision_train_step(tv, images, targets, device, dtype), device, iters, warm)
+            del tv
+            for backbone in ("vgg16", "vgg16_bn"):
+                ours = SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone=backbone)).to(device)
+                ours = ours.to(memory_format=memory_format(device)).train()
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                step = our_train_step(ours, images, boxes, labels, device, dtype)
+                t_ours = median_seconds(step, device, iters, warm)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+                rows.append(
+                    {
+                        "row": f"train step {name} bs{batch}",
+                        "ours": backbone,
+                        "ours_img_s": batch / t_ours,
+                        "torchvision_img_s": batch / t_tv,
+                        "ratio": t_tv / t_ours,
+                        "ours_peak_gib": peak,
+                    }
+                )
+                print(rows[-1], flush=True)
+                del ours
+
+
+def bench_match_and_loss(rows: list, device: torch.device, quick: bool) -> None:
+    batch = 4 if quick else 64
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device)
+    ours = SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone="vgg16")).to(device)
+    targets, boxes, labels = random_targets(batch, device)
+    loc = torch.randn(batch, 8732, 4, device=device)
+    logits = torch.randn(batch, 8732, NUM_CLASSES, device=device)
+    anchors = [
+        torch.cat([ours.defaults[:, :2] - ours.defaults[:, 2:] / 2, ours.defaults[:, :2] + ours.defaults[:, 2:] / 2], 1)
+        * 300
+    ] * batch
+    loss_fn = SSDLoss(ours.defaults).to(device)
+
+    def torchvision_loss():
+        matched = [tv.proposal_matcher(box_iou(t["boxes"], a)) for t, a in zip(targets, anchors, strict=True)]
+        tv.compute_loss(targets, {"bbox_regression": loc, "cls_logits": logits}, anchors, matched)
+
+    iters, warm = (3, 1) if quick else (20, 5)
+    t_tv = median_seconds(torchvision_loss, device, iters, warm)
+    t_ours = median_seconds(lambda: loss_fn(loc, logits, boxes, labels), device, iters, warm)
+    rows.append(
+        {"row": f"match+loss bs{batch}", "ours_ms": t_ours * 1e3, "torchvision_ms": t_tv * 1e3, "ratio": t_tv / t_ours}
+    )
+    print(rows[-1], flush=True)
+
+
+@torch.inference_mode()
+def run_torchvision_net(model, images, device, dtype):
+    with autocast(device, dtype):
+        model.head(list(model.backbone(images).values()))
+
+
+@torch.inference_mode()
+def run_torchvision_full(model, image_list, device, dtype):
+    with autocast(device, dtype):
+        model(image_list)
+
+
+@torch.inference_mode()
+def run_our_net(model, images, device, dtype):
+    with autocast(device, dtype):
+        model(images)
+
+
+def bench_inference(rows: list, device: torch.device, quick: bool) -> None:
+    batches = [1, 8] if quick else ([1, 8, 32, 128] if device.type == "cuda" else [1, 8])
+    precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device).eval()
+    ours_net = SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone="vgg16")).to(device).eval()
+    detector = Detector(ours_net, [f"c{i}" for i in range(1, NUM_CLASSES)], device)
+    for name, dtype in precisions:
+        # The peer's best layout: channels_last helps it only in reduced precision.
+        tv_layout = torch.channels_last if dtype else torch.contiguous_format
+        tv = tv.to(memory_format=tv_layout)
+        detector._autocast_dtype = dtype
+        for batch in batches:
+            images = torch.rand(batch, 3, 300, 300, device=device)
+            image_list = list(images)
+            iters, warm = (3, 1) if quick else (10, 3)
+            timed = {
+                "tv_net": partial(run_torchvision_net, tv, images.contiguous(memory_format=tv_layout), device, dtype),
+                "tv_full": partial(run_torchvision_full, tv, image_list, device, dtype),
+                "ours_net": partial(
+                    run_our_net, ours_net, images.contiguous(memory_format=memory_format(device)), device, dtype
+                ),
+                "ours_full@0.01": partial(detector.predict, image_list, 0.01, 200),
+                "ours_full@0.5": partial(detector.predict, image_list, 0.5, 100),
+            }
+            t = {key: median_seconds(fn, device, iters, warm) for key, fn in timed.items()}
+            row = {"row": f"infer {name} bs{batch}", **{f"{k}_img_s": batch / v for k, v in t.items()}}
+            row["ours_full@0.01 / tv_net"] = t["tv_net"] / t["ours_full@0.01"]
+            row["ours_full@0.01 / tv_full"] = t["tv_full"] / t["ours_full@0.01"]
+            rows.append(row)
+            print(row, flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json")
+    parser.add_argument("--only", choices=["train", "loss", "infer"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    info = {
+        "date": date.today().isoformat(),
+        "machine": torch.cuda.get_device_name()
+        if device.type == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    print(info, flush=True)
+    rows: list[dict] = []
+    if args.only in (None, "loss"):
+        bench_match_and_loss(rows, device, args.quick)
+    if args.only in (None, "train"):
+        bench_training(rows, device, args.quick)
+    if args.only in (None, "infer"):
+        bench_inference(rows, device, args.quick)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"info": info, "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
