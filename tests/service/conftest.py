@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ import httpx
 import pytest
 import redis
 
+from tests.service.helpers import TINY, read_sse, shapes, voc_zip, wait_for_job, zip_folder
 from worker.settings import Settings
 from worker.store import Store
 
@@ -260,3 +262,22 @@ def api(env, log_dir) -> Iterator[str]:
 def client(api) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=api, timeout=60) as client:
         yield client
+
+
+@pytest.fixture(scope="session")
+def trained(api, worker, tmp_path_factory):
+    """Upload the same 8 images as COCO and as VOC, train 2 tiny epochs on the COCO one, following the SSE stream."""
+    folder = tmp_path_factory.mktemp("e2e")
+    data = shapes(folder / "coco", num_images=8, seed=7)
+    with httpx.Client(base_url=api, timeout=60) as client:
+        coco = client.post("/datasets", files={"file": ("coco.zip", zip_folder(folder / "coco"))}).json()
+        voc = client.post("/datasets", files={"file": ("voc.zip", voc_zip(data, folder / "voc"))}).json()
+        response = client.post("/train", json={"dataset_id": coco["id"], "epochs": 2, "val_fraction": 0.25, **TINY})
+        assert response.status_code == 202, response.text
+        job = response.json()
+        events: list = []
+        done = threading.Event()
+        threading.Thread(target=read_sse, args=(api, f"/jobs/{job['id']}/losses/stream", events, done)).start()
+        finished = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
+        assert done.wait(30), "the SSE stream did not end after the job did"
+    return {"data": data, "coco": coco, "voc": voc, "queued": job, "job": finished, "events": events}

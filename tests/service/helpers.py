@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import threading
 import time
 import zipfile
 from pathlib import Path
@@ -68,3 +69,37 @@ def wait_for_job(client: httpx.Client, job_id: str, statuses: tuple[str, ...], t
             return job
         time.sleep(0.2)
     raise AssertionError(f"job {job_id} did not reach {statuses} in {timeout}s; last record: {job}")
+
+
+# A tiny network with SSD300's topology: a step on a few 300x300 images takes well under a second on CPU.
+TINY = {
+    "width_multiplier": 0.125,
+    "image_size": 300,
+    "num_workers": 0,
+    "batch_size": 4,
+    "learning_rate": 0.001,
+    "warmup_steps": 0,
+    "amp": False,
+    "device": "cpu",
+    "augment": False,
+}
+
+
+def read_sse(base_url: str, path: str, events: list, done: threading.Event, headers: dict | None = None) -> None:
+    """Collect ``(event, data, id)`` from a Server-Sent Events stream until it ends."""
+    try:
+        with httpx.stream("GET", base_url + path, timeout=120, headers=headers) as response:
+            assert response.status_code == 200, response.read()
+            event, data, event_id = None, [], None
+            for line in response.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data.append(line[5:].strip())
+                elif line.startswith("id:"):
+                    event_id = line[3:].strip()
+                elif line == "" and event:
+                    events.append((event, json.loads("\n".join(data)), event_id))
+                    event, data, event_id = None, [], None
+    finally:
+        done.set()

@@ -3,67 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 import threading
 import time
 
-import httpx
 import pytest
 from PIL import Image
 
-from tests.service.helpers import shapes, voc_zip, wait_for_job, zip_folder
-
-# A tiny network with SSD300's topology: a step on a few 300x300 images takes well under a second on CPU.
-TINY = {
-    "width_multiplier": 0.125,
-    "image_size": 300,
-    "num_workers": 0,
-    "batch_size": 4,
-    "learning_rate": 0.001,
-    "warmup_steps": 0,
-    "amp": False,
-    "device": "cpu",
-    "augment": False,
-}
-
-
-def read_sse(base_url: str, path: str, events: list, done: threading.Event, headers: dict | None = None) -> None:
-    """Collect ``(event, data, id)`` from a Server-Sent Events stream until it ends."""
-    try:
-        with httpx.stream("GET", base_url + path, timeout=120, headers=headers) as response:
-            assert response.status_code == 200, response.read()
-            event, data, event_id = None, [], None
-            for line in response.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data.append(line[5:].strip())
-                elif line.startswith("id:"):
-                    event_id = line[3:].strip()
-                elif line == "" and event:
-                    events.append((event, json.loads("\n".join(data)), event_id))
-                    event, data, event_id = None, [], None
-    finally:
-        done.set()
-
-
-@pytest.fixture(scope="session")
-def trained(api, worker, tmp_path_factory):
-    """Upload the same 8 images as COCO and as VOC, train 2 tiny epochs on the COCO one, following the SSE stream."""
-    folder = tmp_path_factory.mktemp("e2e")
-    data = shapes(folder / "coco", num_images=8, seed=7)
-    with httpx.Client(base_url=api, timeout=60) as client:
-        coco = client.post("/datasets", files={"file": ("coco.zip", zip_folder(folder / "coco"))}).json()
-        voc = client.post("/datasets", files={"file": ("voc.zip", voc_zip(data, folder / "voc"))}).json()
-        response = client.post("/train", json={"dataset_id": coco["id"], "epochs": 2, "val_fraction": 0.25, **TINY})
-        assert response.status_code == 202, response.text
-        job = response.json()
-        events: list = []
-        done = threading.Event()
-        threading.Thread(target=read_sse, args=(api, f"/jobs/{job['id']}/losses/stream", events, done)).start()
-        finished = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=180)
-        assert done.wait(30), "the SSE stream did not end after the job did"
-    return {"data": data, "coco": coco, "voc": voc, "queued": job, "job": finished, "events": events}
+from tests.service.helpers import TINY, read_sse, shapes, wait_for_job, zip_folder
 
 
 def test_coco_and_voc_uploads_agree(trained):

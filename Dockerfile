@@ -1,0 +1,34 @@
+# One image for the API and the worker (docker-compose.yml picks the command).
+# The torch wheel from PyPI runs on CPU and on NVIDIA GPUs. For a smaller CPU-only image,
+# build with --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>.
+FROM python:3.11-slim
+
+ARG TORCH_VERSION=2.14.1
+ARG TORCHVISION_VERSION=0.29.1
+ARG TORCH_INDEX_URL=
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    MPLBACKEND=Agg \
+    SSD_DATA_DIR=/data
+
+WORKDIR /srv
+
+# torch first, in its own layer: it is by far the largest and changes least often.
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
+        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+
+COPY pyproject.toml README* ./
+COPY model ./model
+COPY worker ./worker
+COPY app ./app
+RUN pip install ".[service]"
+
+RUN useradd --create-home --uid 1000 ssd && mkdir -p /data && chown ssd:ssd /data
+USER ssd
+VOLUME ["/data"]
+EXPOSE 8000
+
+CMD ["python", "-m", "app"]

@@ -1,0 +1,169 @@
+"""POST /detect's bad inputs, image handling and batching; the operations endpoints."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import threading
+
+import httpx
+import pytest
+from PIL import Image
+
+from app.main import create_app
+from tests.service.helpers import image_bytes
+from worker.settings import Settings
+
+
+def in_process(settings: Settings, method: str, path: str, **kwargs) -> httpx.Response:
+    """One request to an app built in this process (its own settings), through httpx's ASGI transport."""
+
+    async def send() -> httpx.Response:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.request(method, path, **kwargs)
+
+    return asyncio.run(send())
+
+
+def post_image(client, content: bytes, filename: str = "image.jpg", **params):
+    return client.post("/detect", params=params, files={"file": (filename, content, "application/octet-stream")})
+
+
+def _truncated_jpeg() -> bytes:
+    return image_bytes(400, 300)[:2000]
+
+
+def _exif_rotated_jpeg() -> bytes:
+    """A 200x100 JPEG whose EXIF says: rotate 90 degrees to display (so it shows as 100x200)."""
+    image = Image.new("RGB", (200, 100), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", exif=exif)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("content", "status", "words"),
+    [
+        (b"just some text, not an image", 415, ["not an image"]),
+        (image_bytes(64, 64, "GIF"), 415, ["GIF images are not accepted"]),
+        (image_bytes(64, 64, "TIFF"), 415, ["TIFF images are not accepted"]),
+        (_truncated_jpeg(), 400, ["truncated"]),
+        (image_bytes(2100, 2000, "PNG"), 413, ["pixels", "limit"]),
+        (bytes(2_200_000), 413, ["limit"]),
+    ],
+    ids=["text", "gif", "tiff", "truncated-jpeg", "too-many-pixels", "too-many-bytes"],
+)
+def test_bad_images(trained, client, content, status, words):
+    response = post_image(client, content, job_id=trained["job"]["id"])
+    assert response.status_code == status, response.text
+    for word in words:
+        assert word in response.json()["detail"]
+
+
+def test_decompression_bomb_warning_is_an_error(trained, client, monkeypatch):
+    # Pillow's own bomb check: over Image.MAX_IMAGE_PIXELS it warns; the API makes that a 413.
+    from app.inference import ImageRejected, decode_image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(ImageRejected) as caught:
+        decode_image(image_bytes(40, 30, "PNG"), max_pixels=10**9)
+    assert caught.value.status_code == 413
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "BMP"])
+def test_png_webp_and_bmp_are_accepted(trained, client, fmt):
+    response = post_image(client, image_bytes(120, 90, fmt), f"x.{fmt.lower()}", job_id=trained["job"]["id"])
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": 120, "height": 90}
+
+
+def test_exif_orientation_is_applied(trained, client):
+    response = post_image(client, _exif_rotated_jpeg(), job_id=trained["job"]["id"])
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": 100, "height": 200}
+
+
+def test_bad_detect_parameters(trained, client):
+    job_id = trained["job"]["id"]
+    assert post_image(client, image_bytes(64, 64), job_id="no-such-job").status_code == 404
+    assert post_image(client, image_bytes(64, 64), job_id=job_id, score_threshold=2).status_code == 422
+    assert post_image(client, image_bytes(64, 64), job_id=job_id, max_detections=0).status_code == 422
+    assert post_image(client, image_bytes(64, 64), job_id=job_id, format="gif").status_code == 422
+    assert client.post("/detect", params={"job_id": job_id}).status_code == 422
+
+
+def test_no_trained_model_answers_409(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix="no-models-yet", device="cpu")
+    response = in_process(settings, "POST", "/detect", files={"file": ("a.jpg", image_bytes(64, 64))})
+    assert response.status_code == 409
+    assert "no trained model yet" in response.json()["detail"]
+
+
+def _metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_concurrent_requests_share_forward_passes(trained, client):
+    before = client.get("/metrics").text
+    content, job_id, answers = image_bytes(160, 120), trained["job"]["id"], []
+
+    def one() -> None:
+        answers.append(post_image(client, content, job_id=job_id, score_threshold=0.0).status_code)
+
+    threads = [threading.Thread(target=one) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    after = client.get("/metrics").text
+    assert answers == [200] * 8
+    images = _metric(after, "ssd_detect_batch_size_sum") - _metric(before, "ssd_detect_batch_size_sum")
+    batches = _metric(after, "ssd_detect_batch_size_count") - _metric(before, "ssd_detect_batch_size_count")
+    assert images == 8 and batches < 8, (images, batches)
+
+
+def test_operations_endpoints(trained, client, worker):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["redis"] == "ok"
+    assert any("test-worker" in w["name"] for w in ready.json()["workers"])
+    metrics = client.get("/metrics").text
+    assert 'ssd_jobs{status="succeeded"}' in metrics
+    assert re.search(r'ssd_http_requests_total\{method="POST",route="/detect",status="200"\} [1-9]', metrics)
+    assert 'ssd_http_request_duration_seconds_bucket{le="0.1",method="GET",route="/jobs/{job_id}"}' in metrics
+    assert client.get("/docs").status_code == 200
+    schema = client.get("/openapi.json").json()
+    expected = {
+        "/datasets",
+        "/datasets/synthetic",
+        "/datasets/{dataset_id}",
+        "/train",
+        "/jobs",
+        "/jobs/{job_id}",
+        "/jobs/{job_id}/cancel",
+        "/jobs/{job_id}/losses",
+        "/jobs/{job_id}/losses/stream",
+        "/jobs/{job_id}/losses.png",
+        "/detect",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    assert expected <= set(schema["paths"])
+    assert schema["components"]["schemas"]["TrainRequest"]["examples"]
+
+
+def test_readyz_answers_503_when_redis_is_unreachable(tmp_path):
+    from tests.service.conftest import free_port
+
+    settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", data_dir=tmp_path)
+    assert in_process(settings, "GET", "/healthz").status_code == 200
+    ready = in_process(settings, "GET", "/readyz")
+    assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
+    jobs = in_process(settings, "GET", "/jobs")
+    assert jobs.status_code == 503 and "Redis" in jobs.json()["detail"]
