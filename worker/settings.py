@@ -30,12 +30,13 @@ class Settings(BaseSettings):
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
 
     # HTTP server (`ssd-service api`, `up`).
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=1, le=65535)
+    host: str = Field("127.0.0.1", description="Address the API listens on (0.0.0.0 in Docker).")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
 
-    # Devices: "auto" = CUDA when available. Used for detection in the API and as the
-    # training device of jobs that do not name one.
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="auto (CUDA when available), cpu or cuda: for detection, and for jobs whose device is auto.",
+    )
 
     # Upload limits (413 above them; archive limits are checked before extracting).
     max_upload_bytes: int = Field(1024 * MiB, ge=1024, description="Largest dataset archive upload.")
@@ -82,3 +83,13 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.data_dir / "runs"
+
+
+def settings_table() -> str:
+    """Every setting as a Markdown table: variable, default, meaning (``ssd-service settings``)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = str(default) if not isinstance(default, Path) else default.as_posix()
+        rows.append(f"| `SSD_{name.upper()}` | `{shown}` | {field.description or ''} |")
+    return "\n".join(rows)

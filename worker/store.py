@@ -112,7 +112,8 @@ def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
     return {key: json.dumps(value) for key, value in fields.items()}
 
 
-def _decode(fields: Mapping[str, str]) -> dict[str, Any]:
+def decode_fields(fields: Mapping[str, str]) -> dict[str, Any]:
+    """A job hash as read from Redis (JSON-encoded values) as a plain record."""
     return {key: json.loads(value) for key, value in fields.items()}
 
 
@@ -208,13 +209,13 @@ class Store:
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         fields = self.redis.hgetall(self.job_key(job_id))
-        return _decode(fields) if fields else None
+        return decode_fields(fields) if fields else None
 
     def get_jobs(self, job_ids: Iterable[str]) -> list[dict[str, Any]]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.job_key(job_id))
-            return [_decode(fields) for fields in pipe.execute() if fields]
+            return [decode_fields(fields) for fields in pipe.execute() if fields]
 
     def list_job_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Job ids, newest first."""

@@ -87,6 +87,7 @@ class JobReporter:
         self.cancel_interval = cancel_interval
         self.best_val_loss = best_val_loss
         self._last_progress = -float("inf")
+        self.progress: dict[str, Any] | None = None
         self._last_cancel_check = -float("inf")
         self._cancelled = False
 
@@ -98,18 +99,15 @@ class JobReporter:
         if now - self._last_progress < self.progress_interval and progress.step > 1:
             return
         self._last_progress = now
-        self.store.update_job(
-            self.job_id,
-            epoch=progress.epoch,
-            progress={
-                "epoch": progress.epoch,
-                "step": progress.step,
-                "steps_per_epoch": progress.steps_per_epoch,
-                "eta_seconds": round(float(progress.eta_seconds), 1),
-                "loss": float(progress.loss),
-                "images_per_second": round(float(progress.images_per_second), 2),
-            },
-        )
+        self.progress = {
+            "epoch": progress.epoch,
+            "step": progress.step,
+            "steps_per_epoch": progress.steps_per_epoch,
+            "eta_seconds": round(float(progress.eta_seconds), 1),
+            "loss": float(progress.loss),
+            "images_per_second": round(float(progress.images_per_second), 2),
+        }
+        self.store.update_job(self.job_id, epoch=progress.epoch, progress=self.progress)
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         self.store.append_epoch(self.job_id, record)
@@ -217,5 +215,7 @@ def _train(job: dict[str, Any], store: Store, settings: Settings, keeper: LeaseK
         "best_val_loss": result.best_val_loss if result.best_val_loss is not None else reporter.best_val_loss,
     }
     if result.status == "completed":
+        if reporter.progress is not None:
+            fields["progress"] = {**reporter.progress, "eta_seconds": 0.0}
         return SUCCEEDED, {**fields, "epoch": result.epochs_completed}
     return CANCELLED, fields

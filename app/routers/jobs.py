@@ -14,7 +14,18 @@ from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep
 from app.schemas import Job, JobStatus, Losses, TrainRequest
 from model.plots import plot_losses
 from worker.queue import enqueue_training
-from worker.store import CANCELLED, FAILED, FINISHED, QUEUED, SUCCEEDED, Store, epoch_stream_id, new_id, now_iso
+from worker.store import (
+    CANCELLED,
+    FAILED,
+    FINISHED,
+    QUEUED,
+    SUCCEEDED,
+    Store,
+    decode_fields,
+    epoch_stream_id,
+    new_id,
+    now_iso,
+)
 
 router = APIRouter(tags=["jobs"])
 
@@ -132,7 +143,7 @@ async def _loss_events(redis, store: Store, job_id: str, after: int, request: Re
             last = int(fields["epoch"])
             yield ServerSentEvent(data=fields["record"], event="epoch", id=str(last))
         if ended and not entries:
-            job = store.get_job(job_id)
+            job = decode_fields(await redis.hgetall(job_key))
             yield ServerSentEvent(data=json.dumps(public(job) if job else {"id": job_id}), event="status")
             return
 

@@ -33,3 +33,11 @@ def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
 def test_unsafe_settings_are_refused(values):
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+def test_settings_table_lists_every_variable():
+    from worker.settings import settings_table
+
+    table = settings_table()
+    for name in Settings.model_fields:
+        assert f"`SSD_{name.upper()}`" in table

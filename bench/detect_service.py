@@ -1,0 +1,262 @@
+"""POST /detect through the whole service against torchvision's ssd300_vgg16 forward alone, in one run.
+
+Measures, on this machine (CPU by default):
+
+- the bare forward: torchvision's ``ssd300_vgg16`` called on an image tensor already in
+  memory (its transform, network and postprocessing), and this project's ``Detector.detect``
+  in-process, both with the same network size (VGG16, width 1.0, 300x300);
+- the service: a real uvicorn API process (Redis, job store, detector cache) answering
+  POST /detect with a JPEG upload, one client at a time: per-image latency;
+- the service under concurrent clients with the micro-batcher on (max batch 8, 5 ms wait)
+  and off (max batch 1): throughput and latency percentiles.
+
+The model is an untrained SSD300-VGG16 written as a checkpoint of a succeeded job (the
+weights do not change the cost; the default 0.5 score threshold keeps the decode realistic).
+
+Usage: python bench/detect_service.py [--requests 48] [--clients 1,4,16] [--out bench/RESULTS-service.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import torch
+from PIL import Image
+from torchvision.models.detection import ssd300_vgg16
+from torchvision.transforms.v2 import functional as F
+
+from app.up import free_port, start_redis, stop
+from model.checkpoint import save_checkpoint
+from model.config import ModelConfig
+from model.data import make_shapes_dataset
+from model.detector import Detector
+from model.network import SSD300
+from worker.store import Store, now_iso
+
+CLASSES = ["circle", "square", "triangle"]
+TORCHVISION = "torchvision ssd300_vgg16 forward (in-process, tensor in memory)"
+OURS = "Detector.detect (in-process, PIL image)"
+SERVICE = "service POST /detect (HTTP, JPEG upload, decode, job lookup, batcher off, JSON)"
+REPO = Path(__file__).resolve().parents[1]
+NOTES = [
+    "Reading the tables: the service rows include everything a client sees (HTTP, multipart upload, JPEG",
+    "decode, EXIF, job lookup in Redis, the thread-pool hop, JSON); the three single-image paths are timed",
+    "interleaved, call by call, so drift in this shared machine's speed affects them alike. On a CPU one",
+    "forward already uses every core and is compute-bound, so the micro-batcher cannot raise throughput",
+    "there (images/s stays near 1 / forward time, and latency under N clients is queueing, about N forwards);",
+    "it pays off on a GPU, where a batch of 8 costs little more than one image.",
+]
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    threads = torch.get_num_threads()
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__} ({threads} threads)"
+
+
+def test_image(folder: Path) -> tuple[bytes, Image.Image]:
+    """A 640x480-ish photo-like JPEG (the synthetic shapes generator's textured background and shapes)."""
+    data = make_shapes_dataset(folder, 1, seed=0, image_size=(480, 640))
+    jpeg = data.images[0].path.read_bytes()
+    return jpeg, Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+def single_image_latencies(image: Image.Image, jpeg: bytes, checkpoint: Path, url: str, job_id: str, repeats: int):
+    """Per-image latency of the three paths, interleaved call by call so that drift in the
+    machine's speed affects each path alike."""
+    tensor = F.to_dtype(F.pil_to_tensor(image), torch.float32, scale=True)
+    torch.manual_seed(0)
+    torchvision_model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(CLASSES) + 1).eval()
+    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+
+    def torchvision_forward():
+        with torch.inference_mode():
+            torchvision_model([tensor])
+
+    def service(client: httpx.Client):
+        client.post("/detect", params={"job_id": job_id}, files={"file": ("b.jpg", jpeg)}).raise_for_status()
+
+    times: dict[str, list[float]] = {TORCHVISION: [], OURS: [], SERVICE: []}
+    with httpx.Client(base_url=url, timeout=600) as client:
+        calls = {
+            TORCHVISION: torchvision_forward,
+            OURS: lambda: detector.detect([image]),
+            SERVICE: lambda: service(client),
+        }
+        for round_ in range(repeats + 3):  # the first 3 rounds warm up
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call()
+                if round_ >= 3:
+                    times[name].append(time.perf_counter() - start)
+    return times
+
+
+def write_job(store: Store, runs_dir: Path) -> str:
+    """A succeeded job whose checkpoint is an untrained SSD300-VGG16, as the API expects one."""
+    config = ModelConfig(num_classes=len(CLASSES) + 1, backbone="vgg16", width_multiplier=1.0)
+    torch.manual_seed(0)
+    model = SSD300(config)
+    job_id = "bench-" + now_iso().replace(":", "")
+    (runs_dir / job_id).mkdir(parents=True)
+    state = {"epoch": 1, "classes": CLASSES, "model_config": config.to_dict(), "model": model.state_dict()}
+    save_checkpoint(runs_dir / job_id / "best.pt", state)
+    store.put_dataset({"id": "bench", "name": "bench", "classes": CLASSES})
+    job = {"id": job_id, "status": "queued", "dataset_id": "bench", "config": {}, "epochs": 1, "classes": CLASSES}
+    assert store.create_job({**job, "created_at": now_iso()})
+    store.finish_job(job_id, "succeeded", checkpoint="best.pt")
+    return job_id
+
+
+def start_api(redis_url: str, data_dir: Path, max_batch: int, wait_ms: float) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "SSD_REDIS_URL": redis_url,
+        "SSD_DATA_DIR": str(data_dir),
+        "SSD_DEVICE": "cpu",
+        "SSD_PORT": str(port),
+        "SSD_BATCH_MAX_SIZE": str(max_batch),
+        "SSD_BATCH_MAX_WAIT_MS": str(wait_ms),
+        "SSD_KEY_PREFIX": "bench",
+    }
+    args = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
+    process = subprocess.Popen(args, env=env, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                return process, url
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline or process.poll() is not None:
+            stop(process, "api")
+            raise SystemExit("the API did not start")
+        time.sleep(0.2)
+
+
+async def load(url: str, job_id: str, jpeg: bytes, clients: int, requests: int) -> tuple[float, list[float]]:
+    """``requests`` POST /detect spread over ``clients`` concurrent clients: wall time and latencies."""
+    latencies: list[float] = []
+    remaining = iter(range(requests))
+
+    async def client(session: httpx.AsyncClient) -> None:
+        for _ in remaining:
+            start = time.perf_counter()
+            response = await session.post("/detect", params={"job_id": job_id}, files={"file": ("b.jpg", jpeg)})
+            response.raise_for_status()
+            latencies.append(time.perf_counter() - start)
+
+    limits = httpx.Limits(max_connections=clients)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as session:
+        for _ in range(3):  # warm-up: the detector loads on first use
+            (
+                await session.post("/detect", params={"job_id": job_id}, files={"file": ("b.jpg", jpeg)})
+            ).raise_for_status()
+        start = time.perf_counter()
+        await asyncio.gather(*(client(session) for _ in range(clients)))
+        return time.perf_counter() - start, latencies
+
+
+def ms(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--requests", type=int, default=48, help="requests per concurrency level")
+    parser.add_argument("--repeats", type=int, default=20, help="timed single-image calls per row")
+    parser.add_argument("--clients", default="1,4,16", help="concurrency levels")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "RESULTS-service.md")
+    args = parser.parse_args()
+    levels = [int(v) for v in args.clients.split(",")]
+
+    with tempfile.TemporaryDirectory() as folder:
+        data_dir = Path(folder)
+        jpeg, image = test_image(data_dir / "image")
+        redis_url, redis_process = start_redis(data_dir / "redis")
+        try:
+            store = Store.from_url(redis_url, "bench")
+            job_id = write_job(store, data_dir / "runs")
+            checkpoint = data_dir / "runs" / job_id / "best.pt"
+            single: dict[str, list[float]] = {}
+            concurrent: list[tuple[str, int, float, list[float]]] = []
+            for label, max_batch in (("off (max 1)", 1), ("on (max 8, 5 ms)", 8)):
+                process, url = start_api(redis_url, data_dir, max_batch, 5.0)
+                try:
+                    if max_batch == 1:
+                        print("one image at a time, interleaved ...", flush=True)
+                        single = single_image_latencies(image, jpeg, checkpoint, url, job_id, args.repeats)
+                    for clients in levels:
+                        print(f"batcher {label}, {clients} clients ...", flush=True)
+                        wall, latencies = asyncio.run(load(url, job_id, jpeg, clients, args.requests))
+                        concurrent.append((label, clients, wall, latencies))
+                finally:
+                    stop(process, "api")
+        finally:
+            stop(redis_process, "redis-server")
+
+    tv_median = statistics.median(single[TORCHVISION])
+    lines = [
+        "# /detect service benchmark",
+        "",
+        f"- date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
+        f"- machine: {machine()}",
+        f"- model: SSD300-VGG16 (width 1.0, 300x300 input, {len(CLASSES)} classes), CPU; upload: "
+        f"{image.width}x{image.height} JPEG of {len(jpeg) // 1024} KiB",
+        "- command: `python bench/detect_service.py "
+        + f"--requests {args.requests} --repeats {args.repeats} --clients {args.clients}`",
+        "",
+        "## Per-image latency, one request at a time",
+        "",
+        "| path | median ms | p95 ms | vs torchvision forward |",
+        "|---|---|---|---|",
+    ]
+    for name, times in single.items():
+        median = statistics.median(times)
+        lines.append(f"| {name} | {ms(median)} | {ms(percentile(times, 0.95))} | {median / tv_median:.2f}x |")
+    lines += [
+        "",
+        "## Concurrent clients",
+        "",
+        "| micro-batcher | clients | requests | images/s | p50 ms | p95 ms |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, clients, wall, latencies in concurrent:
+        lines.append(
+            f"| {label} | {clients} | {len(latencies)} | {len(latencies) / wall:.2f} | "
+            f"{ms(percentile(latencies, 0.5))} | {ms(percentile(latencies, 0.95))} |"
+        )
+    lines += ["", *NOTES]
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
