@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import TypedDict
 
 import torch
-from torchvision.ops import batched_nms
 
 from .boxes import decode
+from .nms import grouped_nms
 
 
 class Detections(TypedDict):
@@ -37,8 +37,8 @@ def postprocess(
 ) -> list[Detections]:
     """Softmax, per-class score threshold and top-k, class-wise NMS, best ``max_detections``.
 
-    The whole batch goes through one ``batched_nms`` call (boxes of different images or
-    classes never suppress each other), with no Python loop over images or classes.
+    Every (image, class) pair is one NMS group, all suppressed at once (``grouped_nms``, equal
+    to ``torchvision.ops.batched_nms``), with no Python loop over images or classes.
 
     Args:
         loc: Tensor[B, A, 4] predicted offsets against ``defaults``.
@@ -58,42 +58,29 @@ def postprocess(
     scores = torch.softmax(logits.float(), dim=-1)[..., 1:]  # [B, A, C-1], background dropped
     boxes = decode(loc.float(), defaults.float(), variances).clamp(0, 1)  # [B, A, 4] relative
 
-    # Top-k per (image, class) first, then the threshold: the same set as thresholding first,
-    # but with a fixed shape.
-    k = min(topk_candidates, num_defaults)
-    top_scores, top_index = scores.transpose(1, 2).topk(k, dim=2)  # [B, C-1, k]
-    keep = top_scores > score_threshold
-    image_index, class_index, slot = keep.nonzero(as_tuple=True)
-    cand_scores = top_scores[image_index, class_index, slot]
-    cand_boxes = boxes[image_index, top_index[image_index, class_index, slot]]
+    # Top-k per (image, class), then the threshold: the same set as thresholding first, but
+    # the survivors form a prefix of each sorted row, so rows can be cut to the longest.
+    top_scores, top_index = scores.transpose(1, 2).topk(min(topk_candidates, num_defaults), dim=2)  # [B, C-1, k]
+    valid = top_scores > score_threshold
+    longest = int(valid.sum(dim=2).max()) if valid.numel() else 0
+    top_scores, top_index, valid = top_scores[..., :longest], top_index[..., :longest], valid[..., :longest]
+    cand_boxes = torch.gather(
+        boxes[:, None].expand(-1, num_classes - 1, -1, -1), 2, top_index[..., None].expand(-1, -1, -1, 4)
+    )  # [B, C-1, k, 4]
 
-    scale = image_sizes.to(cand_boxes).repeat(1, 2)[image_index]  # (w, h, w, h) per candidate
-    cand_boxes = cand_boxes * scale
-    group = image_index * num_classes + class_index
-    kept = batched_nms(cand_boxes, cand_scores, group, nms_threshold)  # sorted by score
+    # IoU is unchanged by scaling x and y, so NMS runs in relative coordinates.
+    keep = grouped_nms(cand_boxes.flatten(0, 1), valid.flatten(0, 1), nms_threshold).view_as(valid)
 
-    kept = kept[_rank_within_image(image_index[kept], batch) < max_detections]
-    # Stable sort by image keeps each image's detections in descending score order.
-    kept = kept[torch.sort(image_index[kept], stable=True).indices]
-    counts = torch.bincount(image_index[kept], minlength=batch).tolist()
-    out_boxes, out_scores, out_labels = (t[kept].split(counts) for t in (cand_boxes, cand_scores, class_index + 1))
+    # Best max_detections per image across classes, in descending score order.
+    kept_scores = torch.where(keep, top_scores, -1.0).flatten(1)  # [B, (C-1) * k]
+    best_scores, best = kept_scores.topk(min(max_detections, kept_scores.shape[1]), dim=1)
+    found = best_scores >= 0  # a prefix of each row
+    labels = best // max(longest, 1) + 1
+    best_boxes = torch.gather(cand_boxes.flatten(1, 2), 1, best[..., None].expand(-1, -1, 4))
+    best_boxes = best_boxes * image_sizes.to(best_boxes).repeat(1, 2)[:, None, :]  # (w, h, w, h) per image
+
+    counts = found.sum(dim=1).tolist()
+    out_boxes, out_scores, out_labels = (t[found].split(counts) for t in (best_boxes, best_scores, labels))
     return [
         Detections(boxes=b, scores=s, labels=lab) for b, s, lab in zip(out_boxes, out_scores, out_labels, strict=True)
     ]
-
-
-def _rank_within_image(image_index: torch.Tensor, batch: int) -> torch.Tensor:
-    """Position of each entry among the entries of its own image, in the order given.
-
-    Args:
-        image_index: int64 Tensor[K] image of each entry (entries already in score order).
-
-    Returns:
-        int64 Tensor[K]: 0 for an image's first entry, 1 for its second, ...
-    """
-    order = torch.sort(image_index, stable=True).indices
-    sorted_images = image_index[order]
-    counts = torch.bincount(sorted_images, minlength=batch)
-    starts = torch.cumsum(counts, 0) - counts
-    rank_sorted = torch.arange(len(order), device=image_index.device) - starts[sorted_images]
-    return torch.empty_like(rank_sorted).scatter_(0, order, rank_sorted)

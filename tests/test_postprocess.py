@@ -75,3 +75,10 @@ def test_max_detections_sorting_and_empty_images():
 
     capped, _ = postprocess(loc, logits, DEFAULTS, sizes, score_threshold=0.5, max_detections=2)
     torch.testing.assert_close(capped["scores"], full["scores"][:2])
+
+
+def test_a_batch_with_nothing_above_the_threshold_gives_empty_results():
+    loc, logits = torch.zeros(2, 8732, 4), torch.stack([confident_logits(3, {}), confident_logits(3, {})])
+    results = postprocess(loc, logits, DEFAULTS, torch.tensor([[10, 10], [20, 20]]), score_threshold=0.5)
+    assert [len(r["boxes"]) for r in results] == [0, 0]
+    assert results[0]["boxes"].shape == (0, 4) and results[0]["labels"].dtype == torch.int64
