@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display: plots are written to files from workers and servers
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from .checkpoint import atomic_write  # noqa: E402
 
@@ -38,8 +39,7 @@ def plot_losses(records: list[dict], path: Path | None = None) -> bytes:
         ax2.set_ylim(0, 1)
         h2, l2 = ax2.get_legend_handles_labels()
         handles, labels = handles + h2, labels + l2
-    if epochs:
-        ax.set_xticks(sorted(set(epochs)) if len(epochs) <= 20 else ax.get_xticks())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.legend(handles, labels, loc="upper right")
     ax.set_title("Learning curve")
     fig.tight_layout()
