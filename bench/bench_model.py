@@ -27,7 +27,7 @@ from torchvision.ops import box_iou
 
 from model.config import ModelConfig
 from model.detector import Detector
-from model.engine import memory_format
+from model.device import memory_format
 from model.loss import SSDLoss
 from model.network import SSD300
 

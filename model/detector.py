@@ -11,7 +11,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
-from .engine import amp_dtype, memory_format, resolve_device
+from .device import amp_dtype, memory_format, resolve_device
 from .network import SSD300
 from .postprocess import Detections, postprocess
 

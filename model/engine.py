@@ -26,6 +26,7 @@ from .config import ModelConfig, TrainConfig
 from .data.dataset import DetectionDataset, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
+from .device import amp_dtype, memory_format, resolve_device
 from .loss import SSDLoss
 from .metrics import MeanAP
 from .network import SSD300, load_pretrained_backbone
@@ -97,26 +98,6 @@ class WarmupSchedule:
             return 1.0
         progress = min(1.0, (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps))
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for, but no CUDA GPU is available")
-    return torch.device(name)
-
-
-def memory_format(device: torch.device) -> torch.memory_format:
-    """channels_last on CUDA, where the tensor cores want NHWC; CPU convolutions stay NCHW."""
-    return torch.channels_last if device.type == "cuda" else torch.contiguous_format
-
-
-def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """bf16 where the GPU has it (no loss scaling needed), else fp16; None on CPU or when off."""
-    if not enabled or device.type != "cuda":
-        return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
 def build_model(model_config: ModelConfig, config: TrainConfig) -> SSD300:
