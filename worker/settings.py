@@ -25,7 +25,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SSD_", extra="ignore", frozen=True)
 
     # Where things live.
-    redis_url: str = Field("redis://localhost:6379/0", description="Redis for the job store and Celery's broker.")
+    redis_url: str = Field(
+        "redis://localhost:6379/0",
+        description=(
+            "Redis for the job store and Celery's broker. "
+            "`up` uses it only when set and answering; otherwise it starts its own."
+        ),
+    )
     data_dir: Path = Field(Path("data"), description="Datasets, training runs and (for `up`) Redis's files.")
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
 
