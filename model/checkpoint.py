@@ -6,7 +6,10 @@ reads it::
     {"format": "ssd-checkpoint", "version": 1, "epoch": int, "classes": [str],
      "model_config": dict, "train_config": dict, "model": state_dict,
      "optimizer": state_dict, "scheduler": state_dict, "scaler": state_dict | None,
-     "best_val_loss": float | None, "history": [epoch record dicts]}
+     "best_score": float | None, "history": [epoch record dicts]}
+
+``best_score`` is what ``best.pt`` minimises: the validation loss (the training loss without
+a validation split).
 """
 
 from __future__ import annotations

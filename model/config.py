@@ -116,7 +116,9 @@ class TrainConfig:
         amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
         backbone, width_multiplier: see ``ModelConfig``.
         pretrained_backbone: ``None`` (random weights), ``"imagenet"`` (torchvision's ImageNet
-            weights, downloaded only when asked for), or a path to a local VGG state dict.
+            weights, downloaded only when asked for), or a path to a local state dict of the same
+            kind: for ``vgg16`` the Caffe-style ``IMAGENET1K_FEATURES`` weights, for ``vgg16_bn``
+            ``IMAGENET1K_V1`` (the input normalisation follows from the backbone).
         frozen_layers: leading VGG layers (torchvision's ``vgg16().features`` numbering, where
             conv, ReLU and pool each count one; 10 = conv blocks 1 and 2) kept frozen. ``None``
             means 10 with a pretrained backbone and 0 from scratch.
@@ -159,6 +161,10 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.frozen_layers is None or 0 <= self.frozen_layers <= 31, "frozen_layers must be in [0, 31]"),
             (self.max_train_images is None or self.max_train_images >= 1, "max_train_images must be >= 1"),
+            (
+                not self.pretrained_backbone or self.width_multiplier == 1.0,
+                "a pretrained backbone needs width_multiplier 1.0 (the weights have VGG16's widths)",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -58,12 +58,16 @@ class Callbacks:
 
     on_step: progress within an epoch.
     on_epoch: the epoch record, called after the epoch's checkpoint is on disk.
-    should_stop: checked before every batch; True stops the run (the last checkpoint stays).
+    should_stop: checked before every training and validation batch; True stops the run
+        (the last checkpoint stays).
+    on_resume: the history of the checkpoint a run resumes from (its epoch records), before
+        training continues: the records a crash may have kept from reaching ``on_epoch``.
     """
 
     on_step: Callable[[StepProgress], None] | None = None
     on_epoch: Callable[[dict], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    on_resume: Callable[[list[dict]], None] | None = None
 
 
 @dataclass
@@ -135,7 +139,7 @@ def build_optimizer(model: SSD300, config: TrainConfig, device: torch.device) ->
 
 
 def build_loaders(
-    data: DetectionData, config: TrainConfig, model_config: ModelConfig
+    data: DetectionData, config: TrainConfig, model_config: ModelConfig, device: torch.device
 ) -> tuple[DataLoader, DataLoader | None]:
     """Training loader (augmented, shuffled by a per-epoch seed) and validation loader (resize only)."""
     train_idx, val_idx = split_train_val(len(data.images), config.val_fraction, config.seed)
@@ -147,7 +151,7 @@ def build_loaders(
         "batch_size": config.batch_size,
         "num_workers": config.num_workers,
         "collate_fn": collate_detections,
-        "pin_memory": torch.cuda.is_available(),
+        "pin_memory": device.type == "cuda",
     }
     train_set = DetectionDataset([data.images[i] for i in train_idx], augment)
     train_loader = DataLoader(train_set, shuffle=True, generator=torch.Generator(), **common)
@@ -159,12 +163,16 @@ def build_loaders(
 
 
 class _Reporter:
-    """Throttles progress reports; the loss is read off the device only when reporting."""
+    """Throttles progress reports; the loss is read off the device only when reporting.
 
-    def __init__(self, callbacks: Callbacks, epoch: int, epochs: int, steps: int, start_step_time: float):
+    The ETA counts the remaining training steps at this epoch's pace, plus one validation
+    pass (as long as the last one took) for each epoch still to validate.
+    """
+
+    def __init__(self, callbacks: Callbacks, epoch: int, epochs: int, steps: int, validation_seconds: float):
         self.callbacks, self.epoch, self.epochs, self.steps = callbacks, epoch, epochs, steps
-        self.started = start_step_time
-        self.last_report = start_step_time
+        self.validation_seconds = validation_seconds
+        self.started = self.last_report = time.perf_counter()
         self.images = 0
 
     def due(self, step: int) -> bool:
@@ -176,8 +184,8 @@ class _Reporter:
         if self.callbacks.on_step is None:
             return
         elapsed = max(now - self.started, 1e-9)
-        seconds_per_step = elapsed / step
-        remaining = (self.steps - step) + (self.epochs - self.epoch) * self.steps
+        remaining_steps = (self.steps - step) + (self.epochs - self.epoch) * self.steps
+        remaining_validations = self.epochs - self.epoch + 1
         self.callbacks.on_step(
             StepProgress(
                 epoch=self.epoch,
@@ -186,7 +194,7 @@ class _Reporter:
                 epochs=self.epochs,
                 loss=mean_loss,
                 images_per_second=self.images / elapsed,
-                eta_seconds=remaining * seconds_per_step,
+                eta_seconds=remaining_steps * elapsed / step + remaining_validations * self.validation_seconds,
             )
         )
 
@@ -203,12 +211,13 @@ def train_one_epoch(
     epoch: int,
     epochs: int,
     callbacks: Callbacks,
+    validation_seconds: float = 0.0,
 ) -> dict[str, float] | None:
     """One pass over ``loader``. Returns mean train_loss/_loc_loss/_conf_loss, or None if stopped."""
     model.train()
     sums = torch.zeros(3, device=device, dtype=torch.float64)  # total, loc, conf
     first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
-    reporter = _Reporter(callbacks, epoch, epochs, len(loader), time.perf_counter())
+    reporter = _Reporter(callbacks, epoch, epochs, len(loader), validation_seconds)
     for step, (images, gt_boxes, gt_labels) in enumerate(loader, start=1):
         if callbacks.should_stop is not None and callbacks.should_stop():
             return None
@@ -247,13 +256,21 @@ def _raise_if_diverged(first_bad_step: torch.Tensor, epoch: int) -> None:
 
 @torch.inference_mode()
 def evaluate(
-    model: SSD300, loss_fn: SSDLoss, loader: DataLoader, device: torch.device, autocast_dtype: torch.dtype | None
-) -> dict[str, float | None]:
-    """Validation loss and mAP (boxes compared in relative coordinates: IoU does not change with scale)."""
+    model: SSD300,
+    loss_fn: SSDLoss,
+    loader: DataLoader,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None,
+    should_stop: Callable[[], bool] | None = None,
+) -> dict[str, float | None] | None:
+    """Validation loss and mAP (boxes compared in relative coordinates: IoU does not change with
+    scale), or None if ``should_stop`` said so before a batch."""
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     metric = MeanAP()
     for images, gt_boxes, gt_labels in loader:
+        if should_stop is not None and should_stop():
+            return None
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
         with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
@@ -277,68 +294,144 @@ def evaluate(
     }
 
 
+# Fields a resumed run may change: how long it runs and where, not what it trains.
+RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "amp")
+
+
+@dataclass
+class _Training:
+    """Everything one run of ``fit`` trains with, built from the config and the data."""
+
+    device: torch.device
+    model: SSD300
+    loss_fn: SSDLoss
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None
+
+
+def _build_training(config: TrainConfig, data: DetectionData) -> _Training:
+    device = resolve_device(config.device)
+    model_config = config.model_config(num_classes=len(data.classes) + 1)
+    model = build_model(model_config, config).to(device, memory_format=memory_format(device))
+    loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
+    train_loader, val_loader = build_loaders(data, config, model_config, device)
+    optimizer = build_optimizer(model, config, device)
+    schedule = WarmupSchedule(config.epochs * len(train_loader), config.warmup_steps, config.lr_schedule == "cosine")
+    dtype = amp_dtype(device, config.amp)
+    return _Training(
+        device=device,
+        model=model,
+        loss_fn=loss_fn,
+        train_loader=train_loader,
+        val_loader=val_loader,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
+        autocast_dtype=dtype,
+    )
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct seed per epoch, so a resumed run draws the same data order and augmentation."""
+    return (seed * 100_003 + epoch) % 2**63
+
+
 def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Callbacks | None = None) -> FitResult:
     """Train an SSD on ``data``; everything the run produces goes to ``run_dir``.
 
     Writes ``config.json``, ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and
     ``best.pt`` (lowest validation loss; training loss without a validation split) and
     ``losses.png``. If ``run_dir/last.pt`` exists the run resumes after its epoch with the
-    same weights, optimiser, schedule and history.
+    same weights, optimiser, schedule and history (``callbacks.on_resume`` gets that history);
+    only ``RESUMABLE_CHANGES`` may differ from the checkpoint's config.
 
     Raises:
-        ValueError: a dataset with no images, or settings that cannot run here.
-        NonFiniteLossError: the loss became NaN or infinite (names the epoch and step).
+        ValueError: a dataset with no images, settings that cannot run here, or a run folder
+            holding a different run.
+        NonFiniteLossError: a training or validation loss became NaN or infinite.
     """
     callbacks = callbacks or Callbacks()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not data.images:
         raise ValueError("the dataset has no images")
-    device = resolve_device(config.device)
-    model_config = config.model_config(num_classes=len(data.classes) + 1)
-    model = build_model(model_config, config).to(device, memory_format=memory_format(device))
-    loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
-    train_loader, val_loader = build_loaders(data, config, model_config)
-    optimizer = build_optimizer(model, config, device)
-    schedule = WarmupSchedule(config.epochs * len(train_loader), config.warmup_steps, config.lr_schedule == "cosine")
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    dtype = amp_dtype(device, config.amp)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-
-    state = {"epoch": 0, "history": [], "best_val_loss": None}
+    run = _build_training(config, data)
+    history: list[dict] = []
+    best: float | None = None  # the lowest selection score so far (see _selection_score)
     if (run_dir / LAST_CHECKPOINT).exists():
-        state = _resume(run_dir / LAST_CHECKPOINT, data, model, optimizer, scheduler, scaler)
-        log.info("resuming %s after epoch %d", run_dir, state["epoch"])
-    atomic_write(run_dir / "config.json", lambda f: f.write(_config_json(config, model_config, data.classes)))
+        history, best = _resume(run_dir / LAST_CHECKPOINT, config, data, run)
+        log.info("resuming %s after epoch %d", run_dir, len(history))
+        if callbacks.on_resume is not None:
+            callbacks.on_resume(list(history))
+    atomic_write(run_dir / "config.json", lambda f: f.write(_config_json(config, run.model.config, data.classes)))
 
-    history, best = list(state["history"]), state["best_val_loss"]
-    for epoch in range(state["epoch"] + 1, config.epochs + 1):
-        train_loader.generator.manual_seed(config.seed * 100_003 + epoch)  # same order on resume
-        torch.manual_seed(config.seed * 100_003 + epoch)  # same augmentation with num_workers=0
-        started = time.perf_counter()
-        train = train_one_epoch(
-            model, loss_fn, train_loader, optimizer, scheduler, scaler, device, dtype, epoch, config.epochs, callbacks
-        )
-        if train is None:
+    validation_seconds = history[-1].get("val_seconds", 0.0) if history else 0.0
+    for epoch in range(len(history) + 1, config.epochs + 1):
+        record = _run_epoch(run, config, epoch, validation_seconds, callbacks)
+        if record is None:
             return _result("cancelled", run_dir, history, best)
-        val = evaluate(model, loss_fn, val_loader, device, dtype) if val_loader else _no_validation()
-        record = {
-            "epoch": epoch,
-            **train,
-            **val,
-            "lr": optimizer.param_groups[0]["lr"],
-            "seconds": round(time.perf_counter() - started, 3),
-        }
+        validation_seconds = record["val_seconds"]
         history.append(record)
-        score = record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
+        score = _selection_score(record)
         improved = best is None or score < best
         best = score if improved else best
-        _save_epoch(run_dir, model, optimizer, scheduler, scaler, config, data.classes, history, best, improved)
+        _save_epoch(run_dir, run, config, data.classes, history, best, improved)
         if callbacks.on_epoch is not None:
             callbacks.on_epoch(record)
         if callbacks.should_stop is not None and callbacks.should_stop() and epoch < config.epochs:
             return _result("cancelled", run_dir, history, best)
     return _result("completed", run_dir, history, best)
+
+
+def _run_epoch(
+    run: _Training, config: TrainConfig, epoch: int, validation_seconds: float, callbacks: Callbacks
+) -> dict | None:
+    """Train and validate one epoch; its record, or None if stopped."""
+    run.train_loader.generator.manual_seed(_epoch_seed(config.seed, epoch))  # same order on resume
+    torch.manual_seed(_epoch_seed(config.seed, epoch))  # same augmentation with num_workers=0
+    started = time.perf_counter()
+    train = train_one_epoch(
+        run.model,
+        run.loss_fn,
+        run.train_loader,
+        run.optimizer,
+        run.scheduler,
+        run.scaler,
+        run.device,
+        run.autocast_dtype,
+        epoch,
+        config.epochs,
+        callbacks,
+        validation_seconds,
+    )
+    if train is None:
+        return None
+    validation_started = time.perf_counter()
+    val = _no_validation()
+    if run.val_loader is not None:
+        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, callbacks.should_stop)
+        if val is None:
+            return None
+        if not math.isfinite(val["val_loss"]):
+            raise NonFiniteLossError(f"the validation loss became NaN or infinite at epoch {epoch}")
+    now = time.perf_counter()
+    return {
+        "epoch": epoch,
+        **train,
+        **val,
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "seconds": round(now - started, 3),
+        "val_seconds": round(now - validation_started, 3),
+    }
+
+
+def _selection_score(record: dict) -> float:
+    """What ``best.pt`` minimises: the validation loss, or the training loss without validation."""
+    return record["val_loss"] if record["val_loss"] is not None else record["train_loss"]
 
 
 def _no_validation() -> dict[str, None]:
@@ -350,33 +443,56 @@ def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[s
     return json.dumps(payload, indent=2).encode()
 
 
-def _resume(path, data, model, optimizer, scheduler, scaler) -> dict:
+def _resume(path: Path, config: TrainConfig, data: DetectionData, run: _Training) -> tuple[list[dict], float | None]:
+    """Restore a run from its last checkpoint; its history and best selection score."""
     checkpoint = load_checkpoint(path)
     if checkpoint["classes"] != data.classes:
         raise ValueError(
             f"{path} was trained on classes {checkpoint['classes']}, not this dataset's {data.classes}: "
             "use a new run folder"
         )
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
-    scheduler.load_state_dict(checkpoint["scheduler"])
+    saved, current = checkpoint.get("train_config", {}), config.to_dict()
+    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    if changed:
+        raise ValueError(
+            f"{path} belongs to a run with different settings ({', '.join(changed)}); "
+            f"a resumed run may change only {', '.join(RESUMABLE_CHANGES)}: use a new run folder"
+        )
+    run.model.load_state_dict(checkpoint["model"])
+    run.optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler_state = dict(checkpoint["scheduler"])
+    # Keep this run's schedule (its length follows the current epochs), only the step count carries over.
+    scheduler_state["lr_lambdas"] = [None] * len(run.scheduler.lr_lambdas)
+    run.scheduler.load_state_dict(scheduler_state)
     if checkpoint.get("scaler"):
-        scaler.load_state_dict(checkpoint["scaler"])
-    return checkpoint
+        run.scaler.load_state_dict(checkpoint["scaler"])
+    return list(checkpoint["history"]), checkpoint.get("best_score")
 
 
-def _save_epoch(run_dir, model, optimizer, scheduler, scaler, config, classes, history, best, improved) -> None:
-    """Checkpoint(s), metrics.jsonl and the plot for the epoch just finished; each file atomic."""
+def _save_epoch(
+    run_dir: Path,
+    run: _Training,
+    config: TrainConfig,
+    classes: list[str],
+    history: list[dict],
+    best: float,
+    improved: bool,
+) -> None:
+    """Checkpoint(s), metrics.jsonl and the plot for the epoch just finished; each file atomic.
+
+    ``last.pt`` is the commit point: its history is what a resumed run continues from, so the
+    derived files after it may lag by one epoch after a crash, never run ahead.
+    """
     state = {
         "epoch": history[-1]["epoch"],
         "classes": list(classes),
-        "model_config": model.config.to_dict(),
+        "model_config": run.model.config.to_dict(),
         "train_config": config.to_dict(),
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-        "best_val_loss": best,
+        "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(),
+        "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
+        "best_score": best,
         "history": history,
     }
     save_checkpoint(run_dir / LAST_CHECKPOINT, state)
@@ -390,10 +506,11 @@ def _save_epoch(run_dir, model, optimizer, scheduler, scaler, config, classes, h
 
 def _result(status, run_dir: Path, history: list[dict], best: float | None) -> FitResult:
     last, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    validated = bool(history) and history[-1]["val_loss"] is not None
     return FitResult(
         status=status,
         epochs_completed=history[-1]["epoch"] if history else 0,
-        best_val_loss=best,
+        best_val_loss=best if validated else None,
         last_checkpoint=last if last.exists() else None,
         best_checkpoint=best_path if best_path.exists() else None,
         history=history,

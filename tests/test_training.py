@@ -181,3 +181,49 @@ def test_pretrained_backbone_freezes_ten_layers_and_scratch_freezes_none(tmp_pat
     assert all(p.requires_grad for p in build_model(scratch.model_config(num_classes=3), scratch).parameters())
     with pytest.warns(UserWarning, match="randomly initialised"):
         build_model(scratch.model_config(num_classes=3), TrainConfig(frozen_layers=10, **TINY))
+
+
+def test_a_resumed_run_may_add_epochs_and_then_follows_the_longer_schedule(shapes, tmp_path):
+    config = TrainConfig(epochs=1, val_fraction=0, warmup_steps=0, **TINY)
+    fit(config, shapes, tmp_path)
+    resumed_history = []
+    longer = fit(
+        TrainConfig(epochs=3, val_fraction=0, warmup_steps=0, **TINY),
+        shapes,
+        tmp_path,
+        Callbacks(on_resume=resumed_history.extend),
+    )
+    assert [r["epoch"] for r in resumed_history] == [1]
+    assert [r["epoch"] for r in longer.history] == [1, 2, 3]
+    # Cosine over 3 epochs: after epoch 2 the rate is still well above the 1% floor.
+    assert longer.history[1]["lr"] > 0.2 * config.learning_rate
+
+
+def test_resuming_with_different_training_settings_is_refused(shapes, tmp_path):
+    fit(TrainConfig(epochs=1, val_fraction=0, **TINY), shapes, tmp_path)
+    changed = {**TINY, "batch_size": 2}
+    with pytest.raises(ValueError, match="different settings \\(batch_size\\)"):
+        fit(TrainConfig(epochs=2, val_fraction=0, **changed), shapes, tmp_path)
+
+
+def test_cancel_during_validation_stops_before_the_epoch_is_recorded(shapes, tmp_path):
+    checks = []
+
+    def stop_after_the_training_batches() -> bool:
+        checks.append(1)
+        return len(checks) > 2  # 6 training images in batches of 4: 2 batches, then validation
+
+    callbacks = Callbacks(should_stop=stop_after_the_training_batches)
+    result = fit(TrainConfig(epochs=1, val_fraction=0.25, **TINY), shapes, tmp_path, callbacks)
+    assert len(checks) == 3
+    assert result.status == "cancelled" and result.history == [] and result.last_checkpoint is None
+
+
+def test_without_validation_there_is_no_best_val_loss_but_a_best_checkpoint(shapes, tmp_path):
+    result = fit(TrainConfig(epochs=1, val_fraction=0, **TINY), shapes, tmp_path)
+    assert result.best_val_loss is None and result.best_checkpoint is not None
+
+
+def test_pretrained_weights_need_the_full_width():
+    with pytest.raises(ValueError, match="width_multiplier 1.0"):
+        TrainConfig(pretrained_backbone="imagenet", width_multiplier=0.5)

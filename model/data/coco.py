@@ -76,12 +76,22 @@ def read_coco(annotations_json: Path, images_dir: Path | None = None) -> Detecti
     return DetectionData(classes=classes, images=records, format="coco")
 
 
+# The JSON is parsed whole in memory (about 10x its size): COCO's own largest annotation
+# file is under 0.5 GB, so 1 GiB leaves room without letting an upload exhaust memory.
+MAX_ANNOTATION_BYTES = 2**30
+
+
 def _load_json(path: Path) -> dict[str, Any]:
     """The parsed annotation file, with its three required top-level lists present."""
     try:
+        size = path.stat().st_size
+        if size > MAX_ANNOTATION_BYTES:
+            raise DatasetError(f"{path}: annotation file of {size} bytes is over the limit of {MAX_ANNOTATION_BYTES}")
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError as error:
         raise DatasetError(f"{path}: annotation file not found") from error
+    except RecursionError as error:
+        raise DatasetError(f"{path}: malformed JSON: nested too deeply") from error
     except (OSError, UnicodeDecodeError) as error:
         raise DatasetError(f"{path}: cannot read annotation file: {error}") from error
     except json.JSONDecodeError as error:

@@ -6,6 +6,7 @@ the raw pixel grid (what ``PIL.Image.open`` reports), the same grid every reader
 
 from __future__ import annotations
 
+import glob
 import shutil
 import warnings
 from collections.abc import Iterator, Sequence
@@ -27,11 +28,16 @@ def _open_checked(path: Path) -> Iterator[Image.Image]:
         OSError: not an image, truncated or unreadable (``PIL.UnidentifiedImageError`` is one).
         PIL.Image.DecompressionBombWarning / DecompressionBombError: too many pixels.
     """
-    # Local filter: a huge image must not be decoded quietly, but global warning state is
-    # left alone. PIL warns above MAX_IMAGE_PIXELS and raises only above twice that.
+    # PIL only warns above MAX_IMAGE_PIXELS (and raises above twice that). The warning filter
+    # is process-wide state that concurrent threads restore under each other, so the size
+    # check below is the guard; the filter only stops the warning from reaching logs.
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            if Image.MAX_IMAGE_PIXELS and image.width * image.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(
+                    f"{image.width}x{image.height} pixels is over the limit of {Image.MAX_IMAGE_PIXELS}"
+                )
             yield image
 
 
@@ -83,7 +89,9 @@ def find_by_stem(folder: Path, stem: str) -> Path | None:
     """The image in ``folder`` named ``stem`` plus any image suffix (case-insensitive), or None."""
     if not folder.is_dir():
         return None
-    matches = sorted(p for p in folder.glob(f"{stem}.*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    matches = sorted(
+        p for p in folder.glob(f"{glob.escape(stem)}.*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+    )
     return matches[0] if matches else None
 
 

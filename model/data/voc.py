@@ -113,11 +113,18 @@ def read_voc(root: Path) -> DetectionData:
     return DetectionData(classes=classes, images=images, format="voc")
 
 
+# One image's VOC annotation is a few KB; a cap keeps a crafted file from exhausting memory.
+MAX_XML_BYTES = 16 * 2**20
+
+
 def _read_annotation(
     xml_file: Path, image_dir: Path, problems: list[str]
 ) -> tuple[Path, int, int, list[list[float]], list[str]] | None:
     """``(image path, width, height, boxes, class names)`` of one XML file, or None after reporting problems."""
     try:
+        if xml_file.stat().st_size > MAX_XML_BYTES:
+            problems.append(f"{xml_file}: annotation file is over the limit of {MAX_XML_BYTES} bytes")
+            return None
         tree = parse_xml(xml_file.read_bytes())
     except OSError as error:
         problems.append(f"{xml_file}: cannot read annotation file: {error}")
