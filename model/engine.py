@@ -59,7 +59,9 @@ class Callbacks:
     on_step: progress within an epoch.
     on_epoch: the epoch record, called after the epoch's checkpoint is on disk.
     should_stop: checked before every training and validation batch; True stops the run
-        (the last checkpoint stays).
+        (cancelled: the last epoch's checkpoint stays).
+    should_pause: checked likewise; True writes a mid-epoch checkpoint and returns (paused):
+        ``fit`` on the same run folder later carries on from the next batch (worker shutdown).
     on_resume: the history of the checkpoint a run resumes from (its epoch records), before
         training continues: the records a crash may have kept from reaching ``on_epoch``.
     """
@@ -67,12 +69,29 @@ class Callbacks:
     on_step: Callable[[StepProgress], None] | None = None
     on_epoch: Callable[[dict], None] | None = None
     should_stop: Callable[[], bool] | None = None
+    should_pause: Callable[[], bool] | None = None
     on_resume: Callable[[list[dict]], None] | None = None
+
+    def interruption(self) -> Literal["cancelled", "paused"] | None:
+        """Why the run must stop before the next batch, if it must."""
+        if self.should_stop is not None and self.should_stop():
+            return "cancelled"
+        if self.should_pause is not None and self.should_pause():
+            return "paused"
+        return None
+
+
+@dataclass
+class EpochState:
+    """A training epoch's running totals, saved in a mid-epoch checkpoint to carry on later."""
+
+    steps_done: int = 0
+    loss_sums: tuple[float, float, float] = (0.0, 0.0, 0.0)  # total, loc, conf
 
 
 @dataclass
 class FitResult:
-    status: Literal["completed", "cancelled"]
+    status: Literal["completed", "cancelled", "paused"]
     epochs_completed: int
     best_val_loss: float | None
     last_checkpoint: Path | None
@@ -162,6 +181,21 @@ def build_loaders(
     return train_loader, val_loader
 
 
+@dataclass
+class _Training:
+    """Everything one run of ``fit`` trains with, built from the config and the data."""
+
+    device: torch.device
+    model: SSD300
+    loss_fn: SSDLoss
+    train_loader: DataLoader
+    val_loader: DataLoader | None
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    autocast_dtype: torch.dtype | None
+
+
 class _Reporter:
     """Throttles progress reports; the loss is read off the device only when reporting.
 
@@ -200,49 +234,59 @@ class _Reporter:
 
 
 def train_one_epoch(
-    model: SSD300,
-    loss_fn: SSDLoss,
-    loader: DataLoader,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    scaler: torch.amp.GradScaler,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None,
+    run: _Training,
     epoch: int,
     epochs: int,
     callbacks: Callbacks,
     validation_seconds: float = 0.0,
-) -> dict[str, float] | None:
-    """One pass over ``loader``. Returns mean train_loss/_loc_loss/_conf_loss, or None if stopped."""
-    model.train()
-    sums = torch.zeros(3, device=device, dtype=torch.float64)  # total, loc, conf
-    first_bad_step = torch.full((), -1, device=device, dtype=torch.int64)
-    reporter = _Reporter(callbacks, epoch, epochs, len(loader), validation_seconds)
-    for step, (images, gt_boxes, gt_labels) in enumerate(loader, start=1):
-        if callbacks.should_stop is not None and callbacks.should_stop():
-            return None
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
-        gt_boxes, gt_labels = gt_boxes.to(device, non_blocking=True), gt_labels.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
-            loc, logits = model(images)
-        losses = loss_fn(loc, logits, gt_boxes, gt_labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(losses.total).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
+    start: EpochState | None = None,
+) -> tuple[Literal["done", "cancelled", "paused"], EpochState]:
+    """One pass over the training loader, or the rest of one from ``start``.
 
+    Returns the outcome and the epoch's totals so far (all of its steps when "done").
+    """
+    start = start or EpochState()
+    run.model.train()
+    steps = len(run.train_loader)
+    if start.steps_done >= steps:  # paused during validation: training is already done
+        return "done", start
+    sums = torch.tensor(start.loss_sums, device=run.device, dtype=torch.float64)
+    first_bad_step = torch.full((), -1, device=run.device, dtype=torch.int64)
+    reporter = _Reporter(callbacks, epoch, epochs, steps, validation_seconds)
+    for step, batch in enumerate(run.train_loader, start=1):
+        if step <= start.steps_done:
+            continue  # replays the interrupted run's data order and augmentation draws
+        interruption = callbacks.interruption()
+        if interruption is not None:
+            _raise_if_diverged(first_bad_step, epoch)
+            return interruption, EpochState(step - 1, tuple(sums.tolist()))
+        losses = _train_step(run, batch)
         # Accumulated on the device: reading a loss each step would stall the GPU queue.
         sums += torch.stack([losses.total.detach(), losses.loc.detach(), losses.conf.detach()]).double()
         bad = ~torch.isfinite(losses.total.detach())
         first_bad_step = torch.where(bad & (first_bad_step < 0), step, first_bad_step)
-        reporter.images += images.shape[0]
+        reporter.images += batch[0].shape[0]
         if reporter.due(step):
             _raise_if_diverged(first_bad_step, epoch)
             reporter.report(step, float(sums[0]) / step)
     _raise_if_diverged(first_bad_step, epoch)
-    means = (sums / max(1, len(loader))).tolist()
-    return {"train_loss": means[0], "train_loc_loss": means[1], "train_conf_loss": means[2]}
+    return "done", EpochState(steps, tuple(sums.tolist()))
+
+
+def _train_step(run: _Training, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+    """Forward, loss, backward and optimiser step on one batch; the batch's SSDLossOutput."""
+    images, gt_boxes, gt_labels = batch
+    images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(run.device))
+    gt_boxes, gt_labels = gt_boxes.to(run.device, non_blocking=True), gt_labels.to(run.device, non_blocking=True)
+    with torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else nullcontext():
+        loc, logits = run.model(images)
+    losses = run.loss_fn(loc, logits, gt_boxes, gt_labels)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(losses.total).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.scheduler.step()
+    return losses
 
 
 def _raise_if_diverged(first_bad_step: torch.Tensor, epoch: int) -> None:
@@ -261,15 +305,15 @@ def evaluate(
     loader: DataLoader,
     device: torch.device,
     autocast_dtype: torch.dtype | None,
-    should_stop: Callable[[], bool] | None = None,
+    interrupted: Callable[[], bool] | None = None,
 ) -> dict[str, float | None] | None:
     """Validation loss and mAP (boxes compared in relative coordinates: IoU does not change with
-    scale), or None if ``should_stop`` said so before a batch."""
+    scale), or None if ``interrupted`` said so before a batch."""
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)
     metric = MeanAP()
     for images, gt_boxes, gt_labels in loader:
-        if should_stop is not None and should_stop():
+        if interrupted is not None and interrupted():
             return None
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
@@ -296,21 +340,6 @@ def evaluate(
 
 # Fields a resumed run may change: how long it runs and where, not what it trains.
 RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "amp")
-
-
-@dataclass
-class _Training:
-    """Everything one run of ``fit`` trains with, built from the config and the data."""
-
-    device: torch.device
-    model: SSD300
-    loss_fn: SSDLoss
-    train_loader: DataLoader
-    val_loader: DataLoader | None
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    autocast_dtype: torch.dtype | None
 
 
 def _build_training(config: TrainConfig, data: DetectionData) -> _Training:
@@ -345,9 +374,10 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
 
     Writes ``config.json``, ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and
     ``best.pt`` (lowest validation loss; training loss without a validation split) and
-    ``losses.png``. If ``run_dir/last.pt`` exists the run resumes after its epoch with the
-    same weights, optimiser, schedule and history (``callbacks.on_resume`` gets that history);
-    only ``RESUMABLE_CHANGES`` may differ from the checkpoint's config.
+    ``losses.png``. If ``run_dir/last.pt`` exists the run resumes where it left off (after its
+    last epoch, or mid-epoch after a pause) with the same weights, optimiser, schedule and
+    history (``callbacks.on_resume`` gets that history); only ``RESUMABLE_CHANGES`` may differ
+    from the checkpoint's config.
 
     Raises:
         ValueError: a dataset with no images, settings that cannot run here, or a run folder
@@ -362,8 +392,9 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
     run = _build_training(config, data)
     history: list[dict] = []
     best: float | None = None  # the lowest selection score so far (see _selection_score)
+    partial: EpochState | None = None
     if (run_dir / LAST_CHECKPOINT).exists():
-        history, best = _resume(run_dir / LAST_CHECKPOINT, config, data, run)
+        history, best, partial = _resume(run_dir / LAST_CHECKPOINT, config, data, run)
         log.info("resuming %s after epoch %d", run_dir, len(history))
         if callbacks.on_resume is not None:
             callbacks.on_resume(list(history))
@@ -371,57 +402,73 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
 
     validation_seconds = history[-1].get("val_seconds", 0.0) if history else 0.0
     for epoch in range(len(history) + 1, config.epochs + 1):
-        record = _run_epoch(run, config, epoch, validation_seconds, callbacks)
-        if record is None:
-            return _result("cancelled", run_dir, history, best)
+        outcome, result = _run_epoch(run, config, epoch, validation_seconds, callbacks, partial)
+        partial = None
+        if outcome == "paused":
+            _save_checkpoints(run_dir, run, config, data.classes, history, best, paused_at=result)
+        if outcome != "done":
+            return _result(outcome, run_dir, history, best)
+        record = result
         validation_seconds = record["val_seconds"]
         history.append(record)
         score = _selection_score(record)
         improved = best is None or score < best
         best = score if improved else best
-        _save_epoch(run_dir, run, config, data.classes, history, best, improved)
+        _save_checkpoints(run_dir, run, config, data.classes, history, best, improved=improved)
+        _write_history(run_dir, history)
         if callbacks.on_epoch is not None:
             callbacks.on_epoch(record)
-        if callbacks.should_stop is not None and callbacks.should_stop() and epoch < config.epochs:
-            return _result("cancelled", run_dir, history, best)
+        if epoch < config.epochs and (interruption := callbacks.interruption()) is not None:
+            return _result(interruption, run_dir, history, best)
     return _result("completed", run_dir, history, best)
 
 
+class _Interruption:
+    """``evaluate``'s interrupt check that remembers why it fired."""
+
+    def __init__(self, callbacks: Callbacks):
+        self.callbacks = callbacks
+        self.reason: Literal["cancelled", "paused"] | None = None
+
+    def __call__(self) -> bool:
+        self.reason = self.callbacks.interruption()
+        return self.reason is not None
+
+
 def _run_epoch(
-    run: _Training, config: TrainConfig, epoch: int, validation_seconds: float, callbacks: Callbacks
-) -> dict | None:
-    """Train and validate one epoch; its record, or None if stopped."""
+    run: _Training,
+    config: TrainConfig,
+    epoch: int,
+    validation_seconds: float,
+    callbacks: Callbacks,
+    start: EpochState | None,
+) -> tuple[Literal["done", "cancelled", "paused"], dict | EpochState | None]:
+    """Train and validate one epoch (from ``start`` when resuming mid-epoch).
+
+    Returns ("done", the epoch record), ("paused", the state to carry on from) or ("cancelled", None).
+    """
     run.train_loader.generator.manual_seed(_epoch_seed(config.seed, epoch))  # same order on resume
     torch.manual_seed(_epoch_seed(config.seed, epoch))  # same augmentation with num_workers=0
     started = time.perf_counter()
-    train = train_one_epoch(
-        run.model,
-        run.loss_fn,
-        run.train_loader,
-        run.optimizer,
-        run.scheduler,
-        run.scaler,
-        run.device,
-        run.autocast_dtype,
-        epoch,
-        config.epochs,
-        callbacks,
-        validation_seconds,
-    )
-    if train is None:
-        return None
+    outcome, state = train_one_epoch(run, epoch, config.epochs, callbacks, validation_seconds, start)
+    if outcome != "done":
+        return outcome, state if outcome == "paused" else None
     validation_started = time.perf_counter()
     val = _no_validation()
     if run.val_loader is not None:
-        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, callbacks.should_stop)
-        if val is None:
-            return None
+        interruption = _Interruption(callbacks)
+        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, interruption)
+        if val is None:  # when paused here, the resumed epoch goes straight to validation
+            return interruption.reason, state if interruption.reason == "paused" else None
         if not math.isfinite(val["val_loss"]):
             raise NonFiniteLossError(f"the validation loss became NaN or infinite at epoch {epoch}")
     now = time.perf_counter()
-    return {
+    means = [total / max(1, state.steps_done) for total in state.loss_sums]
+    return "done", {
         "epoch": epoch,
-        **train,
+        "train_loss": means[0],
+        "train_loc_loss": means[1],
+        "train_conf_loss": means[2],
         **val,
         "lr": run.optimizer.param_groups[0]["lr"],
         "seconds": round(now - started, 3),
@@ -443,8 +490,11 @@ def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[s
     return json.dumps(payload, indent=2).encode()
 
 
-def _resume(path: Path, config: TrainConfig, data: DetectionData, run: _Training) -> tuple[list[dict], float | None]:
-    """Restore a run from its last checkpoint; its history and best selection score."""
+def _resume(
+    path: Path, config: TrainConfig, data: DetectionData, run: _Training
+) -> tuple[list[dict], float | None, EpochState | None]:
+    """Restore a run from its last checkpoint: its history, best selection score, and the
+    state of an epoch paused half-way (None after a whole epoch)."""
     checkpoint = load_checkpoint(path)
     if checkpoint["classes"] != data.classes:
         raise ValueError(
@@ -466,25 +516,28 @@ def _resume(path: Path, config: TrainConfig, data: DetectionData, run: _Training
     run.scheduler.load_state_dict(scheduler_state)
     if checkpoint.get("scaler"):
         run.scaler.load_state_dict(checkpoint["scaler"])
-    return list(checkpoint["history"]), checkpoint.get("best_score")
+    paused = checkpoint.get("paused_epoch")
+    partial = EpochState(paused["steps_done"], tuple(paused["loss_sums"])) if paused else None
+    return list(checkpoint["history"]), checkpoint.get("best_score"), partial
 
 
-def _save_epoch(
+def _save_checkpoints(
     run_dir: Path,
     run: _Training,
     config: TrainConfig,
     classes: list[str],
     history: list[dict],
-    best: float,
-    improved: bool,
+    best: float | None,
+    improved: bool = False,
+    paused_at: EpochState | None = None,
 ) -> None:
-    """Checkpoint(s), metrics.jsonl and the plot for the epoch just finished; each file atomic.
+    """``last.pt`` (and ``best.pt`` when ``improved``), each written atomically.
 
-    ``last.pt`` is the commit point: its history is what a resumed run continues from, so the
-    derived files after it may lag by one epoch after a crash, never run ahead.
+    ``last.pt`` is the commit point: its history is what a resumed run continues from. A
+    paused run's ``last.pt`` also holds the unfinished epoch's totals (``paused_epoch``).
     """
     state = {
-        "epoch": history[-1]["epoch"],
+        "epoch": len(history),
         "classes": list(classes),
         "model_config": run.model.config.to_dict(),
         "train_config": config.to_dict(),
@@ -494,11 +547,18 @@ def _save_epoch(
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "best_score": best,
         "history": history,
+        "paused_epoch": None
+        if paused_at is None
+        else {"steps_done": paused_at.steps_done, "loss_sums": list(paused_at.loss_sums)},
     }
     save_checkpoint(run_dir / LAST_CHECKPOINT, state)
     if improved:
         # Serving needs no optimiser state: keep the best checkpoint small.
         save_checkpoint(run_dir / BEST_CHECKPOINT, {**state, "optimizer": {}, "scheduler": {}, "scaler": None})
+
+
+def _write_history(run_dir: Path, history: list[dict]) -> None:
+    """metrics.jsonl and losses.png, derived from the history (they may lag last.pt by an epoch after a crash)."""
     lines = "".join(json.dumps(record) + "\n" for record in history)
     atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
     plot_losses(history, run_dir / "losses.png")

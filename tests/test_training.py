@@ -227,3 +227,38 @@ def test_without_validation_there_is_no_best_val_loss_but_a_best_checkpoint(shap
 def test_pretrained_weights_need_the_full_width():
     with pytest.raises(ValueError, match="width_multiplier 1.0"):
         TrainConfig(pretrained_backbone="imagenet", width_multiplier=0.5)
+
+
+def pause_after(checks_before_pause: int) -> Callbacks:
+    """Callbacks whose should_pause turns True at its n-th check, and stays False after one pause."""
+    calls = []
+
+    def should_pause() -> bool:
+        calls.append(1)
+        return len(calls) == checks_before_pause
+
+    return Callbacks(should_pause=should_pause)
+
+
+@pytest.mark.parametrize(
+    "checks_before_pause, where",
+    [(3, "after two of three training batches"), (4, "before the first validation batch")],
+)
+def test_a_paused_run_carries_on_to_the_same_result_as_an_uninterrupted_one(
+    shapes, tmp_path, checks_before_pause, where
+):
+    # 8 images, 2 for validation, batches of 2: three training batches, augmentation on.
+    config = TrainConfig(epochs=2, val_fraction=0.25, **{**TINY, "batch_size": 2})
+    straight = fit(config, shapes, tmp_path / "straight")
+
+    paused = fit(config, shapes, tmp_path / "paused", pause_after(checks_before_pause))
+    assert paused.status == "paused" and paused.history == [], where
+    assert load_checkpoint(tmp_path / "paused" / "last.pt")["paused_epoch"] is not None
+    resumed = fit(config, shapes, tmp_path / "paused")
+    assert resumed.status == "completed"
+    for a, b in zip(straight.history, resumed.history, strict=True):
+        for key in ("train_loss", "train_loc_loss", "train_conf_loss", "val_loss", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4), (where, key)
+    a, b = load_checkpoint(straight.last_checkpoint)["model"], load_checkpoint(resumed.last_checkpoint)["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
