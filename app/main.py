@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
-from app.routers import datasets, detect, jobs, ops
+from app.routers import datasets, detect, jobs, ops, web
 from worker.queue import make_celery
 from worker.settings import Settings
 from worker.store import Store
@@ -61,8 +61,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.metrics = metrics
     app.state.detection = detection
 
-    for router in (datasets.router, jobs.router, detect.router, ops.router):
+    for router in (datasets.router, jobs.router, detect.router, ops.router, web.router):
         app.include_router(router)
+    web.mount_static(app)
     app.add_middleware(
         BodyLimitMiddleware,
         limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
