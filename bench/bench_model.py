@@ -25,9 +25,10 @@ import torch
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.ops import box_iou
 
-from model.config import ModelConfig
+from model.config import ModelConfig, TrainConfig
 from model.detector import Detector
 from model.device import memory_format
+from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
 
@@ -92,21 +93,15 @@ def torchvision_train_step(model, images, targets, device, dtype):
 
 
 def our_train_step(model, images, boxes, labels, device, dtype):
-    loss_fn = SSDLoss(model.defaults, model.config.variances).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4, fused=device.type == "cuda")
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    images = images.contiguous(memory_format=memory_format(device))
-
-    def step():
-        with autocast(device, dtype):
-            loc, logits = model(images)
-        loss = loss_fn(loc, logits, boxes, labels).total
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-
-    return step
+    """The exact step ``fit`` takes (Adam with its parameter groups, schedule, loss), timed alone."""
+    amp = dtype is not None
+    config = TrainConfig(learning_rate=1e-4, amp=amp, warmup_steps=0, lr_schedule="constant")
+    run = build_training_run(model, config, device, total_steps=1000)
+    if amp:
+        run.autocast_dtype = dtype  # bf16 or fp16 as asked, not just what the card prefers
+        run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    batch = (images.contiguous(memory_format=memory_format(device)), boxes, labels)
+    return partial(train_step, run, batch)
 
 
 def bench_training(rows: list, device: torch.device, quick: bool) -> None:

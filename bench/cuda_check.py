@@ -12,8 +12,9 @@ import sys
 
 import torch
 
-from model.config import ModelConfig
+from model.config import ModelConfig, TrainConfig
 from model.detector import Detector
+from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
 from model.postprocess import postprocess
@@ -84,30 +85,17 @@ def check_amp_forward() -> None:
 
 
 def check_amp_training() -> None:
-    from model.config import TrainConfig
-    from model.engine import build_optimizer
-
-    torch.manual_seed(0)
     generator = torch.Generator().manual_seed(2)
     boxes, labels = random_gt(16, generator)
-    boxes, labels = boxes.cuda(), labels.cuda()
-    images = torch.rand(16, 3, 300, 300, device="cuda").contiguous(memory_format=torch.channels_last)
+    batch = (torch.rand(16, 3, 300, 300, device="cuda"), boxes.cuda(), labels.cuda())
     for dtype in (torch.bfloat16, torch.float16):
-        config = TrainConfig(learning_rate=1e-4)
-        model = SSD300(config.model_config(num_classes=5)).cuda().to(memory_format=torch.channels_last).train()
-        loss_fn = SSDLoss(model.defaults)
-        optimizer = build_optimizer(model, config, torch.device("cuda"))
-        scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-        losses = []
-        for _ in range(30):
-            with torch.autocast("cuda", dtype=dtype):
-                loc, logits = model(images)
-            loss = loss_fn(loc, logits, boxes, labels).total
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            losses.append(float(loss))
+        torch.manual_seed(0)
+        config = TrainConfig(learning_rate=1e-4, warmup_steps=0, lr_schedule="constant")
+        model = SSD300(config.model_config(num_classes=5)).cuda().to(memory_format=torch.channels_last)
+        run = build_training_run(model, config, torch.device("cuda"), total_steps=30)
+        run.autocast_dtype = dtype
+        run.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        losses = [float(train_step(run, batch).total.detach()) for _ in range(30)]
         finite = all(torch.isfinite(torch.tensor(losses)))
         check(
             f"{dtype} AMP training 30 steps",

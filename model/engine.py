@@ -27,7 +27,7 @@ from .data.dataset import DetectionDataset, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
 from .device import amp_dtype, memory_format, resolve_device
-from .loss import SSDLoss
+from .loss import SSDLoss, SSDLossOutput
 from .metrics import MeanAP
 from .network import SSD300, load_pretrained_backbone
 from .plots import plot_losses
@@ -182,13 +182,17 @@ def build_loaders(
 
 
 @dataclass
-class _Training:
-    """Everything one run of ``fit`` trains with, built from the config and the data."""
+class TrainingRun:
+    """Everything one run of ``fit`` trains with, built from the config and the data.
+
+    Benchmarks build one by hand (with ``train_loader`` and ``val_loader`` unused) to time
+    ``train_step``, the exact step ``fit`` takes.
+    """
 
     device: torch.device
     model: SSD300
     loss_fn: SSDLoss
-    train_loader: DataLoader
+    train_loader: DataLoader | None
     val_loader: DataLoader | None
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
@@ -234,7 +238,7 @@ class _Reporter:
 
 
 def train_one_epoch(
-    run: _Training,
+    run: TrainingRun,
     epoch: int,
     epochs: int,
     callbacks: Callbacks,
@@ -260,7 +264,7 @@ def train_one_epoch(
         if interruption is not None:
             _raise_if_diverged(first_bad_step, epoch)
             return interruption, EpochState(step - 1, tuple(sums.tolist()))
-        losses = _train_step(run, batch)
+        losses = train_step(run, batch)
         # Accumulated on the device: reading a loss each step would stall the GPU queue.
         sums += torch.stack([losses.total.detach(), losses.loc.detach(), losses.conf.detach()]).double()
         bad = ~torch.isfinite(losses.total.detach())
@@ -273,8 +277,13 @@ def train_one_epoch(
     return "done", EpochState(steps, tuple(sums.tolist()))
 
 
-def _train_step(run: _Training, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
-    """Forward, loss, backward and optimiser step on one batch; the batch's SSDLossOutput."""
+def train_step(run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> SSDLossOutput:
+    """Forward, loss, backward and optimiser step on one batch.
+
+    Args:
+        batch: images uint8/float Tensor[B, 3, S, S], boxes Tensor[B, M, 4] relative
+            ``(x1, y1, x2, y2)``, labels int64 Tensor[B, M] (0 = padding), on any device.
+    """
     images, gt_boxes, gt_labels = batch
     images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(run.device))
     gt_boxes, gt_labels = gt_boxes.to(run.device, non_blocking=True), gt_labels.to(run.device, non_blocking=True)
@@ -342,16 +351,25 @@ def evaluate(
 RESUMABLE_CHANGES = ("epochs", "device", "num_workers", "amp")
 
 
-def _build_training(config: TrainConfig, data: DetectionData) -> _Training:
-    device = resolve_device(config.device)
-    model_config = config.model_config(num_classes=len(data.classes) + 1)
-    model = build_model(model_config, config).to(device, memory_format=memory_format(device))
+def build_training_run(
+    model: SSD300,
+    config: TrainConfig,
+    device: torch.device,
+    train_loader: DataLoader | None = None,
+    val_loader: DataLoader | None = None,
+    total_steps: int | None = None,
+) -> TrainingRun:
+    """Loss, optimiser, schedule and precision for ``model`` (already on ``device``) as ``fit`` uses them.
+
+    ``total_steps`` (the schedule's length) defaults to ``config.epochs`` passes over ``train_loader``.
+    """
+    model_config = model.config
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
-    train_loader, val_loader = build_loaders(data, config, model_config, device)
     optimizer = build_optimizer(model, config, device)
-    schedule = WarmupSchedule(config.epochs * len(train_loader), config.warmup_steps, config.lr_schedule == "cosine")
+    steps = total_steps if total_steps is not None else config.epochs * len(train_loader)
+    schedule = WarmupSchedule(steps, config.warmup_steps, config.lr_schedule == "cosine")
     dtype = amp_dtype(device, config.amp)
-    return _Training(
+    return TrainingRun(
         device=device,
         model=model,
         loss_fn=loss_fn,
@@ -362,6 +380,14 @@ def _build_training(config: TrainConfig, data: DetectionData) -> _Training:
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         autocast_dtype=dtype,
     )
+
+
+def _build_training(config: TrainConfig, data: DetectionData) -> TrainingRun:
+    device = resolve_device(config.device)
+    model_config = config.model_config(num_classes=len(data.classes) + 1)
+    model = build_model(model_config, config).to(device, memory_format=memory_format(device))
+    train_loader, val_loader = build_loaders(data, config, model_config, device)
+    return build_training_run(model, config, device, train_loader, val_loader)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -436,7 +462,7 @@ class _Interruption:
 
 
 def _run_epoch(
-    run: _Training,
+    run: TrainingRun,
     config: TrainConfig,
     epoch: int,
     validation_seconds: float,
@@ -491,7 +517,7 @@ def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[s
 
 
 def _resume(
-    path: Path, config: TrainConfig, data: DetectionData, run: _Training
+    path: Path, config: TrainConfig, data: DetectionData, run: TrainingRun
 ) -> tuple[list[dict], float | None, EpochState | None]:
     """Restore a run from its last checkpoint: its history, best selection score, and the
     state of an epoch paused half-way (None after a whole epoch)."""
@@ -523,7 +549,7 @@ def _resume(
 
 def _save_checkpoints(
     run_dir: Path,
-    run: _Training,
+    run: TrainingRun,
     config: TrainConfig,
     classes: list[str],
     history: list[dict],
