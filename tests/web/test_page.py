@@ -267,11 +267,14 @@ def test_an_api_key_is_asked_for_once_kept_and_sent(page, console, api):
     stream = page.evaluate("import('/static/api.js').then((api) => api.streamUrl('/jobs/x/losses/stream', {after: 2}))")
     assert stream == "/jobs/x/losses/stream?after=2&api_key=s3cret"
 
+    before_reload = len(seen)
     page.reload()  # kept: no prompt, every request carries the key
     expect(page.locator("#service-status")).to_contain_text("Ready")
+    expect(page.locator("#train-epochs")).to_have_value("10")
     expect(dialog).to_be_hidden()
-    after_reload = seen[seen.index(next(s for s in seen if s[1] == "s3cret")) :]
-    assert all(key == "s3cret" for _, key in after_reload[-3:]), seen
+    after_reload = seen[before_reload:]
+    assert {"/openapi.json", "/datasets", "/jobs", "/readyz"} <= {path for path, _ in after_reload}, after_reload
+    assert all(key == "s3cret" for _, key in after_reload), after_reload
 
 
 def test_phone_width_and_keyboard(phone_page, console, api):
