@@ -1,8 +1,15 @@
 """The worker's Celery app: ``celery -A worker.celery_app worker --pool solo``.
 
 Settings are read once here, from ``SSD_*`` variables. A daemon thread beats the worker's
-heartbeat into Redis (``/readyz`` lists the workers seen); it keeps beating while the solo
-pool is busy training, when Celery's own remote control cannot answer.
+heartbeat into Redis (``/readyz`` lists the workers seen) and runs the reaper
+(``worker.reaper``) after each beat; it keeps going while the solo pool is busy training,
+when Celery's own remote control cannot answer.
+
+Shutdown: Celery's warm shutdown (SIGTERM) would wait for the whole training task. Its
+``worker_shutting_down`` signal sets ``SHUTDOWN`` instead, which the running job reads
+before every batch: it writes a checkpoint, goes back to the queue and the task returns at
+once, so the worker exits within about a batch (Compose's ``stop_grace_period`` only needs
+to cover one batch and one checkpoint).
 """
 
 from __future__ import annotations
@@ -12,15 +19,18 @@ import os
 import socket
 import threading
 
-from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown
+from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.queue import make_celery
+from worker.queue import dispatch, make_celery
+from worker.reaper import Reaper
 from worker.settings import Settings
 from worker.store import Store
 
 settings = Settings()
 app = make_celery(settings, include_tasks=True)
 log = logging.getLogger(__name__)
+
+SHUTDOWN = threading.Event()  # the worker is stopping: a running job pauses at its next batch
 
 _node = {"name": f"ssd-worker-{os.getpid()}@{socket.gethostname()}"}
 _stop_heartbeat = threading.Event()
@@ -39,17 +49,29 @@ def node_name() -> str:
     return _node["name"]
 
 
+def send_again(job_id: str) -> None:
+    """Send the job's training task (after a pause, or from the reaper)."""
+    dispatch(app, store(), job_id, settings.queue)
+
+
 @celeryd_after_setup.connect
 def _remember_node_name(sender: str, **_kwargs) -> None:
     _node["name"] = sender
 
 
 def _beat() -> None:
+    reaper = Reaper(store(), settings, send_again)
     while True:
         try:
             store().worker_heartbeat(node_name())
         except Exception as error:  # Redis away for a moment: try again at the next beat
             log.warning("worker heartbeat failed: %s", error)
+        if not SHUTDOWN.is_set():
+            try:
+                for action in reaper.run_once():
+                    log.info("reaper: %s", action)
+            except Exception as error:
+                log.warning("reaper pass failed: %s", error)
         if _stop_heartbeat.wait(settings.worker_heartbeat_seconds):
             return
 
@@ -57,6 +79,12 @@ def _beat() -> None:
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
     threading.Thread(target=_beat, name="ssd-heartbeat", daemon=True).start()
+
+
+@worker_shutting_down.connect
+def _pause_training(sig: str = "", how: str = "", **_kwargs) -> None:
+    # Runs inside Celery's signal handler: only set a flag.
+    SHUTDOWN.set()
 
 
 @worker_shutdown.connect

@@ -12,9 +12,19 @@ Why these settings:
 - ``visibility_timeout`` (``SSD_VISIBILITY_TIMEOUT_SECONDS``, 6 h by default): Redis's
   transport redelivers a message not acked within it. A job running longer is therefore
   delivered a second time while it still runs; the job's Redis lease (``worker.store``)
-  makes that second delivery a no-op, so a job never trains twice at once.
+  makes that second delivery a no-op (it is acked and nothing runs), so a job never trains
+  twice at once. The timeout is not what recovers a job whose worker died: the reaper
+  (``worker.reaper``) requeues it as soon as its lease expires (``SSD_LEASE_SECONDS``), so
+  the timeout can stay long and redeliveries rare. Idle workers look for messages to
+  restore every ``visibility_timeout / 20`` seconds (1 s to 100 s).
 - ``task_reject_on_worker_lost``: a task whose worker process dies is requeued, not acked.
 - JSON only: a task carries a job id, never a pickled object.
+- Redis's socket timeout: a publish to a broker that vanished without closing the
+  connection fails instead of hanging.
+
+Every message sent for a job is counted (``dispatch``: the job's ``dispatches``) and every
+one a worker takes too (``deliveries``): the reaper sends a queued job's task again only
+when no message is on its way.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from __future__ import annotations
 from celery import Celery
 
 from worker.settings import Settings
+from worker.store import Store
 
 TRAIN_TASK = "ssd.train"
 
@@ -29,6 +40,7 @@ TRAIN_TASK = "ssd.train"
 def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
     """A Celery app on ``settings.redis_url``; ``include_tasks`` makes a worker import ``worker.tasks``."""
     app = Celery("ssd", broker=settings.redis_url, include=["worker.tasks"] if include_tasks else [])
+    timeout = settings.visibility_timeout_seconds
     app.conf.update(
         task_default_queue=settings.queue,
         task_routes={TRAIN_TASK: {"queue": settings.queue}},
@@ -38,12 +50,18 @@ def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
         worker_pool="solo",
+        worker_cancel_long_running_tasks_on_connection_loss=False,
         task_serializer="json",
         accept_content=["json"],
         broker_connection_retry_on_startup=True,
+        broker_connection_max_retries=None,  # a worker outlives a Redis restart, however long
         broker_transport_options={
-            "visibility_timeout": settings.visibility_timeout_seconds,
+            "visibility_timeout": timeout,
             "global_keyprefix": f"{settings.key_prefix}:celery:",
+            "unacked_restore_interval": max(1, min(10, timeout // 20)),
+            "unacked_restore_throttle": max(1, min(10, timeout // 200)),
+            "socket_timeout": 30,
+            "socket_connect_timeout": 5,
         },
     )
     return app
@@ -52,3 +70,9 @@ def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
 def enqueue_training(celery: Celery, job_id: str, queue: str) -> None:
     """Send the training task for ``job_id`` (the id only) to the training queue."""
     celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+
+
+def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
+    """Send the job's task and count it (the reaper tells a message on its way from a lost one)."""
+    enqueue_training(celery, job_id, queue)
+    store.note_dispatch(job_id)

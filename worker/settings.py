@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -32,40 +32,78 @@ class Settings(BaseSettings):
             "`up` uses it only when set and answering; otherwise it starts its own."
         ),
     )
-    data_dir: Path = Field(Path("data"), description="Datasets, training runs and (for `up`) Redis's files.")
+    data_dir: Path = Field(
+        Path("data"),
+        description=(
+            "Datasets, training runs and (for `up`) Redis's files. The API and every worker must see the same "
+            "folder: workers on other machines need it on shared storage (NFS...)."
+        ),
+    )
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
 
     # HTTP server (`ssd-service api`, `up`).
     host: str = Field("127.0.0.1", description="Address the API listens on (0.0.0.0 in Docker).")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
 
+    api_key: SecretStr | None = Field(
+        None,
+        description=(
+            "API keys, comma-separated (at least 16 characters each). When set, every route but /healthz, the "
+            "web page and the docs needs one in the X-API-Key header; unset: no authentication (local use)."
+        ),
+    )
+
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",
         description="auto (CUDA when available), cpu or cuda: for detection, and for jobs whose device is auto.",
     )
 
-    # Upload limits (413 above them; archive limits are checked before extracting).
+    # Request limits (413 above them; archive limits are checked before extracting).
+    max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body of a route without its own limit.")
     max_upload_bytes: int = Field(1024 * MiB, ge=1024, description="Largest dataset archive upload.")
-    max_archive_files: int = Field(200_000, ge=1, description="Most entries in a dataset archive.")
-    max_archive_bytes: int = Field(8 * 1024 * MiB, ge=1024, description="Largest total uncompressed archive size.")
+    max_archive_files: int = Field(100_000, ge=1, description="Most entries in a dataset archive.")
+    max_archive_bytes: int = Field(4 * 1024 * MiB, ge=1024, description="Largest total uncompressed archive size.")
+    max_compression_ratio: float = Field(
+        100.0, ge=1, description="Largest uncompressed/compressed size ratio of an archive entry over 1 MiB."
+    )
+    import_slots: int = Field(
+        2, ge=1, le=64, description="Dataset imports that may run at once; more answer 503 with Retry-After."
+    )
     max_image_bytes: int = Field(32 * MiB, ge=1024, description="Largest image upload to /detect.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) of a /detect image.")
     max_synthetic_images: int = Field(5000, ge=1, description="Most images of one POST /datasets/synthetic.")
+    max_queued_jobs: int = Field(1000, ge=1, description="Most jobs waiting for a worker; POST /train answers 429.")
+    detect_timeout_seconds: float = Field(
+        60.0, gt=0, description="Longest a /detect request waits for its model and forward pass (then 503)."
+    )
 
     # Inference: the micro-batcher and the detector cache.
     batch_max_size: int = Field(8, ge=1, le=256, description="Most images in one batched forward pass.")
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join.")
-    inference_threads: int = Field(1, ge=1, le=64, description="Forward passes that may run at once.")
+    inference_threads: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description=(
+            "Forward passes that may run at once, for different models: one model's requests share one "
+            "batched forward at a time."
+        ),
+    )
     detector_cache_size: int = Field(2, ge=1, le=64, description="Trained models kept loaded in the API.")
 
     # Worker: job lease, progress reporting, Celery's broker.
     lease_seconds: float = Field(60.0, ge=1, description="A job's lease expires this long after its last renewal.")
     progress_interval_seconds: float = Field(1.0, gt=0, description="Per-step progress is written this often.")
-    cancel_check_seconds: float = Field(0.5, gt=0, description="How often a running job looks for a cancel.")
+    cancel_check_seconds: float = Field(
+        0.1,
+        gt=0,
+        le=10,
+        description="How often a running job's monitor thread reads the cancel flag; it stops at the next batch.",
+    )
     worker_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker says it is alive.")
     visibility_timeout_seconds: int = Field(
         6 * 3600,
-        ge=10,
+        ge=1,
         description=(
             "Celery's Redis transport redelivers a task not acked within this time. Tasks are acked late "
             "(after training), so a job longer than this is delivered again; the job's lease makes the "
@@ -80,7 +118,17 @@ class Settings(BaseSettings):
             raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
         if self.worker_heartbeat_seconds * 2 > self.lease_seconds:
             raise ValueError("lease_seconds must be at least twice worker_heartbeat_seconds")
+        if any(len(key) < 16 for key in self.api_keys):
+            raise ValueError("SSD_API_KEY: each key (comma-separated) must have at least 16 characters")
         return self
+
+    @property
+    def api_keys(self) -> tuple[bytes, ...]:
+        """The accepted API keys as bytes; none (unset or empty): authentication is off."""
+        if self.api_key is None:
+            return ()
+        keys = (key.strip() for key in self.api_key.get_secret_value().split(","))
+        return tuple(key.encode() for key in keys if key)
 
     @property
     def datasets_dir(self) -> Path:

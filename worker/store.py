@@ -7,16 +7,24 @@ Keys (``p`` is ``Settings.key_prefix``):
   one of them is queued or running.
 - ``p:job:<id>`` (hash): the job record, one field per key, each value JSON-encoded, so the
   API and the worker update fields without read-modify-write races; ``p:jobs`` (sorted set,
-  by creation time) and ``p:jobs:succeeded`` (sorted set, by finish time).
+  by creation time), ``p:jobs:succeeded`` (sorted set, by finish time) and ``p:jobs:active``
+  (set): the queued and running jobs, all that the reaper (``worker.reaper``) and the
+  queue limit look at.
 - ``p:job:<id>:losses`` (stream): one entry per finished epoch whose stream id is
   ``<epoch>-0``. Redis refuses an id not above the stream's last one, so an epoch is
   appended at most once and epochs stay in order, whoever writes and however often.
-- ``p:job:<id>:lease`` (string, a worker's token, with expiry): whoever holds it trains the job.
+- ``p:job:<id>:lease`` (string, a runner's token, with expiry): whoever holds it trains the job.
+- ``p:job:<id>:redispatch`` (string, with expiry): a reaper is sending the job's task again.
 - ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds).
 
+Job fields the API does not show: ``lease_token`` (the current runner's lease token, so it
+can retake a lapsed lease nobody else took), ``dispatches`` and ``deliveries`` (task
+messages sent for the job and taken by a worker: more sent than taken means one is still on
+its way) and ``enqueued_at`` (unix seconds of the last (re)queueing).
+
 Multi-key state changes that must not interleave with another client's (create a job while
-its dataset is deleted, cancel while the worker starts) are Lua scripts: Redis runs each
-atomically.
+its dataset is deleted, cancel while the worker starts, requeue while a runner renews) are
+Lua scripts: Redis runs each atomically.
 """
 
 from __future__ import annotations
@@ -30,17 +38,41 @@ from datetime import datetime, timezone
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
 STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)
 
+# KEYS: dataset, job, jobs, dataset's jobs, active jobs. ARGV[1]: job id, ARGV[2]: score,
+# ARGV[3]: most queued jobs, ARGV[4]: job key prefix ("p:job:"), then field/value pairs.
+# Returns 1 (created), 0 (no such dataset) or -1 (the queue is full).
 _CREATE_JOB = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
+local queued = 0
+for _, job in ipairs(redis.call('SMEMBERS', KEYS[5])) do
+  if redis.call('HGET', ARGV[4] .. job, 'status') == '"queued"' then queued = queued + 1 end
+end
+if queued >= tonumber(ARGV[3]) then return -1 end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
 redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+return 1
+"""
+
+# KEYS: job, jobs, active jobs, succeeded jobs, dataset's jobs. ARGV[1]: job id, ARGV[2]:
+# creation score, ARGV[3]: "1" if active, ARGV[4]: finish score if succeeded else "", then
+# field/value pairs. A record rebuilt from its run folder: stored only if there is none.
+_RESTORE_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('SADD', KEYS[5], ARGV[1])
+if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[1]) end
+if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
 return 1
 """
 
@@ -56,35 +88,88 @@ redis.call('ZREM', KEYS[2], ARGV[1])
 return {'deleted'}
 """
 
-# ARGV[1]: finished_at (JSON). Returns the status the job had (JSON), or false if there is no such job.
+# KEYS: job, active jobs. ARGV[1]: finished_at (JSON), ARGV[2]: job id.
+# Returns the status the job had (JSON), or false if there is no such job.
 _CANCEL = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == '"queued"' then
   redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1], 'cancel_requested', 'true')
+  redis.call('SREM', KEYS[2], ARGV[2])
 elseif status == '"running"' then
   redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
 end
 return status
 """
 
-# ARGV[1]: started_at (JSON), ARGV[2]: worker name (JSON). A queued job becomes running; a
-# running one (a redelivered task whose previous runner's lease expired) is resumed and its
-# restart counted. Returns the status the job had (JSON), or false if there is no such job.
+# ARGV[1]: started_at, ARGV[2]: worker name, ARGV[3]: lease token, ARGV[4]: restart reason (all JSON).
+# A queued job becomes running (started_at kept from an earlier run); a running one (a
+# delivery that found the previous runner's lease expired) is resumed and its restart
+# counted. Returns the status the job had (JSON), or false if there is no such job.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status == '"queued"' then
-  redis.call('HSET', KEYS[1], 'status', '"running"', 'started_at', ARGV[1], 'worker', ARGV[2])
+  redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[2], 'lease_token', ARGV[3])
+  local started = redis.call('HGET', KEYS[1], 'started_at')
+  if not started or started == 'null' then redis.call('HSET', KEYS[1], 'started_at', ARGV[1]) end
 elseif status == '"running"' then
-  redis.call('HSET', KEYS[1], 'worker', ARGV[2])
+  redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_token', ARGV[3], 'restart_reason', ARGV[4])
   redis.call('HINCRBY', KEYS[1], 'restarts', 1)
 end
 return status
 """
 
+# KEYS: job, lease, active jobs. ARGV[1]: the runner's lease token, or "" for a job whose
+# lease is gone; ARGV[2]: reason, ARGV[3]: enqueued_at (JSON); ARGV[4]: job id.
+# A running job goes back to queued (restart counted, lease released) if the caller holds
+# its lease, or if nobody does. Returns 1 if it was requeued, else 0.
+_REQUEUE = """
+local holder = redis.call('GET', KEYS[2])
+if ARGV[1] == '' then
+  if holder then return 0 end
+elseif holder ~= ARGV[1] then
+  return 0
+end
+if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
+redis.call('HSET', KEYS[1], 'status', '"queued"', 'worker', 'null', 'lease_token', 'null',
+           'restart_reason', ARGV[2], 'enqueued_at', ARGV[3])
+local done = redis.call('HGET', KEYS[1], 'epochs_completed')
+if done then redis.call('HSET', KEYS[1], 'epoch', done) end
+redis.call('HINCRBY', KEYS[1], 'restarts', 1)
+redis.call('SADD', KEYS[3], ARGV[4])
+if holder then redis.call('DEL', KEYS[2]) end
+return 1
+"""
+
+# KEYS: job, active jobs, succeeded jobs, lease. ARGV[1]: the runner's lease token or "",
+# ARGV[2]: job id, ARGV[3]: finish score if succeeded else "", then field/value pairs.
+# Not written (0) if another runner holds the lease; the caller's lease is released.
+_FINISH = """
+local holder = redis.call('GET', KEYS[4])
+if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
+redis.call('SREM', KEYS[2], ARGV[2])
+if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
+if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[4]) end
+return 1
+"""
+
+# KEYS: lease, job. ARGV[1]: token, ARGV[2]: TTL in ms, ARGV[3]: token (JSON).
+# 1: renewed; 2: it had lapsed, nobody else took it and the job is still this runner's
+# (running, same token): retaken; 0: lost.
 _RENEW_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if not holder and redis.call('HGET', KEYS[2], 'status') == '"running"'
+   and redis.call('HGET', KEYS[2], 'lease_token') == ARGV[3] then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 2
+end
 return 0
 """
 
@@ -92,6 +177,22 @@ _RELEASE_LEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+_INCREMENT_IF_EXISTS = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+"""
+
+
+class QueueFull(RuntimeError):
+    """Too many jobs are waiting for a worker (``Settings.max_queued_jobs``)."""
+
+
+def quick_retry() -> Retry:
+    """Two quick retries on a connection error: enough to get past a connection that Redis's
+    restart closed, short enough that a request answers 503 at once while Redis is down
+    (redis-py's default retries for many seconds)."""
+    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
 def new_id() -> str:
@@ -117,10 +218,43 @@ def decode_fields(fields: Mapping[str, str]) -> dict[str, Any]:
     return {key: json.loads(value) for key, value in fields.items()}
 
 
+def new_job(job_id: str, dataset: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
+    """A queued job's record: ``config`` is the ``TrainConfig`` as a dict, ``dataset`` its dataset's record."""
+    return {
+        "id": job_id,
+        "status": QUEUED,
+        "dataset_id": dataset["id"],
+        "dataset_name": dataset.get("name"),
+        "config": dict(config),
+        "epoch": 0,
+        "epochs": config["epochs"],
+        "epochs_completed": 0,
+        "progress": None,
+        "created_at": now_iso(),
+        "started_at": None,
+        "finished_at": None,
+        "error": None,
+        "best_val_loss": None,
+        "classes": list(dataset.get("classes", [])),
+        "cancel_requested": False,
+        "restarts": 0,
+        "restart_reason": None,
+        "worker": None,
+        "checkpoint": None,
+        "enqueued_at": time.time(),
+    }
+
+
+def has_model(job: Mapping[str, Any]) -> bool:
+    """Whether a job's checkpoint can serve /detect: it succeeded, or was cancelled after an epoch."""
+    return bool(job.get("checkpoint")) and job.get("status") in (SUCCEEDED, CANCELLED)
+
+
 @dataclass(frozen=True)
 class Lease:
     """A held job lease: renew it before ``ttl_ms`` passes or another worker may take the job."""
 
+    job_id: str
     key: str
     token: str
     ttl_ms: int
@@ -133,16 +267,23 @@ class Store:
         self.redis = client
         self.prefix = prefix
         self._create_job = client.register_script(_CREATE_JOB)
+        self._restore_job = client.register_script(_RESTORE_JOB)
         self._delete_dataset = client.register_script(_DELETE_DATASET)
         self._cancel = client.register_script(_CANCEL)
         self._start = client.register_script(_START)
+        self._requeue = client.register_script(_REQUEUE)
+        self._finish = client.register_script(_FINISH)
         self._renew_lease = client.register_script(_RENEW_LEASE)
         self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._increment = client.register_script(_INCREMENT_IF_EXISTS)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ssd", **client_args: Any) -> Store:
+        """A store on ``url``. A dropped connection (Redis restarted) is retried on a new one, briefly."""
         client_args.setdefault("socket_connect_timeout", 5)
+        client_args.setdefault("socket_timeout", 30)
         client_args.setdefault("health_check_interval", 30)
+        client_args.setdefault("retry", quick_retry())
         return cls(redis.Redis.from_url(url, decode_responses=True, **client_args), prefix)
 
     # --- keys -------------------------------------------------------------------------------
@@ -161,15 +302,23 @@ class Store:
 
     # --- datasets ---------------------------------------------------------------------------
 
-    def put_dataset(self, record: dict[str, Any]) -> None:
+    def put_dataset(self, record: dict[str, Any], created: float | None = None) -> None:
+        """Store a dataset's record, listed by ``created`` (unix seconds; default now)."""
         with self.redis.pipeline() as pipe:
             pipe.set(self._key("dataset", record["id"]), json.dumps(record))
-            pipe.zadd(self._key("datasets"), {record["id"]: time.time()})
+            pipe.zadd(self._key("datasets"), {record["id"]: created if created is not None else time.time()})
             pipe.execute()
 
     def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
         value = self.redis.get(self._key("dataset", dataset_id))
         return json.loads(value) if value is not None else None
+
+    def missing_datasets(self, dataset_ids: list[str]) -> list[str]:
+        """The ids among ``dataset_ids`` that have no record."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for dataset_id in dataset_ids:
+                pipe.exists(self._key("dataset", dataset_id))
+            return [i for i, found in zip(dataset_ids, pipe.execute(), strict=True) if not found]
 
     def list_datasets(self) -> list[dict[str, Any]]:
         """Every dataset record, newest first."""
@@ -191,11 +340,14 @@ class Store:
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def create_job(self, record: dict[str, Any]) -> bool:
+    def create_job(self, record: dict[str, Any], max_queued: int | None = None) -> bool:
         """Store a new job record, atomically with a check that its dataset still exists.
 
         Returns:
             False (and stores nothing) if the dataset is gone.
+
+        Raises:
+            QueueFull: ``max_queued`` jobs are queued already (nothing is stored).
         """
         job_id, dataset_id = record["id"], record["dataset_id"]
         keys = [
@@ -203,9 +355,29 @@ class Store:
             self.job_key(job_id),
             self._key("jobs"),
             self._key("dataset", dataset_id, "jobs"),
+            self._key("jobs", "active"),
         ]
+        limit = max_queued if max_queued is not None else 2**62
         flat = [item for pair in _encode(record).items() for item in pair]
-        return bool(self._create_job(keys=keys, args=[job_id, time.time(), *flat]))
+        outcome = self._create_job(keys=keys, args=[job_id, time.time(), limit, self._key("job", ""), *flat])
+        if outcome == -1:
+            raise QueueFull(f"{max_queued} jobs are waiting for a worker already (the limit)")
+        return bool(outcome)
+
+    def restore_job(self, record: dict[str, Any], created: float, finished: float | None = None) -> bool:
+        """Store a job record rebuilt from its run folder, unless the job has one. True if stored."""
+        job_id = record["id"]
+        keys = [
+            self.job_key(job_id),
+            self._key("jobs"),
+            self._key("jobs", "active"),
+            self._key("jobs", "succeeded"),
+            self._key("dataset", record["dataset_id"], "jobs"),
+        ]
+        active = "1" if record["status"] in ACTIVE else "0"
+        succeeded = str(finished or created) if record["status"] == SUCCEEDED else ""
+        flat = [item for pair in _encode(record).items() for item in pair]
+        return bool(self._restore_job(keys=keys, args=[job_id, created, active, succeeded, *flat]))
 
     def get_job(self, job_id: str) -> dict[str, Any] | None:
         fields = self.redis.hgetall(self.job_key(job_id))
@@ -217,9 +389,27 @@ class Store:
                 pipe.hgetall(self.job_key(job_id))
             return [decode_fields(fields) for fields in pipe.execute() if fields]
 
+    def missing_jobs(self, job_ids: list[str]) -> list[str]:
+        """The ids among ``job_ids`` that have no record."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                pipe.exists(self.job_key(job_id))
+            return [i for i, found in zip(job_ids, pipe.execute(), strict=True) if not found]
+
     def list_job_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Job ids, newest first."""
         return self.redis.zrevrange(self._key("jobs"), offset, offset + limit - 1)
+
+    def list_job_ids_with_status(self, status: str, offset: int = 0, limit: int = 100) -> list[str]:
+        """Ids of the jobs in ``status``, newest first: two round trips, however many jobs there are."""
+        ids = self.redis.zrevrange(self._key("jobs"), 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.job_key(job_id), "status")
+            statuses = pipe.execute()
+        wanted = json.dumps(status)
+        matching = [job_id for job_id, value in zip(ids, statuses, strict=True) if value == wanted]
+        return matching[offset : offset + limit]
 
     def count_jobs(self) -> int:
         return self.redis.zcard(self._key("jobs"))
@@ -237,7 +427,7 @@ class Store:
         return ids[0] if ids else None
 
     def status_counts(self) -> dict[str, int]:
-        """How many jobs are in each status."""
+        """How many jobs are in each status (one pipelined round trip for the statuses)."""
         counts = dict.fromkeys(STATUSES, 0)
         ids = self.redis.zrange(self._key("jobs"), 0, -1)
         with self.redis.pipeline(transaction=False) as pipe:
@@ -255,31 +445,117 @@ class Store:
         Returns:
             The status the job had before, or None if there is no such job.
         """
-        before = self._cancel(keys=[self.job_key(job_id)], args=[json.dumps(now_iso())])
+        keys = [self.job_key(job_id), self._key("jobs", "active")]
+        before = self._cancel(keys=keys, args=[json.dumps(now_iso()), job_id])
         return json.loads(before) if before else None
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "true"
 
-    def start_job(self, job_id: str, worker: str) -> str | None:
-        """Mark a queued job running (or count a restart of a running one).
+    def start_job(self, job_id: str, worker: str, token: str = "") -> str | None:
+        """Mark a queued job running (or count a restart of a running one whose runner's lease expired).
 
         Returns:
             The status the job had before: ``queued`` or ``running`` mean the caller now runs
             it; anything else (``cancelled``...) means it must not. None if there is no such job.
         """
-        before = self._start(keys=[self.job_key(job_id)], args=[json.dumps(now_iso()), json.dumps(worker)])
+        reason = f"{worker} took the job over: the lease of the worker running it had expired"
+        args = [json.dumps(now_iso()), json.dumps(worker), json.dumps(token), json.dumps(reason)]
+        before = self._start(keys=[self.job_key(job_id)], args=args)
         return json.loads(before) if before else None
 
-    def finish_job(self, job_id: str, status: str, **fields: Any) -> None:
-        """Record a job's end (``succeeded``, ``failed`` or ``cancelled``) with ``finished_at``."""
+    def requeue_job(self, job_id: str, reason: str, lease: Lease | None = None) -> bool:
+        """Put a running job back in the queue (``restarts`` + 1, ``restart_reason``), to resume later.
+
+        With ``lease``, the caller's (released here, atomically); without, only if nobody holds
+        the job's lease (its runner is gone). The caller then sends the job's task again.
+
+        Returns:
+            Whether it was requeued.
+        """
+        keys = [self.job_key(job_id), self.lease_key(job_id), self._key("jobs", "active")]
+        args = [lease.token if lease else "", json.dumps(reason), json.dumps(time.time()), job_id]
+        return bool(self._requeue(keys=keys, args=args))
+
+    def finish_job(self, job_id: str, status: str, lease: Lease | None = None, **fields: Any) -> bool:
+        """Record a job's end (``succeeded``, ``failed`` or ``cancelled``) with ``finished_at``.
+
+        With ``lease``, nothing is written if another runner holds the job's lease now; the
+        caller's lease is released with the same write.
+
+        Returns:
+            Whether it was written.
+        """
         if status not in FINISHED:
             raise ValueError(f"a finished job's status must be one of {FINISHED}, got {status!r}")
-        with self.redis.pipeline() as pipe:
-            pipe.hset(self.job_key(job_id), mapping=_encode({**fields, "status": status, "finished_at": now_iso()}))
-            if status == SUCCEEDED:
-                pipe.zadd(self._key("jobs", "succeeded"), {job_id: time.time()})
-            pipe.execute()
+        record = _encode({**fields, "status": status, "finished_at": now_iso()})
+        keys = [
+            self.job_key(job_id),
+            self._key("jobs", "active"),
+            self._key("jobs", "succeeded"),
+            self.lease_key(job_id),
+        ]
+        score = str(time.time()) if status == SUCCEEDED else ""
+        flat = [item for pair in record.items() for item in pair]
+        return bool(self._finish(keys=keys, args=[lease.token if lease else "", job_id, score, *flat]))
+
+    # --- dispatch accounting (see worker.reaper) ---------------------------------------------
+
+    def note_dispatch(self, job_id: str) -> None:
+        """A task message for the job was sent."""
+        self._increment(keys=[self.job_key(job_id)], args=["dispatches"])
+
+    def note_delivery(self, job_id: str) -> None:
+        """A worker took a task message for the job."""
+        self._increment(keys=[self.job_key(job_id)], args=["deliveries"])
+
+    def claim_redispatch(self, job_id: str, ttl_seconds: float) -> bool:
+        """True for the one caller (for ``ttl_seconds``) that may send the job's task again."""
+        key = self._key("job", job_id, "redispatch")
+        return bool(self.redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
+
+    def active_jobs(self) -> list[dict[str, Any]]:
+        """The queued and running jobs: id, status, worker, dispatches, deliveries, enqueued_at, leased."""
+        ids = sorted(self.redis.smembers(self._key("jobs", "active")))
+        fields = ("status", "worker", "dispatches", "deliveries", "enqueued_at", "created_at")
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hmget(self.job_key(job_id), fields)
+                pipe.exists(self.lease_key(job_id))
+            replies = pipe.execute()
+        jobs = []
+        for job_id, values, leased in zip(ids, replies[::2], replies[1::2], strict=True):
+            record = {name: json.loads(v) if v is not None else None for name, v in zip(fields, values, strict=True)}
+            if record["status"] is None:  # a stale entry: the record is gone
+                continue
+            jobs.append({"id": job_id, **record, "leased": bool(leased)})
+        return jobs
+
+    def forget_inactive(self, job_ids: Iterable[str]) -> None:
+        """Drop jobs that are not queued or running from the active set (an entry left by an old writer)."""
+        ids = list(job_ids)
+        if ids:
+            self.redis.srem(self._key("jobs", "active"), *ids)
+
+    def index_active_jobs(self) -> int:
+        """Add every queued or running job to the active set (records written before it existed)."""
+        ids = self.redis.zrange(self._key("jobs"), 0, -1)
+        with self.redis.pipeline(transaction=False) as pipe:
+            for job_id in ids:
+                pipe.hget(self.job_key(job_id), "status")
+            statuses = pipe.execute()
+        active = [i for i, value in zip(ids, statuses, strict=True) if value and json.loads(value) in ACTIVE]
+        if active:
+            self.redis.sadd(self._key("jobs", "active"), *active)
+        return len(active)
+
+    def server_run_id(self) -> str:
+        """Redis's run id: it changes when the server restarts."""
+        return str(self.redis.info("server").get("run_id", ""))
+
+    def try_lock(self, name: str, ttl_seconds: float) -> bool:
+        """A best-effort lock shared by all workers (it simply expires)."""
+        return bool(self.redis.set(self._key("lock", name), "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
 
     # --- loss streams -----------------------------------------------------------------------
 
@@ -315,12 +591,17 @@ class Store:
 
     def acquire_lease(self, job_id: str, token: str, ttl_seconds: float) -> Lease | None:
         """Take the job's lease (SET NX PX), or None if another runner holds it."""
-        lease = Lease(self.lease_key(job_id), token, max(1, int(ttl_seconds * 1000)))
+        lease = Lease(job_id, self.lease_key(job_id), token, max(1, int(ttl_seconds * 1000)))
         return lease if self.redis.set(lease.key, token, nx=True, px=lease.ttl_ms) else None
 
     def renew_lease(self, lease: Lease) -> bool:
-        """Push the lease's expiry out by its TTL; False if it expired or another runner took it."""
-        return bool(self._renew_lease(keys=[lease.key], args=[lease.token, lease.ttl_ms]))
+        """Push the lease's expiry out by its TTL; False if another runner took the job.
+
+        A lease that lapsed (Redis was away longer than its TTL) is taken again when nobody
+        else holds it and the job is still running under this lease's token.
+        """
+        keys = [lease.key, self.job_key(lease.job_id)]
+        return bool(self._renew_lease(keys=keys, args=[lease.token, lease.ttl_ms, json.dumps(lease.token)]))
 
     def release_lease(self, lease: Lease) -> bool:
         return bool(self._release_lease(keys=[lease.key], args=[lease.token]))
