@@ -5,31 +5,53 @@ A dataset lives in ``<data_dir>/datasets/<id>/``: ``files/`` holds what the arch
 It is built in ``datasets/.incoming-<id>/`` and renamed into place only once it has been
 read without problems, so a failed import leaves nothing behind.
 
-Archives come from users: every entry's path is checked (no absolute paths, no ``..``, no
-symbolic links) and the entry count and total uncompressed size are checked against the
-limits before anything is extracted; the bytes written are counted again while extracting,
-so a header that lies about sizes cannot get past the limit either.
+Archives come from users. Before ``zipfile`` builds its list of entries (memory grows with
+their number), the central directory is walked record by record to count them against
+``max_archive_files``. Then every entry's path is checked (no absolute paths, no ``..``, no
+symbolic links), and its compression ratio and the total uncompressed size are checked
+against the limits before anything is extracted; the bytes written are counted again while
+extracting, so a header that lies about sizes cannot get past the limit either.
+
+Imports run on a thread pool of their own (``ImportSlots``), not the one that serves the
+other routes, and a request that finds every slot busy is turned away at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
-import re
 import secrets
 import shutil
 import stat
+import struct
+import time
 import zipfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 from model.data import DatasetError, DetectionData, make_shapes_dataset, read_dataset
+from model.data.images import safe_relative_path
 from worker.settings import Settings
 from worker.store import new_id, now_iso
 
 _JUNK_DIRS = {"__MACOSX"}
 _JUNK_FILES = {".DS_Store", "Thumbs.db"}
 _CHUNK = 1024 * 1024
+RATIO_CHECKED_ABOVE = 1024 * 1024  # entries smaller than this may compress as well as they like
+MAX_CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 1024
+STALE_INCOMING_SECONDS = 3600  # an import folder untouched this long belongs to an import that died
+
+# Zip records (APPNOTE.TXT 4.3.12-4.3.16): end of central directory, its ZIP64 locator and
+# record, and the fixed part of a central directory header (name, extra, comment lengths at 28).
+_EOCD = struct.Struct("<4s4H2LH")
+_ZIP64_LOCATOR = struct.Struct("<4sLQL")
+_ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
+_CD_HEADER_SIZE = 46
+
+T = TypeVar("T")
 
 
 class DatasetImportError(ValueError):
@@ -40,12 +62,98 @@ class DatasetImportError(ValueError):
         self.status_code = status_code
 
 
-def _entry_path(name: str) -> PurePosixPath | None:
-    """An archive entry's path, or None if it is absolute, has a drive, or climbs out with ``..``."""
-    path = PurePosixPath(name.replace("\\", "/"))
-    if path.is_absolute() or re.match(r"^[A-Za-z]:", name) or ".." in path.parts:
+class ImportsBusy(RuntimeError):
+    """Every import slot is taken: the client should try again later (503 with Retry-After)."""
+
+
+class ImportSlots:
+    """Dataset imports on a bounded thread pool of their own: ``slots`` at once, more are refused.
+
+    Used from the event loop only, so the count needs no lock.
+    """
+
+    def __init__(self, slots: int):
+        self.slots = slots
+        self.busy = 0
+        self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ssd-import")
+
+    async def run(self, function: Callable[..., T], *args: Any) -> T:
+        if self.busy >= self.slots:
+            raise ImportsBusy(f"{self.busy} dataset imports are running (the limit): try again in a minute")
+        self.busy += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
+        finally:
+            self.busy -= 1
+
+    def close(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _end_of_central_directory(upload: IO[bytes]) -> tuple[int, int, int] | None:
+    """``(entries, central directory size, its start)`` from the end records, or None if there are none.
+
+    The start is computed as ``zipfile`` does: the directory ends where the end record
+    begins (which also holds for archives with data prepended, like self-extractors).
+    """
+    size = upload.seek(0, os.SEEK_END)
+    tail_size = min(size, _EOCD.size + 65535)
+    upload.seek(size - tail_size)
+    tail = upload.read(tail_size)
+    at = tail.rfind(b"PK\x05\x06")
+    if at < 0 or at + _EOCD.size > len(tail):
         return None
-    return path
+    _, _, _, _, entries, cd_size, _, _ = _EOCD.unpack_from(tail, at)
+    end = size - tail_size + at
+    locator = at - _ZIP64_LOCATOR.size
+    if locator >= 0 and tail[locator : locator + 4] == b"PK\x06\x07":
+        record_at = end - _ZIP64_LOCATOR.size - _ZIP64_EOCD.size
+        if record_at >= 0:
+            upload.seek(record_at)
+            record = upload.read(_ZIP64_EOCD.size)
+            if len(record) == _ZIP64_EOCD.size and record[:4] == b"PK\x06\x06":
+                fields = _ZIP64_EOCD.unpack(record)
+                entries, cd_size, end = fields[7], fields[8], record_at
+    return entries, cd_size, end - cd_size
+
+
+def count_entries(upload: IO[bytes], filename: str, limit: int) -> int:
+    """The archive's entry count, read from its central directory record by record.
+
+    ``zipfile.ZipFile`` builds an object per entry before anything can be checked: a
+    1 GiB upload of empty entries costs gigabytes of memory. This walk holds one chunk.
+    A directory that does not parse is left for ``zipfile`` to report.
+
+    Raises:
+        DatasetImportError: 413 past ``limit`` entries or with an oversized central directory.
+    """
+    found = _end_of_central_directory(upload)
+    if found is None:
+        return 0
+    claimed, cd_size, start = found
+    too_many = f"{filename}: the archive holds more than {limit} entries; the limit is {limit}"
+    if claimed > limit:
+        raise DatasetImportError(f"{filename}: the archive holds {claimed} entries; the limit is {limit}", 413)
+    if cd_size > max(limit * MAX_CENTRAL_DIRECTORY_BYTES_PER_ENTRY, _CHUNK):
+        raise DatasetImportError(f"{filename}: the archive's central directory is {cd_size} bytes: too large", 413)
+    upload.seek(max(start, 0))
+    count, left, pending = 0, cd_size, b""
+    while True:
+        chunk = upload.read(min(_CHUNK, left)) if left > 0 else b""
+        left -= len(chunk)
+        data, at = pending + chunk, 0
+        while len(data) - at >= _CD_HEADER_SIZE and data[at : at + 4] == b"PK\x01\x02":
+            name, extra, comment = struct.unpack_from("<3H", data, at + 28)
+            record = _CD_HEADER_SIZE + name + extra + comment
+            if len(data) - at < record:
+                break
+            at += record
+            count += 1
+            if count > limit:
+                raise DatasetImportError(too_many, 413)
+        pending = data[at:]
+        if not chunk or (len(pending) >= 4 and pending[:4] != b"PK\x01\x02"):
+            return count
 
 
 def _is_junk(path: PurePosixPath) -> bool:
@@ -67,7 +175,7 @@ def checked_members(archive: zipfile.ZipFile, filename: str, settings: Settings)
     members: list[tuple[zipfile.ZipInfo, Path]] = []
     total = 0
     for info in infos:
-        path = _entry_path(info.filename)
+        path = safe_relative_path(info.filename)
         if path is None:
             raise DatasetImportError(
                 f"{filename}: entry {info.filename!r} has a path escaping the archive (absolute or with '..')"
@@ -78,6 +186,13 @@ def checked_members(archive: zipfile.ZipFile, filename: str, settings: Settings)
             raise DatasetImportError(f"{filename}: entry {info.filename!r} is encrypted; send an unencrypted zip")
         if info.is_dir() or _is_junk(path) or not path.parts:
             continue
+        ratio = info.file_size / max(info.compress_size, 1)
+        if info.file_size > RATIO_CHECKED_ABOVE and ratio > settings.max_compression_ratio:
+            raise DatasetImportError(
+                f"{filename}: entry {info.filename!r} would unpack to {ratio:.0f} times its compressed size "
+                f"(the limit is {settings.max_compression_ratio:g}): refused as a zip bomb",
+                413,
+            )
         total += info.file_size
         if total > settings.max_archive_bytes:
             raise DatasetImportError(
@@ -97,18 +212,22 @@ def extract_members(
     root = target.resolve()
     written = 0
     for info, relative in members:
-        destination = (target / relative).resolve()
-        if root not in destination.parents:  # belt and braces after checked_members
-            raise DatasetImportError(f"{filename}: entry {info.filename!r} escapes the archive")
-        destination.parent.mkdir(parents=True, exist_ok=True)
         try:
+            destination = (target / relative).resolve()
+            if root not in destination.parents:  # belt and braces after checked_members
+                raise DatasetImportError(f"{filename}: entry {info.filename!r} escapes the archive")
+            # An entry "a" then "a/b", or a name too long for the file system, fails here.
+            destination.parent.mkdir(parents=True, exist_ok=True)
             with archive.open(info) as source, open(destination, "wb") as sink:
                 while chunk := source.read(_CHUNK):
                     written += len(chunk)
                     if written > limit:
                         raise DatasetImportError(f"{filename}: the archive unpacks to more than {limit} bytes", 413)
                     sink.write(chunk)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError, NotImplementedError) as error:
+        except OSError as error:  # the message only, never our folder's path
+            problem = error.strerror or type(error).__name__
+            raise DatasetImportError(f"{filename}: entry {info.filename!r} cannot be extracted: {problem}") from None
+        except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, NotImplementedError) as error:
             raise DatasetImportError(f"{filename}: entry {info.filename!r} cannot be extracted: {error}") from error
 
 
@@ -161,6 +280,7 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
     """
     if not zipfile.is_zipfile(upload):
         raise DatasetImportError(f"{filename}: not a zip archive; send a .zip holding a COCO or VOC dataset")
+    count_entries(upload, filename, settings.max_archive_files)
     upload.seek(0)
     dataset_id = new_id()
     incoming = settings.datasets_dir / f".incoming-{dataset_id}"
@@ -198,6 +318,27 @@ def create_synthetic(
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return record
+
+
+def remove_leftovers(settings: Settings, now: float | None = None) -> list[str]:
+    """Delete what interrupted imports and deletes left: ``.trash-*`` folders, and ``.incoming-*``
+    ones untouched for ``STALE_INCOMING_SECONDS`` (a running import's is newer). Their names."""
+    folder = settings.datasets_dir
+    if not folder.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed = []
+    for path in folder.iterdir():
+        try:
+            stale = path.name.startswith(".trash-") or (
+                path.name.startswith(".incoming-") and now - path.stat().st_mtime > STALE_INCOMING_SECONDS
+            )
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path.name)
+    return removed
 
 
 def remove_dataset_files(dataset_id: str, settings: Settings) -> None:

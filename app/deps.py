@@ -1,4 +1,8 @@
-"""FastAPI dependencies as ``Annotated`` aliases; tests swap them with ``app.dependency_overrides``."""
+"""FastAPI dependencies as ``Annotated`` aliases; tests swap them with ``app.dependency_overrides``.
+
+Each only reads ``app.state``, so each is ``async``: FastAPI runs it on the event loop
+instead of sending it to the thread pool.
+"""
 
 from __future__ import annotations
 
@@ -8,34 +12,39 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Depends, Request
 
+from app.dataset_import import ImportSlots
 from app.inference import DetectionService
 from app.metrics import Metrics
 from worker.settings import Settings
 from worker.store import Store
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store
 
 
-def get_async_redis(request: Request) -> redis.asyncio.Redis:
+async def get_async_redis(request: Request) -> redis.asyncio.Redis:
     return request.app.state.async_redis
 
 
-def get_celery(request: Request) -> Celery:
+async def get_celery(request: Request) -> Celery:
     return request.app.state.celery
 
 
-def get_detection(request: Request) -> DetectionService:
+async def get_detection(request: Request) -> DetectionService:
     return request.app.state.detection
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+async def get_imports(request: Request) -> ImportSlots:
+    return request.app.state.imports
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -44,3 +53,4 @@ AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
 CeleryDep = Annotated[Celery, Depends(get_celery)]
 DetectorDep = Annotated[DetectionService, Depends(get_detection)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+ImportsDep = Annotated[ImportSlots, Depends(get_imports)]

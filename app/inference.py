@@ -3,7 +3,9 @@
 Forward passes never run on the event loop: they run in a thread pool (``inference_threads``
 threads, 1 by default since one forward already uses every core) behind a micro-batcher
 that gathers requests for the same model for up to ``batch_max_wait_ms`` (or until
-``batch_max_size`` are waiting) and answers all of them from one batched forward.
+``batch_max_size`` are waiting) and answers all of them from one batched forward. Each
+model has one lane that runs one batch at a time, so more threads only let different
+models' batches run at once.
 """
 
 from __future__ import annotations
@@ -21,10 +23,17 @@ from typing import Any
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.detector import Detector
+from model.device import resolve_device
 from model.draw import draw_detections
 
 ACCEPTED_FORMATS = {"JPEG": "JPEG", "PNG": "PNG", "WEBP": "WebP", "BMP": "BMP"}
+# Pillow names a JPEG with an MPF block (phones' multi-picture JPEGs) "MPO"; its first picture is the photo.
+_FORMAT_ALIASES = {"MPO": "JPEG"}
 Detections = list[dict[str, Any]]
+
+
+class DeviceUnavailable(RuntimeError):
+    """The device the API is configured for (``SSD_DEVICE``) is not on this machine."""
 
 
 class ImageRejected(ValueError):
@@ -53,7 +62,8 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
             raise ImageRejected(f"the upload is not an image Pillow can read; send {accepted}", 415) from error
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise ImageRejected(f"the image has too many pixels: {error}", 413) from error
-        if image.format not in ACCEPTED_FORMATS:
+        image_format = _FORMAT_ALIASES.get(image.format or "", image.format)
+        if image_format not in ACCEPTED_FORMATS:
             raise ImageRejected(f"{image.format} images are not accepted; send {accepted}", 415)
         width, height = image.size
         if width * height > max_pixels:
@@ -67,7 +77,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise ImageRejected(f"the image has too many pixels: {error}", 413) from error
         except (OSError, SyntaxError, ValueError) as error:
-            raise ImageRejected(f"the {image.format} image is truncated or corrupt: {error}", 400) from error
+            raise ImageRejected(f"the {image_format} image is truncated or corrupt: {error}", 400) from error
 
 
 def annotated_png(image: Image.Image, detections: Detections) -> bytes:
@@ -78,7 +88,18 @@ def annotated_png(image: Image.Image, detections: Detections) -> bytes:
 
 
 def load_detector(checkpoint: Path, device: str) -> Detector:
-    """A trained job's detector; raises ``CheckpointError`` (a ValueError) for a bad file."""
+    """A trained job's detector.
+
+    Raises:
+        DeviceUnavailable: ``device`` is ``cuda`` and this machine has no CUDA GPU.
+        CheckpointError: (a ValueError) for a bad file.
+    """
+    try:
+        resolve_device(device)
+    except ValueError as error:
+        raise DeviceUnavailable(
+            f"SSD_DEVICE is {device!r} but {error}: set SSD_DEVICE to cpu or auto for this API"
+        ) from None
     return Detector.from_checkpoint(checkpoint, device=device)
 
 

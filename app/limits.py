@@ -18,26 +18,29 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimitMiddleware:
-    """Answers 413 to a request to a limited route whose body exceeds its limit.
+    """Answers 413 to a request whose body exceeds its route's limit.
 
-    ``limits`` maps ``(method, path)`` to the largest upload in bytes; the body may exceed
-    it by ``MULTIPART_OVERHEAD``. A Content-Length over the limit is refused before the body
-    is read; a body without one (chunked) is counted as it arrives.
+    ``limits`` maps ``(method, path)`` to the largest upload in bytes, which the body may
+    exceed by ``MULTIPART_OVERHEAD``; every other request's body (JSON) may hold ``default``
+    bytes. A Content-Length over the limit is refused before the body is read; a body
+    without one (chunked) is counted as it arrives.
     """
 
-    def __init__(self, app: ASGIApp, limits: dict[tuple[str, str], int]):
+    def __init__(self, app: ASGIApp, limits: dict[tuple[str, str], int], default: int):
         self.app = app
         self.limits = limits
+        self.default = default
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        limit = self.limits.get((scope.get("method", ""), scope.get("path", ""))) if scope["type"] == "http" else None
-        if limit is None:
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        allowed = limit + MULTIPART_OVERHEAD
+        upload = self.limits.get((scope.get("method", ""), scope.get("path", "")))
+        limit = upload if upload is not None else self.default
+        allowed = limit + (MULTIPART_OVERHEAD if upload is not None else 0)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > allowed:
-            await _reply_413(send, f"the upload is {int(length)} bytes; the limit is {limit} bytes")
+            await _reply_413(send, f"the request body is {int(length)} bytes; the limit is {limit} bytes")
             return
         received = 0
 

@@ -2,21 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from contextlib import asynccontextmanager
 from functools import partial
 
 import redis
 import redis.asyncio
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
+from starlette.concurrency import run_in_threadpool
 
+from app.dataset_import import ImportSlots, remove_leftovers
 from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, jobs, ops, web
+from app.security import require_api_key, require_api_key_or_query
 from worker.queue import make_celery
 from worker.settings import Settings
 from worker.store import Store
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = """
 Train SSD300 object detectors on your own labelled images and serve them.
@@ -26,6 +34,8 @@ Train SSD300 object detectors on your own labelled images and serve them.
 3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn)
 
 Errors are `{"detail": "..."}`. Boxes are `[x1, y1, x2, y2]` in the image's pixels.
+When the server has API keys (`SSD_API_KEY`), send one in the `X-API-Key` header
+(the **Authorize** button here); `/healthz` needs none.
 """
 
 
@@ -43,11 +53,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         on_batch=metrics.detect_batch_size.observe,
     )
 
+    imports = ImportSlots(settings.import_slots)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
+        removed = await run_in_threadpool(remove_leftovers, settings)
+        if removed:
+            log.info("removed what interrupted imports and deletes left: %s", ", ".join(removed))
         yield
         detection.close()
+        imports.close()
         await app.state.async_redis.aclose()
         store.redis.close()
 
@@ -55,18 +71,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.store = store
     app.state.async_redis = redis.asyncio.Redis.from_url(
-        settings.redis_url, decode_responses=True, socket_connect_timeout=5
+        settings.redis_url,
+        decode_responses=True,
+        socket_connect_timeout=5,
+        socket_timeout=30,  # above the SSE route's 1 s XREAD BLOCK
+        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),  # as worker.store.quick_retry
     )
     app.state.celery = make_celery(settings)
     app.state.metrics = metrics
     app.state.detection = detection
+    app.state.imports = imports
 
-    for router in (datasets.router, jobs.router, detect.router, ops.router, web.router):
-        app.include_router(router)
+    keyed = [Depends(require_api_key)]
+    for router in (datasets.router, jobs.router, detect.router, ops.router):
+        app.include_router(router, dependencies=keyed)
+    app.include_router(jobs.stream_router, dependencies=[Depends(require_api_key_or_query)])
+    app.include_router(ops.health_router)
+    app.include_router(web.router)
     web.mount_static(app)
     app.add_middleware(
         BodyLimitMiddleware,
         limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
+        default=settings.max_body_bytes,
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 

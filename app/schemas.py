@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig
+from worker.store import has_model
 
 _DEFAULTS = TrainConfig()
 
@@ -54,7 +55,7 @@ class SyntheticDatasetRequest(BaseModel):
     )
 
     num_images: int = Field(64, ge=1, description="Images to draw (at most SSD_MAX_SYNTHETIC_IMAGES).")
-    seed: int = Field(0, ge=0, description="The same seed draws the same dataset.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="The same seed draws the same dataset.")
     image_size: int | tuple[int, int] | None = Field(
         None, description="Image side in pixels, or [min, max] to draw each side from; default [240, 400]."
     )
@@ -173,9 +174,15 @@ class Job(BaseModel):
     best_val_loss: float | None = None
     classes: list[str]
     cancel_requested: bool = False
-    restarts: int = 0
+    restarts: int = Field(0, description="How often the job went back to the queue to resume on another run.")
+    restart_reason: str | None = Field(None, description="Why it last did (worker shut down, lease expired...).")
     worker: str | None = None
     has_model: bool = Field(False, description="Whether POST /detect can use this job's checkpoint.")
+
+
+def public_job(job: dict[str, Any]) -> dict[str, Any]:
+    """A stored job record as the API shows it (the response model drops internal fields)."""
+    return {**job, "has_model": has_model(job)}
 
 
 class LossRecord(BaseModel):

@@ -5,55 +5,72 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from starlette.concurrency import run_in_threadpool
 
-from app.dataset_import import DatasetImportError, create_synthetic, import_archive, remove_dataset_files
-from app.deps import SettingsDep, StoreDep
+from app.dataset_import import (
+    DatasetImportError,
+    ImportsBusy,
+    ImportSlots,
+    create_synthetic,
+    import_archive,
+    remove_dataset_files,
+)
+from app.deps import ImportsDep, SettingsDep, StoreDep
 from app.schemas import Dataset, SyntheticDatasetRequest
+from worker.settings import Settings
+from worker.store import Store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
+_BUSY = {503: {"description": "Every import slot is busy (SSD_IMPORT_SLOTS), or Redis is unreachable."}}
 _ERRORS = {
     400: {"description": "Not a zip, or a dataset with problems: the message names the file and the problem."},
-    413: {"description": "The upload, its entry count or its uncompressed size is over the limit."},
+    413: {"description": "The upload, its entry count, its compression ratio or its unpacked size is over the limit."},
+    **_BUSY,
 }
 
 
-def _stored(record: dict, store: StoreDep, settings: SettingsDep) -> dict:
+async def _import(imports: ImportSlots, store: Store, settings: Settings, function, *args) -> dict:
+    """Run an import on its own pool, then store the record (the files go if Redis refuses it)."""
+    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     try:
-        store.put_dataset(record)
+        record = await imports.run(function, *args)
+    except ImportsBusy as error:
+        raise HTTPException(503, str(error), {"Retry-After": "30"}) from error
+    except DatasetImportError as error:
+        raise HTTPException(error.status_code, str(error)) from error
+    try:
+        await run_in_threadpool(store.put_dataset, record)
     except Exception:
-        remove_dataset_files(record["id"], settings)
+        await run_in_threadpool(remove_dataset_files, record["id"], settings)
         raise
     return record
 
 
 @router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
-def upload_dataset(
+async def upload_dataset(
     file: Annotated[UploadFile, File(description="A .zip holding COCO (JSON + images) or Pascal VOC.")],
     store: StoreDep,
     settings: SettingsDep,
+    imports: ImportsDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> dict:
     """Import a zip of a COCO detection dataset or a Pascal VOC one (recognised from its layout)."""
     filename = file.filename or "upload.zip"
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise HTTPException(413, f"{filename}: {file.size} bytes; the limit is {settings.max_upload_bytes} bytes")
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        record = import_archive(file.file, filename, name, settings)
-    except DatasetImportError as error:
-        raise HTTPException(error.status_code, str(error)) from error
-    return _stored(record, store, settings)
+    return await _import(imports, store, settings, import_archive, file.file, filename, name, settings)
 
 
-@router.post("/synthetic", status_code=201, response_model=Dataset)
-def synthetic_dataset(body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep) -> dict:
+@router.post("/synthetic", status_code=201, response_model=Dataset, responses=_BUSY)
+async def synthetic_dataset(
+    body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep, imports: ImportsDep
+) -> dict:
     """Generate a dataset of coloured shapes (circle, square, triangle), for demos and tests."""
     if body.num_images > settings.max_synthetic_images:
         raise HTTPException(422, f"num_images must be at most {settings.max_synthetic_images}")
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-    record = create_synthetic(body.num_images, body.seed, body.size_range(), body.name, settings)
-    return _stored(record, store, settings)
+    args = (body.num_images, body.seed, body.size_range(), body.name, settings)
+    return await _import(imports, store, settings, create_synthetic, *args)
 
 
 @router.get("", response_model=list[Dataset])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,13 +10,46 @@ from fastapi import APIRouter, File, Header, HTTPException, Query, Response, Upl
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep
-from app.inference import ACCEPTED_FORMATS, ImageRejected, annotated_png, decode_image
-from app.routers.jobs import public
+from app.inference import ACCEPTED_FORMATS, DeviceUnavailable, ImageRejected, annotated_png, decode_image
 from app.schemas import DetectResponse
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, has_model
 
 router = APIRouter(tags=["detection"])
+
+
+def _quality(media_range: str) -> tuple[str, float]:
+    """``"image/png;q=0.5"`` -> ``("image/png", 0.5)``."""
+    media, *params = (part.strip() for part in media_range.split(";"))
+    quality = 1.0
+    for param in params:
+        name, _, value = param.partition("=")
+        if name.strip().lower() == "q":
+            try:
+                quality = min(max(float(value), 0.0), 1.0)
+            except ValueError:
+                quality = 0.0
+    return media.lower(), quality
+
+
+def wants_png(accept: str | None) -> bool:
+    """Whether an Accept header prefers ``image/png`` to ``application/json`` (a tie: JSON).
+
+    Each type gets the quality of the most specific range that matches it (RFC 9110 12.5.1).
+    """
+    if not accept:
+        return False
+    ranges = [_quality(part) for part in accept.split(",") if part.strip()]
+
+    def quality(media: str) -> float:
+        kind = media.split("/")[0] + "/*"
+        for candidate in (media, kind, "*/*"):
+            found = [q for m, q in ranges if m == candidate]
+            if found:
+                return max(found)
+        return 0.0
+
+    return quality("image/png") > quality("application/json")
 
 
 def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, Path]:
@@ -31,7 +65,7 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
     job = store.get_job(job_id)
     if job is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
-    if not public(job)["has_model"]:
+    if not has_model(job):
         raise HTTPException(409, f"job {job_id} is {job['status']} and has no trained model to detect with")
     checkpoint = settings.runs_dir / job_id / Path(job["checkpoint"]).name
     if not checkpoint.is_file():
@@ -49,6 +83,7 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
         409: {"description": "No trained model yet (or the job has none)."},
         413: {"description": "The upload or its pixel count is over the limit."},
         415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
+        503: {"description": "The model's device is missing, or detection took too long (server busy)."},
     },
 )
 async def detect(
@@ -73,10 +108,21 @@ async def detect(
     except ImageRejected as error:
         raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
     try:
-        detections = await detection.detect(job_id, checkpoint, image, score_threshold, max_detections)
+        detections = await asyncio.wait_for(
+            detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
+            settings.detect_timeout_seconds,
+        )
+    except asyncio.TimeoutError as error:
+        raise HTTPException(
+            503,
+            f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
+            {"Retry-After": "5"},
+        ) from error
+    except DeviceUnavailable as error:
+        raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
     except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
         raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
-    if format == "png" or (format is None and accept is not None and "image/png" in accept):
+    if format == "png" or (format is None and wants_png(accept)):
         png = await run_in_threadpool(annotated_png, image, detections)
         return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
     return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}

@@ -7,35 +7,23 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
+import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep
-from app.schemas import Job, JobStatus, Losses, TrainRequest
+from app.schemas import Job, JobStatus, Losses, TrainRequest, public_job
 from model.plots import plot_losses
 from worker.queue import enqueue_training
-from worker.store import (
-    CANCELLED,
-    FAILED,
-    FINISHED,
-    QUEUED,
-    SUCCEEDED,
-    Store,
-    decode_fields,
-    epoch_stream_id,
-    new_id,
-    now_iso,
-)
+from worker.store import FAILED, FINISHED, QueueFull, Store, decode_fields, epoch_stream_id, new_id, new_job
 
 router = APIRouter(tags=["jobs"])
+# The event stream also takes the API key as ?api_key= (browsers' EventSource sends no headers).
+stream_router = APIRouter(tags=["jobs"])
 
+MAX_EPOCH = 2**53  # larger epochs cannot exist; bounding them keeps stream ids valid
 _NOT_FOUND = {404: {"description": "No such job."}}
 _plot_lock = threading.Lock()  # matplotlib's pyplot state is not thread-safe
-
-
-def public(job: dict[str, Any]) -> dict[str, Any]:
-    """A stored job record as the API shows it."""
-    return {**job, "has_model": bool(job.get("checkpoint")) and job["status"] in (SUCCEEDED, CANCELLED)}
 
 
 def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
@@ -49,7 +37,11 @@ def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
     "/train",
     status_code=202,
     response_model=Job,
-    responses={404: {"description": "No such dataset."}, 422: {"description": "Invalid training settings."}},
+    responses={
+        404: {"description": "No such dataset."},
+        422: {"description": "Invalid training settings."},
+        429: {"description": "Too many jobs are waiting for a worker (SSD_MAX_QUEUED_JOBS)."},
+    },
 )
 def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, celery: CeleryDep) -> dict:
     """Queue a training job on a dataset; a worker picks it up. Watch it at /jobs/{id}."""
@@ -60,35 +52,23 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
         config = body.train_config()
     except ValueError as error:
         raise HTTPException(422, str(error)) from error
-    job = {
-        "id": new_id(),
-        "status": QUEUED,
-        "dataset_id": dataset["id"],
-        "dataset_name": dataset["name"],
-        "config": config.to_dict(),
-        "epoch": 0,
-        "epochs": config.epochs,
-        "epochs_completed": 0,
-        "progress": None,
-        "created_at": now_iso(),
-        "started_at": None,
-        "finished_at": None,
-        "error": None,
-        "best_val_loss": None,
-        "classes": dataset["classes"],
-        "cancel_requested": False,
-        "restarts": 0,
-        "worker": None,
-        "checkpoint": None,
-    }
-    if not store.create_job(job):
+    job = new_job(new_id(), dataset, config.to_dict())
+    try:
+        created = store.create_job(job, max_queued=settings.max_queued_jobs)
+    except QueueFull as error:
+        raise HTTPException(429, f"{error}: try again when some have started", {"Retry-After": "60"}) from error
+    if not created:
         raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
     try:
         enqueue_training(celery, job["id"], settings.queue)
     except Exception as error:
         store.finish_job(job["id"], FAILED, error=f"could not queue the job: {error}")
         raise HTTPException(503, f"could not queue the job: {error}") from error
-    return public(job)
+    try:
+        store.note_dispatch(job["id"])
+    except redis.RedisError:  # uncounted, the reaper may send a second message: harmless (the lease)
+        pass
+    return public_job(job)
 
 
 @router.get("/jobs", response_model=list[Job])
@@ -96,34 +76,33 @@ def list_jobs(
     store: StoreDep,
     status: JobStatus | None = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
 ) -> list[dict]:
     """Jobs, newest first; ``status`` keeps only jobs in that status."""
     if status is None:
-        return [public(job) for job in store.get_jobs(store.list_job_ids(offset, limit))]
-    jobs = [job for job in store.get_jobs(store.list_job_ids(0, store.count_jobs())) if job["status"] == status]
-    return [public(job) for job in jobs[offset : offset + limit]]
+        ids = store.list_job_ids(offset, limit)
+    else:
+        ids = store.list_job_ids_with_status(status, offset, limit)
+    return [public_job(job) for job in store.get_jobs(ids)]
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)
 def get_job(job_id: str, store: StoreDep) -> dict:
     """The job's record with its progress: epoch, step, steps per epoch and ETA in seconds."""
-    return public(_job_or_404(store, job_id))
+    return public_job(_job_or_404(store, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=_NOT_FOUND)
 def cancel_job(job_id: str, store: StoreDep) -> dict:
-    """Cancel: a queued job never starts; a running one stops within a batch and keeps its last checkpoint."""
-    before = store.request_cancel(job_id)
-    if before is None:
+    """Cancel: a queued job never starts; a running one stops within a batch and keeps its last checkpoint.
+    A job that has ended already is answered as it is (202, nothing changes)."""
+    if store.request_cancel(job_id) is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
-    if before in (SUCCEEDED, FAILED):
-        raise HTTPException(409, f"job {job_id} already {before}; there is nothing to cancel")
-    return public(_job_or_404(store, job_id))
+    return public_job(_job_or_404(store, job_id))
 
 
 @router.get("/jobs/{job_id}/losses", response_model=Losses, responses=_NOT_FOUND)
-def get_losses(job_id: str, store: StoreDep, after: Annotated[int, Query(ge=0)] = 0) -> dict:
+def get_losses(job_id: str, store: StoreDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0) -> dict:
     """One record per finished epoch, oldest first; ``after=N`` returns only epochs after N."""
     job = _job_or_404(store, job_id)
     return {"job_id": job_id, "status": job["status"], "losses": store.losses(job_id, after)}
@@ -144,11 +123,11 @@ async def _loss_events(redis, store: Store, job_id: str, after: int, request: Re
             yield ServerSentEvent(data=fields["record"], event="epoch", id=str(last))
         if ended and not entries:
             job = decode_fields(await redis.hgetall(job_key))
-            yield ServerSentEvent(data=json.dumps(public(job) if job else {"id": job_id}), event="status")
+            yield ServerSentEvent(data=json.dumps(public_job(job) if job else {"id": job_id}), event="status")
             return
 
 
-@router.get(
+@stream_router.get(
     "/jobs/{job_id}/losses/stream",
     responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
 )
@@ -157,15 +136,16 @@ async def stream_losses(
     request: Request,
     store: StoreDep,
     redis: AsyncRedisDep,
-    after: Annotated[int, Query(ge=0)] = 0,
-    last_event_id: Annotated[str | None, Header()] = None,
+    after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0,
+    last_event_id: Annotated[str | None, Header(max_length=100)] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: an ``epoch`` event per finished epoch (history first, then live), then a
-    ``status`` event with the job record when the job ends. Reconnects resume after ``Last-Event-ID``."""
+    ``status`` event with the job record when the job ends. Reconnects resume after ``Last-Event-ID``.
+    With API keys on, a browser's EventSource may send the key as ``?api_key=``."""
     if not await redis.exists(store.job_key(job_id)):
         raise HTTPException(404, f"no job with id {job_id!r}")
-    if last_event_id is not None and last_event_id.isdigit():
-        after = max(after, int(last_event_id))
+    if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
+        after = max(after, min(int(last_event_id), MAX_EPOCH))
     return EventSourceResponse(_loss_events(redis, store, job_id, after, request), ping=15)
 
 

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import shutil
 import stat
+import struct
+import time
 import zipfile
 
 import pytest
@@ -111,6 +115,14 @@ def _symlink_zip() -> bytes:
     return buffer.getvalue()
 
 
+def _lying_entry_count() -> bytes:
+    """301 entries whose end record claims 3: counted from the central directory, before zipfile."""
+    data = bytearray(zip_entries({f"f{i}.txt": b"x" for i in range(301)}))
+    end = data.rfind(b"PK\x05\x06")
+    struct.pack_into("<2H", data, end + 8, 3, 3)
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     ("make", "status", "words"),
     [
@@ -124,8 +136,13 @@ def _symlink_zip() -> bytes:
         (lambda tmp: zip_entries({"/etc/cron.d/x": b"{}"}), 400, ["/etc/cron.d/x", "escaping"]),
         (lambda tmp: _symlink_zip(), 400, ["images/link.jpg", "symbolic link"]),
         (lambda tmp: zip_entries({f"f{i}.txt": b"x" for i in range(301)}), 413, ["entries", "limit"]),
-        (lambda tmp: zip_entries({"bomb.bin": bytes(25_000_000)}), 413, ["unpacks to more than"]),
+        (lambda tmp: _lying_entry_count(), 413, ["more than 300 entries", "limit"]),
+        (lambda tmp: zip_entries({"bomb.bin": bytes(25_000_000)}), 413, ["bomb.bin", "zip bomb"]),
+        (lambda tmp: zip_entries({f"z{i}.bin": bytes(1_000_000) for i in range(21)}), 413, ["unpacks to more than"]),
         (lambda tmp: bytes(3_500_000), 413, ["limit"]),
+        (lambda tmp: zip_entries({"a": b"x", "a/b.json": b"{}"}), 400, ["a/b.json", "cannot be extracted"]),
+        (lambda tmp: zip_entries({"d/" + "n" * 300 + ".json": b"{}"}), 400, ["cannot be extracted"]),
+        (lambda tmp: b"PK\x03\x04" + bytes(100), 400, ["not a zip"]),
     ],
     ids=[
         "not-a-zip",
@@ -138,8 +155,13 @@ def _symlink_zip() -> bytes:
         "absolute-path",
         "symlink",
         "too-many-files",
+        "entry-count-understated",
         "zip-bomb",
+        "too-large-unpacked",
         "upload-too-large",
+        "file-then-folder-of-the-same-name",
+        "name-too-long",
+        "truncated-zip",
     ],
 )
 def test_bad_archives_are_refused_and_leave_nothing_behind(client, tmp_path, dataset_dirs, make, status, words):
@@ -156,3 +178,46 @@ def test_bad_archives_are_refused_and_leave_nothing_behind(client, tmp_path, dat
 
 def test_upload_without_a_file_answers_422(client):
     assert client.post("/datasets", data={"name": "x"}).status_code == 422
+
+
+def test_imports_run_on_their_own_bounded_pool():
+    """Two slots: a third import while both run is turned away at once (the route answers 503)."""
+    import asyncio
+    import threading
+
+    from app.dataset_import import ImportsBusy, ImportSlots
+
+    release = threading.Event()
+
+    async def scenario() -> list:
+        slots = ImportSlots(2)
+        first = asyncio.ensure_future(slots.run(release.wait, 10))
+        second = asyncio.ensure_future(slots.run(release.wait, 10))
+        await asyncio.sleep(0.05)
+        try:
+            await slots.run(release.wait, 10)
+            third = "ran"
+        except ImportsBusy as error:
+            third = str(error)
+        release.set()
+        done = await asyncio.gather(first, second)
+        after = await slots.run(lambda: threading.current_thread().name)
+        slots.close()
+        return [third, done, after]
+
+    third, done, thread = asyncio.run(scenario())
+    assert "2 dataset imports are running" in third and done == [True, True]
+    assert thread.startswith("ssd-import")
+
+
+def test_leftovers_of_interrupted_imports_are_removed_at_start_up(settings):
+    from app.dataset_import import STALE_INCOMING_SECONDS, remove_leftovers
+
+    old, fresh, trash = (settings.datasets_dir / name for name in (".incoming-old", ".incoming-new", ".trash-x-1"))
+    for folder in (old, fresh, trash):
+        (folder / "files").mkdir(parents=True)
+    past = time.time() - STALE_INCOMING_SECONDS - 60
+    os.utime(old, (past, past))
+    assert sorted(remove_leftovers(settings)) == [".incoming-old", ".trash-x-1"]
+    assert fresh.exists() and not old.exists() and not trash.exists()
+    shutil.rmtree(fresh)

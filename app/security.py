@@ -1,0 +1,51 @@
+"""API keys: with ``SSD_API_KEY`` set, every route but /healthz needs one (401 otherwise).
+
+The key travels in the ``X-API-Key`` header; only the Server-Sent Events route also takes
+``?api_key=``, because a browser's ``EventSource`` cannot send headers. Keys are compared in
+constant time, each of them, so the answer's timing says nothing about how close a guess
+was or which key it matched. The web page (``/``, ``/static``) and the OpenAPI docs are no
+data and stay open: the page asks for the key itself.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import HTTPException, Request, Security
+from fastapi.security import APIKeyHeader, APIKeyQuery
+
+api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY (when it is set)."
+)
+api_key_query = APIKeyQuery(
+    name="api_key", auto_error=False, description="Only for the event stream: browsers cannot set its headers."
+)
+
+
+def check_api_key(keys: tuple[bytes, ...], presented: str | None) -> None:
+    """Raises 401 unless ``presented`` is one of ``keys`` (no keys: authentication is off)."""
+    if not keys:
+        return
+    if not presented:
+        raise HTTPException(
+            401, "this server needs an API key: send it in the X-API-Key header", {"WWW-Authenticate": "ApiKey"}
+        )
+    given = presented.encode("utf-8", "surrogateescape")
+    matched = False
+    for key in keys:
+        matched |= hmac.compare_digest(given, key)
+    if not matched:
+        raise HTTPException(401, "the API key is not valid", {"WWW-Authenticate": "ApiKey"})
+
+
+async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> None:
+    check_api_key(request.app.state.settings.api_keys, key)
+
+
+async def require_api_key_or_query(
+    request: Request,
+    header: Annotated[str | None, Security(api_key_header)],
+    query: Annotated[str | None, Security(api_key_query)],
+) -> None:
+    check_api_key(request.app.state.settings.api_keys, header or query)
