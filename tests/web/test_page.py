@@ -12,8 +12,9 @@ import pytest
 from playwright.sync_api import Route, expect
 
 from model.data import make_shapes_dataset
-from tests.service.helpers import zip_folder
-from tests.web.conftest import screenshot
+from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http
+from tests.service.helpers import TINY, wait_for_job, zip_folder
+from tests.web.conftest import DESKTOP, new_page, screenshot
 
 # The tiny network of the service tests (tests/service/helpers.py TINY), entered through the form.
 TINY_FORM = {
@@ -234,47 +235,63 @@ def test_rejections_show_the_servers_words(page, console, api, tmp_path):
     screenshot(page, "desktop-training-errors")
 
 
-def test_an_api_key_is_asked_for_once_kept_and_sent(page, console, api):
-    """With keys on (simulated here: answers 401 unless X-API-Key is right), the page asks once, then sends it."""
+API_KEY = "web-test-key-0123456789"
+
+
+@pytest.fixture(scope="module")
+def keyed_api(env, log_dir):
+    """A second API process on the same Redis and data, with API keys on (``SSD_API_KEY``)."""
+    port = free_port()
+    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process("api-keyed", args, {**env, "SSD_API_KEY": API_KEY}, log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{base_url}/healthz", process)
+    yield base_url
+    process.stop()
+
+
+def test_an_api_key_is_asked_for_once_kept_and_sent(browser, console, keyed_api, worker):
     console.expect_error("status of 401")
-    seen: list[tuple[str, str | None]] = []
+    headers = {"X-API-Key": API_KEY}
+    with httpx.Client(base_url=keyed_api, headers=headers, timeout=60) as client:
+        dataset = client.post("/datasets/synthetic", json={"num_images": 4, "seed": 3}).json()
+        job = client.post("/train", json={"dataset_id": dataset["id"], "epochs": 100, **TINY}).json()
+        client.post(f"/jobs/{job['id']}/cancel")
+        wait_for_job(client, job["id"], ("cancelled",), timeout=60)
 
-    def require_key(route: Route) -> None:
-        path = route.request.url[len(api) :]
-        if path == "/" or path.startswith("/static/"):
-            route.continue_()
-            return
-        key = route.request.headers.get("x-api-key")
-        seen.append((path, key))
-        if key == "s3cret":
-            route.continue_()
-        else:
-            route.fulfill(status=401, json={"detail": "a valid API key is required (X-API-Key)"})
-
-    page.route("**/*", require_key)
+    context, page = new_page(browser, keyed_api, console, DESKTOP)
+    requests: list[tuple[str, str | None]] = []
+    page.on("request", lambda r: requests.append((r.url[len(keyed_api) :], r.headers.get("x-api-key"))))
     page.goto("/#datasets")
     dialog = page.locator("#key-dialog")
-    expect(dialog).to_be_visible()
-    page.fill("#key-input", "wrong")
+    expect(dialog).to_be_visible()  # one prompt for the several requests that got a 401
+    page.fill("#key-input", "not-the-key")
     page.click("#key-dialog button[value=ok]")
     expect(page.locator("#key-refused")).to_be_visible()  # asked again, saying the key was refused
-    page.fill("#key-input", "s3cret")
+    page.fill("#key-input", API_KEY)
     page.click("#key-dialog button[value=ok]")
     expect(dialog).to_be_hidden()
-    expect(page.locator("#train-epochs")).to_have_value("10")  # /openapi.json came through with the key
+    expect(page.locator("#datasets-table tbody tr", has_text=dataset["name"]).first).to_be_visible()
     expect(page.locator("#service-status")).to_contain_text("Ready")
-    assert page.evaluate("localStorage.getItem('ssd-api-key')") == "s3cret"
-    stream = page.evaluate("import('/static/api.js').then((api) => api.streamUrl('/jobs/x/losses/stream', {after: 2}))")
-    assert stream == "/jobs/x/losses/stream?after=2&api_key=s3cret"
+    assert page.evaluate("localStorage.getItem('ssd-api-key')") == API_KEY
 
-    before_reload = len(seen)
-    page.reload()  # kept: no prompt, every request carries the key
+    # EventSource sends no headers: the stream gets the key as ?api_key=.
+    page.goto(f"/#curves/{job['id']}")
+    expect(page.locator("#curves-state")).to_have_text("job cancelled")
+    assert any(path.startswith(f"/jobs/{job['id']}/losses/stream?api_key=") for path, _ in requests), requests
+
+    before_reload = len(requests)
+    page.reload()  # kept: no prompt, and every API request carries the key
     expect(page.locator("#service-status")).to_contain_text("Ready")
     expect(page.locator("#train-epochs")).to_have_value("10")
     expect(dialog).to_be_hidden()
-    after_reload = seen[before_reload:]
-    assert {"/openapi.json", "/datasets", "/jobs", "/readyz"} <= {path for path, _ in after_reload}, after_reload
-    assert all(key == "s3cret" for _, key in after_reload), after_reload
+    api_calls = [
+        (path, key) for path, key in requests[before_reload:] if path.split("?")[0] in ("/datasets", "/jobs", "/readyz")
+    ]
+    assert len(api_calls) >= 3 and all(key == API_KEY for _, key in api_calls), api_calls
+    screenshot(page, "desktop-with-api-key")
+    context.close()
+    console.assert_clean()
 
 
 def test_phone_width_and_keyboard(phone_page, console, api):
