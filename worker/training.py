@@ -322,6 +322,7 @@ def run_job(
         store.release_lease(lease)
         return f"skipped: {before}"
     job = store.get_job(job_id) or job
+    log.info("job %s: training on %s (it was %s, restarts %s)", job_id, worker_name, before, job.get("restarts", 0))
     run_dir = settings.runs_dir / job_id
     write_job_file(run_dir, job)
 

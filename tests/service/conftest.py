@@ -123,11 +123,11 @@ class RedisServer:
     process: Process
 
 
-def start_redis(folder: Path, log_dir: Path, *extra_args: str) -> RedisServer:
+def start_redis(folder: Path, log_dir: Path, *extra_args: str, port: int | None = None) -> RedisServer:
     folder.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     args = [redis_server_executable(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder)]
-    args += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *extra_args]
+    args += ["--save", "", "--appendonly", "no", "--protected-mode", "no", *extra_args]  # later ones win
     process = start_process(f"redis-{port}", args, os.environ.copy(), log_dir)
     url = f"redis://127.0.0.1:{port}/0"
     client = redis.Redis.from_url(url, socket_connect_timeout=1)
