@@ -35,6 +35,28 @@ def _truncated_jpeg() -> bytes:
     return image_bytes(400, 300)[:2000]
 
 
+def _huge_png_header(width: int = 10_000, height: int = 10_000) -> bytes:
+    """A small PNG whose header claims 100 megapixels (it is refused before any pixel is decoded)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    pixels = zlib.compress(b"\0" * 64)  # far fewer than the header claims: never read
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixels) + chunk(b"IEND", b"")
+
+
+def _mpo() -> bytes:
+    """A two-picture MPO (what phones save as .jpg): Pillow calls it MPO, it is a JPEG."""
+    first, second = Image.new("RGB", (96, 64), (200, 30, 30)), Image.new("RGB", (96, 64), (30, 30, 200))
+    buffer = io.BytesIO()
+    first.save(buffer, format="MPO", save_all=True, append_images=[second])
+    assert Image.open(io.BytesIO(buffer.getvalue())).format == "MPO"
+    return buffer.getvalue()
+
+
 def _exif_rotated_jpeg() -> bytes:
     """A 200x100 JPEG whose EXIF says: rotate 90 degrees to display (so it shows as 100x200)."""
     image = Image.new("RGB", (200, 100), (200, 30, 30))
@@ -53,15 +75,18 @@ def _exif_rotated_jpeg() -> bytes:
         (image_bytes(64, 64, "TIFF"), 415, ["TIFF images are not accepted"]),
         (_truncated_jpeg(), 400, ["truncated"]),
         (image_bytes(2100, 2000, "PNG"), 413, ["pixels", "limit"]),
+        (_huge_png_header(), 413, ["pixels"]),
         (bytes(2_200_000), 413, ["limit"]),
     ],
-    ids=["text", "gif", "tiff", "truncated-jpeg", "too-many-pixels", "too-many-bytes"],
+    ids=["text-named-jpg", "gif", "tiff", "truncated-jpeg", "too-many-pixels", "100-megapixels", "too-many-bytes"],
 )
-def test_bad_images(trained, client, content, status, words):
+def test_bad_images(trained, client, settings, content, status, words):
+    before = sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*"))
     response = post_image(client, content, job_id=trained["job"]["id"])
     assert response.status_code == status, response.text
     for word in words:
         assert word in response.json()["detail"]
+    assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*")) == before
 
 
 def test_decompression_bomb_warning_is_an_error(trained, client, monkeypatch):
@@ -79,6 +104,44 @@ def test_png_webp_and_bmp_are_accepted(trained, client, fmt):
     response = post_image(client, image_bytes(120, 90, fmt), f"x.{fmt.lower()}", job_id=trained["job"]["id"])
     assert response.status_code == 200, response.text
     assert response.json()["image"] == {"width": 120, "height": 90}
+
+
+def test_mpo_jpegs_are_accepted(trained, client):
+    response = post_image(client, _mpo(), "phone.jpg", job_id=trained["job"]["id"])
+    assert response.status_code == 200, response.text
+    assert response.json()["image"] == {"width": 96, "height": 64}
+
+
+@pytest.mark.parametrize(
+    ("accept", "png"),
+    [
+        ("application/json, image/png;q=0.1", False),
+        ("image/png, application/json;q=0.5", True),
+        ("image/*", True),
+        ("*/*", False),
+        ("text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8", False),
+    ],
+)
+def test_accept_header_is_parsed_with_its_qualities(trained, client, accept, png):
+    response = client.post(
+        "/detect",
+        params={"job_id": trained["job"]["id"]},
+        files={"file": ("a.png", image_bytes(64, 48, "PNG"))},
+        headers={"Accept": accept},
+    )
+    assert response.status_code == 200
+    assert response.headers["content-type"] == ("image/png" if png else "application/json")
+
+
+def test_a_gpu_that_is_not_there_is_named(trained, settings):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    on_cuda = settings.model_copy(update={"device": "cuda"})
+    image = {"file": ("a.png", image_bytes(64, 48, "PNG"))}
+    response = in_process(on_cuda, "POST", "/detect", params={"job_id": trained["job"]["id"]}, files=image)
+    assert response.status_code == 503 and "SSD_DEVICE" in response.json()["detail"], response.text
 
 
 def test_exif_orientation_is_applied(trained, client):
