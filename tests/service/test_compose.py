@@ -27,7 +27,8 @@ def test_compose_services_redis_api_worker():
     assert "redis-cli" in " ".join(redis["healthcheck"]["test"])
     api, worker = services["api"], services["worker"]
     assert api["image"] == worker["image"] and "build" in api  # one image for both
-    assert "8000:8000" in api["ports"]
+    assert api["ports"] == ["${API_BIND_ADDRESS:-127.0.0.1}:8000:8000"]  # local only unless asked
+    assert api["environment"]["SSD_API_KEY"] == "${SSD_API_KEY:-}"
     for service in (api, worker):
         assert service["depends_on"]["redis"]["condition"] == "service_healthy"
         data_dir = service["environment"]["SSD_DATA_DIR"]
