@@ -25,10 +25,11 @@ import secrets
 import shutil
 import stat
 import struct
+import threading
 import time
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
 
@@ -69,21 +70,27 @@ class ImportsBusy(RuntimeError):
 class ImportSlots:
     """Dataset imports on a bounded thread pool of their own: ``slots`` at once, more are refused.
 
-    Used from the event loop only, so the count needs no lock.
+    A slot is freed when its import's thread is done, not when the request that started it
+    goes away, so the count never runs ahead of the threads.
     """
 
     def __init__(self, slots: int):
         self.slots = slots
         self.busy = 0
+        self._lock = threading.Lock()
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ssd-import")
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        if self.busy >= self.slots:
-            raise ImportsBusy(f"{self.busy} dataset imports are running (the limit): try again in a minute")
-        self.busy += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self.executor, function, *args)
-        finally:
+        with self._lock:
+            if self.busy >= self.slots:
+                raise ImportsBusy(f"{self.busy} dataset imports are running (the limit): try again in a minute")
+            self.busy += 1
+        future = self.executor.submit(function, *args)
+        future.add_done_callback(self._release)
+        return await asyncio.wrap_future(future)
+
+    def _release(self, _future: Future) -> None:
+        with self._lock:
             self.busy -= 1
 
     def close(self) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
@@ -31,20 +32,27 @@ _ERRORS = {
 
 
 async def _import(imports: ImportSlots, store: Store, settings: Settings, function, *args) -> dict:
-    """Run an import on its own pool, then store the record (the files go if Redis refuses it)."""
+    """Run an import on its own pool, then store the record (the files go if Redis refuses it).
+
+    Shielded: a client that goes away mid-import does not leave files without a record.
+    """
+
+    async def import_and_store() -> dict:
+        record = await imports.run(function, *args)
+        try:
+            await run_in_threadpool(store.put_dataset, record)
+        except Exception:
+            await run_in_threadpool(remove_dataset_files, record["id"], settings)
+            raise
+        return record
+
     settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     try:
-        record = await imports.run(function, *args)
+        return await asyncio.shield(asyncio.ensure_future(import_and_store()))
     except ImportsBusy as error:
         raise HTTPException(503, str(error), {"Retry-After": "30"}) from error
     except DatasetImportError as error:
         raise HTTPException(error.status_code, str(error)) from error
-    try:
-        await run_in_threadpool(store.put_dataset, record)
-    except Exception:
-        await run_in_threadpool(remove_dataset_files, record["id"], settings)
-        raise
-    return record
 
 
 @router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
