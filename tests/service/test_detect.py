@@ -230,3 +230,11 @@ def test_readyz_answers_503_when_redis_is_unreachable(tmp_path):
     assert ready.status_code == 503 and ready.json()["status"] == "unavailable"
     jobs = in_process(settings, "GET", "/jobs")
     assert jobs.status_code == 503 and "Redis" in jobs.json()["detail"]
+
+
+def test_a_detection_that_takes_too_long_answers_503(trained, settings):
+    hurried = settings.model_copy(update={"detect_timeout_seconds": 0.001})  # less than loading the model
+    image = {"file": ("a.png", image_bytes(64, 48, "PNG"))}
+    response = in_process(hurried, "POST", "/detect", params={"job_id": trained["job"]["id"]}, files=image)
+    assert response.status_code == 503 and "took longer" in response.json()["detail"], response.text
+    assert response.headers["retry-after"] == "5"
