@@ -22,12 +22,14 @@ Why these settings:
 - Redis's socket timeout: a publish to a broker that vanished without closing the
   connection fails instead of hanging.
 
-Every message sent for a job is counted (``dispatch``: the job's ``dispatches``) and every
-one a worker takes too (``deliveries``): the reaper sends a queued job's task again only
-when no message is on its way.
+Each message sent for a job (``dispatch``) has a fresh task id, kept as the job's
+``dispatch_id`` until a worker takes that message: the reaper sends a queued job's task
+again only when no message is on its way (redeliveries of older messages do not count).
 """
 
 from __future__ import annotations
+
+import uuid
 
 from celery import Celery
 
@@ -67,12 +69,18 @@ def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
     return app
 
 
-def enqueue_training(celery: Celery, job_id: str, queue: str) -> None:
+def enqueue_training(celery: Celery, job_id: str, queue: str, task_id: str | None = None) -> None:
     """Send the training task for ``job_id`` (the id only) to the training queue."""
-    celery.send_task(TRAIN_TASK, args=[job_id], queue=queue)
+    celery.send_task(TRAIN_TASK, args=[job_id], queue=queue, task_id=task_id)
 
 
 def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
-    """Send the job's task and count it (the reaper tells a message on its way from a lost one)."""
-    enqueue_training(celery, job_id, queue)
-    store.note_dispatch(job_id)
+    """Send the job's task, its id recorded first as the job's ``dispatch_id`` (cleared again if
+    the send fails), so the reaper tells a message on its way from a lost one."""
+    task_id = uuid.uuid4().hex
+    store.mark_dispatch(job_id, task_id)
+    try:
+        enqueue_training(celery, job_id, queue, task_id)
+    except Exception:
+        store.clear_dispatch(job_id, task_id)
+        raise

@@ -10,9 +10,10 @@ at once or a message turns up late: a second runner cannot take a held lease.
   (time for a live runner to take back a lease that lapsed while Redis was away), the job
   goes back to queued with ``restarts`` + 1 and a ``restart_reason``, and its task is sent
   again; the next free worker resumes it from its last checkpoint.
-- **Queued, no lease, no task message on its way** (``dispatches`` <= ``deliveries``: a
-  delivery found it leased and was acked, a requeue's send failed, a worker died between
-  taking the message and starting): its task is sent again, by one reaper.
+- **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
+  was taken by a worker that found the job leased and acked it, a requeue's send failed, a
+  worker died between taking the message and starting): its task is sent again, by one
+  reaper.
 - **Redis lost records** (it restarted without them, seen as a new server run id, and at
   worker start): datasets come back from ``datasets/<id>/dataset.json`` and jobs from
   ``runs/<id>/job.json`` with their losses from ``metrics.jsonl``; an unfinished job is
@@ -90,9 +91,8 @@ class Reaper:
         return True
 
     def _redispatch(self, job: dict[str, Any]) -> bool:
-        on_its_way = (job["dispatches"] or 0) > (job["deliveries"] or 0)
         age = time.time() - (job["enqueued_at"] or 0)
-        if on_its_way or age < self.grace or not self.store.claim_redispatch(job["id"], 2 * self.grace):
+        if job["dispatch_id"] or age < self.grace or not self.store.claim_redispatch(job["id"], 2 * self.grace):
             return False
         log.warning("job %s is queued with no task message on its way; sending one", job["id"])
         self._send(job["id"])
@@ -166,8 +166,7 @@ def rebuild_from_disk(store: Store, settings: Settings, dispatch: Callable[[str]
                 epoch=done,
                 epochs_completed=done,
                 enqueued_at=time.time(),
-                dispatches=0,
-                deliveries=0,
+                dispatch_id=None,
             )
         finished = _created({"created_at": record.get("finished_at")}) if record.get("finished_at") else None
         if not store.restore_job(record, _created(record), finished if record["status"] == SUCCEEDED else None):

@@ -18,9 +18,9 @@ Keys (``p`` is ``Settings.key_prefix``):
 - ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds).
 
 Job fields the API does not show: ``lease_token`` (the current runner's lease token, so it
-can retake a lapsed lease nobody else took), ``dispatches`` and ``deliveries`` (task
-messages sent for the job and taken by a worker: more sent than taken means one is still on
-its way) and ``enqueued_at`` (unix seconds of the last (re)queueing).
+can retake a lapsed lease nobody else took), ``dispatch_id`` (the task id of the newest
+message sent for the job, cleared when a worker takes that message: while it is set, a
+message is on its way) and ``enqueued_at`` (unix seconds of the last (re)queueing).
 
 Multi-key state changes that must not interleave with another client's (create a job while
 its dataset is deleted, cancel while the worker starts, requeue while a runner renews) are
@@ -178,9 +178,18 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
-_INCREMENT_IF_EXISTS = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-return redis.call('HINCRBY', KEYS[1], ARGV[1], 1)
+# ARGV[1]: task id (JSON). Only for an existing job (HSET would create a stub record).
+_MARK_DISPATCH = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'dispatch_id', ARGV[1])
+return 1
+"""
+
+# ARGV[1]: task id (JSON). The newest message sent for the job was taken (or never went out).
+_CLEAR_DISPATCH = """
+if redis.call('HGET', KEYS[1], 'dispatch_id') ~= ARGV[1] then return 0 end
+redis.call('HSET', KEYS[1], 'dispatch_id', 'null')
+return 1
 """
 
 
@@ -242,6 +251,7 @@ def new_job(job_id: str, dataset: Mapping[str, Any], config: Mapping[str, Any]) 
         "worker": None,
         "checkpoint": None,
         "enqueued_at": time.time(),
+        "dispatch_id": None,
     }
 
 
@@ -275,7 +285,8 @@ class Store:
         self._finish = client.register_script(_FINISH)
         self._renew_lease = client.register_script(_RENEW_LEASE)
         self._release_lease = client.register_script(_RELEASE_LEASE)
-        self._increment = client.register_script(_INCREMENT_IF_EXISTS)
+        self._mark_dispatch = client.register_script(_MARK_DISPATCH)
+        self._clear_dispatch = client.register_script(_CLEAR_DISPATCH)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "ssd", **client_args: Any) -> Store:
@@ -499,15 +510,16 @@ class Store:
         flat = [item for pair in record.items() for item in pair]
         return bool(self._finish(keys=keys, args=[lease.token if lease else "", job_id, score, *flat]))
 
-    # --- dispatch accounting (see worker.reaper) ---------------------------------------------
+    # --- task messages on their way (see worker.reaper) ---------------------------------------
 
-    def note_dispatch(self, job_id: str) -> None:
-        """A task message for the job was sent."""
-        self._increment(keys=[self.job_key(job_id)], args=["dispatches"])
+    def mark_dispatch(self, job_id: str, task_id: str) -> bool:
+        """A task message ``task_id`` for the job is being sent (the newest one). False if no such job."""
+        return bool(self._mark_dispatch(keys=[self.job_key(job_id)], args=[json.dumps(task_id)]))
 
-    def note_delivery(self, job_id: str) -> None:
-        """A worker took a task message for the job."""
-        self._increment(keys=[self.job_key(job_id)], args=["deliveries"])
+    def clear_dispatch(self, job_id: str, task_id: str) -> bool:
+        """The message ``task_id`` was taken by a worker (or could not be sent): none is on its way now,
+        unless a newer one was sent meanwhile. True if it was the newest."""
+        return bool(self._clear_dispatch(keys=[self.job_key(job_id)], args=[json.dumps(task_id)]))
 
     def claim_redispatch(self, job_id: str, ttl_seconds: float) -> bool:
         """True for the one caller (for ``ttl_seconds``) that may send the job's task again."""
@@ -515,9 +527,9 @@ class Store:
         return bool(self.redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
 
     def active_jobs(self) -> list[dict[str, Any]]:
-        """The queued and running jobs: id, status, worker, dispatches, deliveries, enqueued_at, leased."""
+        """The queued and running jobs: id, status, worker, dispatch_id, enqueued_at, leased."""
         ids = sorted(self.redis.smembers(self._key("jobs", "active")))
-        fields = ("status", "worker", "dispatches", "deliveries", "enqueued_at", "created_at")
+        fields = ("status", "worker", "dispatch_id", "enqueued_at", "created_at")
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.job_key(job_id), fields)

@@ -7,7 +7,9 @@ from worker.queue import TRAIN_TASK
 from worker.training import run_job
 
 
-@app.task(name=TRAIN_TASK, ignore_result=True)
-def train(job_id: str) -> str:
+@app.task(name=TRAIN_TASK, ignore_result=True, bind=True)
+def train(self, job_id: str) -> str:
     """Train job ``job_id`` if it is queued and its lease is free; returns what happened."""
-    return run_job(job_id, store(), settings, node_name(), dispatch=send_again, shutdown=SHUTDOWN)
+    return run_job(
+        job_id, store(), settings, node_name(), dispatch=send_again, shutdown=SHUTDOWN, task_id=self.request.id
+    )

@@ -288,12 +288,14 @@ def run_job(
     worker_name: str,
     dispatch: Callable[[str], None] | None = None,
     shutdown: threading.Event | None = None,
+    task_id: str | None = None,
 ) -> str:
     """Train job ``job_id`` if it is queued (or running with a free lease): to its end, or until paused.
 
     Args:
         dispatch: sends the job's task again (after a pause); None leaves that to the reaper.
         shutdown: set when the worker must stop: the job pauses at the next batch and is requeued.
+        task_id: the id of the message being run, to tell the store it arrived.
 
     Returns:
         What happened, for the task's log line: the final status or why nothing was done.
@@ -302,7 +304,8 @@ def run_job(
     grace = settings.lease_seconds
 
     def take() -> dict[str, Any] | None:
-        store.note_delivery(job_id)
+        if task_id is not None:
+            store.clear_dispatch(job_id, task_id)
         return store.get_job(job_id)
 
     job = retry_redis(take, grace, f"reading job {job_id}")

@@ -7,14 +7,13 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-import redis
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep
 from app.schemas import Job, JobStatus, Losses, TrainRequest, public_job
 from model.plots import plot_losses
-from worker.queue import enqueue_training
+from worker.queue import dispatch
 from worker.store import FAILED, FINISHED, QueueFull, Store, decode_fields, epoch_stream_id, new_id, new_job
 
 router = APIRouter(tags=["jobs"])
@@ -60,14 +59,10 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
     if not created:
         raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
     try:
-        enqueue_training(celery, job["id"], settings.queue)
+        dispatch(celery, store, job["id"], settings.queue)
     except Exception as error:
         store.finish_job(job["id"], FAILED, error=f"could not queue the job: {error}")
         raise HTTPException(503, f"could not queue the job: {error}") from error
-    try:
-        store.note_dispatch(job["id"])
-    except redis.RedisError:  # uncounted, the reaper may send a second message: harmless (the lease)
-        pass
     return public_job(job)
 
 

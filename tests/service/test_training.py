@@ -33,10 +33,11 @@ def _queue(store: Store, job_id: str = "j1", epochs: int = 2) -> dict:
 
 def test_a_job_leased_by_another_worker_is_not_run_twice(fresh, tmp_path):
     _queue(fresh)
+    fresh.mark_dispatch("j1", "message-1")
     assert fresh.acquire_lease("j1", "another-worker", ttl_seconds=30)
-    assert run_job("j1", fresh, Settings(data_dir=tmp_path), "me") == "skipped: leased"
+    assert run_job("j1", fresh, Settings(data_dir=tmp_path), "me", task_id="message-1") == "skipped: leased"
     assert fresh.get_job("j1")["status"] == "queued" and fresh.lease_holder("j1") == "another-worker"
-    assert fresh.get_job("j1")["deliveries"] == 1  # counted: the reaper knows no message is on its way
+    assert fresh.get_job("j1")["dispatch_id"] is None  # taken: the reaper knows no message is on its way
 
 
 def test_a_cancelled_job_never_starts(fresh, tmp_path):
@@ -148,8 +149,6 @@ def test_the_reaper_requeues_a_running_job_whose_lease_is_gone(fresh, tmp_path):
     _queue(fresh, "alive")
     _queue(fresh, "dead")
     for job_id in ("alive", "dead"):
-        fresh.note_dispatch(job_id)
-        fresh.note_delivery(job_id)
         fresh.start_job(job_id, "worker-a", "tok")
     fresh.acquire_lease("alive", "tok", ttl_seconds=30)
     reaper.run_once()
@@ -159,6 +158,8 @@ def test_the_reaper_requeues_a_running_job_whose_lease_is_gone(fresh, tmp_path):
     job = fresh.get_job("dead")
     assert job["status"] == "queued" and job["restarts"] == 1 and "worker-a" in job["restart_reason"]
     assert fresh.get_job("alive")["status"] == "running"
+    assert fresh.get_job("dead")["dispatch_id"] is None  # the test's dispatch only collects ids
+    fresh.mark_dispatch("dead", "message-2")
     clock.now += 5
     assert reaper.run_once() == []  # a message is on its way: nothing to do
 
@@ -168,10 +169,14 @@ def test_the_reaper_sends_a_queued_job_that_no_message_will_reach(fresh, tmp_pat
     settings = Settings(data_dir=tmp_path, lease_seconds=2, worker_heartbeat_seconds=1)
     reapers = [Reaper(fresh, settings, sent.append) for _ in range(2)]
     _queue(fresh, "waiting")
-    fresh.note_dispatch("waiting")  # its message is in the queue
+    fresh.mark_dispatch("waiting", "message-w")  # its message is in the queue
     _queue(fresh, "orphan")
-    fresh.note_dispatch("orphan")
-    fresh.note_delivery("orphan")  # taken by a worker that found it leased, and acked
+    fresh.mark_dispatch("orphan", "message-o1")
+    fresh.mark_dispatch("orphan", "message-o2")  # sent again (after a pause)
+    assert not fresh.clear_dispatch(
+        "orphan", "message-o1"
+    )  # a late redelivery of the old message: still one on its way
+    assert fresh.clear_dispatch("orphan", "message-o2")  # taken by a worker that found it leased, and acked
     time.sleep(1.1)
     for reaper in reapers:  # two workers' reapers: one message
         reaper.run_once()
