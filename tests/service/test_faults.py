@@ -103,17 +103,14 @@ def faults(service) -> Iterator[Service]:
     service.workers.clear()
 
 
-def _mid_epoch(client: httpx.Client, job_id: str, epoch: int, timeout: float = 90) -> dict:
-    """Wait until the job is inside ``epoch`` (at least two steps in, not at its end); its record."""
+def _into_epoch_two(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
+    """Wait until epoch 1's record is in (epoch 2 has just begun: it takes over a second here); the job."""
 
-    def inside() -> dict | None:
+    def second_epoch() -> dict | None:
         job = client.get(f"/jobs/{job_id}").json()
-        progress = job.get("progress") or {}
-        if job["status"] != "running" or progress.get("epoch") != epoch:
-            return None
-        return job if 2 <= progress.get("step", 0) < progress.get("steps_per_epoch", 0) - 1 else None
+        return job if job["status"] == "running" and job["epochs_completed"] >= 1 else None
 
-    return wait_until(inside, timeout, f"job {job_id} in the middle of epoch {epoch}", interval=0.05)
+    return wait_until(second_epoch, timeout, f"job {job_id} to finish its first epoch", interval=0.05)
 
 
 def _epochs(client: httpx.Client, job_id: str) -> list[int]:
@@ -125,7 +122,7 @@ def test_a_sigkilled_worker_is_replaced_and_the_job_resumes(faults, tmp_path):
     first = service.start_worker("doomed")
     with service.client() as client:
         job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-        _mid_epoch(client, job["id"], epoch=2)
+        _into_epoch_two(client, job["id"])
         os.kill(first.popen.pid, signal.SIGKILL)  # no goodbye: the lease just stops being renewed
         first.popen.wait(10)
         service.start_worker("heir")
@@ -173,16 +170,18 @@ def test_sigterm_pauses_the_job_which_another_worker_finishes(faults, tmp_path):
     first = service.start_worker("leaving")
     with service.client() as client:
         job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-        _mid_epoch(client, job["id"], epoch=2)
+        _into_epoch_two(client, job["id"])
         stopped = time.monotonic()
         first.popen.send_signal(signal.SIGTERM)
         assert first.popen.wait(30) == 0, first.tail()
         assert time.monotonic() - stopped < 15  # one batch and a checkpoint, not the whole job
         paused = client.get(f"/jobs/{job['id']}").json()
         assert paused["status"] == "queued" and paused["restarts"] == 1, paused
-        assert "shut down at epoch 2" in paused["restart_reason"] and paused["epoch"] == 1
+        finished = _epochs(client, job["id"])
+        assert finished == list(range(1, len(finished) + 1)) and 1 <= len(finished) < JOB["epochs"]
+        assert f"shut down during epoch {len(finished) + 1};" in paused["restart_reason"], paused
+        assert paused["epoch"] == len(finished) and paused["epochs_completed"] == len(finished)
         assert (service.data_dir / "runs" / job["id"] / "last.pt").is_file()
-        assert _epochs(client, job["id"]) == [1]
 
         service.start_worker("arriving")
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
@@ -197,7 +196,7 @@ def test_a_redis_restart_loses_nothing_and_the_api_recovers(faults, tmp_path):
     with service.client() as client:
         job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
         queued = client.post("/train", json={"dataset_id": dataset_id, **JOB, "epochs": 1}).json()
-        _mid_epoch(client, job["id"], epoch=2)
+        _into_epoch_two(client, job["id"])
 
         service.redis.process.stop(signal.SIGTERM)  # writes out its AOF and exits
         down = client.get(f"/jobs/{job['id']}")
