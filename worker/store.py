@@ -178,6 +178,12 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 """
 
+_UPDATE_JOB = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
 # ARGV[1]: task id (JSON). Only for an existing job (HSET would create a stub record).
 _MARK_DISPATCH = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
@@ -285,6 +291,7 @@ class Store:
         self._finish = client.register_script(_FINISH)
         self._renew_lease = client.register_script(_RENEW_LEASE)
         self._release_lease = client.register_script(_RELEASE_LEASE)
+        self._update_job = client.register_script(_UPDATE_JOB)
         self._mark_dispatch = client.register_script(_MARK_DISPATCH)
         self._clear_dispatch = client.register_script(_CLEAR_DISPATCH)
 
@@ -429,8 +436,10 @@ class Store:
         value = self.redis.hget(self.job_key(job_id), "status")
         return json.loads(value) if value is not None else None
 
-    def update_job(self, job_id: str, **fields: Any) -> None:
-        self.redis.hset(self.job_key(job_id), mapping=_encode(fields))
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        """Set fields of an existing job (never a stub record for a job Redis lost). False if none."""
+        flat = [item for pair in _encode(fields).items() for item in pair]
+        return bool(self._update_job(keys=[self.job_key(job_id)], args=flat))
 
     def newest_succeeded_job(self) -> str | None:
         """The id of the job that succeeded last, or None if none has."""

@@ -161,7 +161,7 @@ class JobMonitor:
             if now >= next_renew:
                 next_renew = now + (renew_every if self.renew() else min(renew_every, 1.0))
                 if self.lost.is_set():
-                    log.error("lost the lease of job %s to another runner: stopping at the next batch", self.job_id)
+                    log.error("job %s is no longer this runner's (requeued or taken over): stopping", self.job_id)
                     return
             self._check_cancel()
             self.flush()

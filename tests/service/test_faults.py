@@ -222,3 +222,24 @@ def test_a_redis_restart_loses_nothing_and_the_api_recovers(faults, tmp_path):
         second = wait_for_job(client, queued["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert second["status"] == "succeeded" and _epochs(client, queued["id"]) == [1]
         assert client.get("/readyz").status_code == 200
+
+
+def test_records_redis_lost_are_rebuilt_from_the_data_folder(faults, tmp_path):
+    service, dataset_id = faults, faults.dataset_id
+    service.start_worker("rebuilder")
+    with service.client() as client:
+        job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
+        _into_epoch_two(client, job["id"])
+
+        # Redis comes back from a different, empty folder: every record and queued message is gone.
+        service.redis.process.stop(signal.SIGKILL)
+        empty = service.redis.folder.parent / "redis-empty"
+        service.redis = start_redis(empty, service.log_dir, "--appendonly", "yes", port=service.redis.port)
+
+        # A worker sees the new server: datasets and jobs come back from their folders, and the
+        # unfinished job is queued again and resumes from its checkpoint.
+        wait_until(lambda: client.get(f"/datasets/{dataset_id}").status_code == 200, 30, "the dataset rebuilt")
+        done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded", (done, service.worker_logs()[-3000:])
+        assert "rebuilt from its run folder" in done["restart_reason"] and done["restarts"] >= 1
+        assert _epochs(client, job["id"]) == [1, 2, 3]
