@@ -277,7 +277,7 @@ def write_job_file(run_dir: Path, record: dict[str, Any]) -> None:
 
 @dataclass
 class _Outcome:
-    status: str  # succeeded, failed, cancelled, paused, or lost (another runner has the job)
+    status: str  # succeeded, failed, cancelled, or paused (requeued to carry on elsewhere)
     fields: dict[str, Any] = field(default_factory=dict)
 
 
