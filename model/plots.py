@@ -5,13 +5,12 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+# The object-oriented Figure API, not pyplot: no global state, so API threads may draw at
+# once, and no display backend is needed.
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
-matplotlib.use("Agg")  # no display: plots are written to files from workers and servers
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
-from .checkpoint import atomic_write  # noqa: E402
+from .checkpoint import atomic_write
 
 
 def plot_losses(records: list[dict], path: Path | None = None) -> bytes:
@@ -22,7 +21,8 @@ def plot_losses(records: list[dict], path: Path | None = None) -> bytes:
             and ``val_map50`` (None where not measured).
     """
     epochs = [r["epoch"] for r in records]
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=100)
+    fig = Figure(figsize=(7, 4.2), dpi=100)
+    ax = fig.subplots()
     ax.plot(epochs, [r["train_loss"] for r in records], "o-", label="train loss")
     val = [(r["epoch"], r["val_loss"]) for r in records if r.get("val_loss") is not None]
     if val:
@@ -45,7 +45,6 @@ def plot_losses(records: list[dict], path: Path | None = None) -> bytes:
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    plt.close(fig)
     png = buffer.getvalue()
     if path is not None:
         atomic_write(Path(path), lambda file: file.write(png))

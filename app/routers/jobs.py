@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
@@ -22,7 +21,6 @@ stream_router = APIRouter(tags=["jobs"])
 
 MAX_EPOCH = 2**53  # larger epochs cannot exist; bounding them keeps stream ids valid
 _NOT_FOUND = {404: {"description": "No such job."}}
-_plot_lock = threading.Lock()  # matplotlib's pyplot state is not thread-safe
 
 
 def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
@@ -144,11 +142,6 @@ async def stream_losses(
     return EventSourceResponse(_loss_events(redis, store, job_id, after, request), ping=15)
 
 
-def _render_losses(records: list[dict[str, Any]]) -> bytes:
-    with _plot_lock:
-        return plot_losses(records)
-
-
 @router.get(
     "/jobs/{job_id}/losses.png",
     response_class=Response,
@@ -159,7 +152,7 @@ def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     job = _job_or_404(store, job_id)
     records = store.losses(job_id)
     if records:
-        return Response(_render_losses(records), media_type="image/png")
+        return Response(plot_losses(records), media_type="image/png")
     saved = settings.runs_dir / job_id / "losses.png"
     if saved.is_file():
         return Response(saved.read_bytes(), media_type="image/png")

@@ -25,6 +25,7 @@ import pytest
 import redis
 
 from tests.service.helpers import TINY, read_sse, shapes, voc_zip, wait_for_job, zip_folder
+from worker.__main__ import celery_worker_args
 from worker.settings import Settings
 from worker.store import Store
 
@@ -189,28 +190,8 @@ def store(settings) -> Iterator[Store]:
 
 
 def worker_args(name: str) -> list[str]:
-    return [
-        PYTHON,
-        "-m",
-        "celery",
-        "-A",
-        "worker.celery_app",
-        "worker",
-        "--pool",
-        "solo",
-        "--concurrency",
-        "1",
-        "--prefetch-multiplier",
-        "1",
-        "--queues",
-        "training",
-        "--hostname",
-        f"{name}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--loglevel",
-        "INFO",
-    ]
+    """The worker's own argv (as `up` and `python -m worker` run it), on the default queue."""
+    return celery_worker_args(Settings(_env_file=None, queue="training"), name)
 
 
 def wait_for_worker(store: Store, process: Process, name_part: str, timeout: float = 90) -> None:
