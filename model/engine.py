@@ -97,6 +97,7 @@ class FitResult:
     last_checkpoint: Path | None
     best_checkpoint: Path | None
     history: list[dict]
+    paused_at: tuple[int, int] | None = None  # (epoch, training steps done in it) of a paused run
 
 
 class NonFiniteLossError(RuntimeError):
@@ -432,6 +433,7 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
         partial = None
         if outcome == "paused":
             _save_checkpoints(run_dir, run, config, data.classes, history, best, paused_at=result)
+            return _result(outcome, run_dir, history, best, paused_at=(epoch, result.steps_done))
         if outcome != "done":
             return _result(outcome, run_dir, history, best)
         record = result
@@ -590,7 +592,9 @@ def _write_history(run_dir: Path, history: list[dict]) -> None:
     plot_losses(history, run_dir / "losses.png")
 
 
-def _result(status, run_dir: Path, history: list[dict], best: float | None) -> FitResult:
+def _result(
+    status, run_dir: Path, history: list[dict], best: float | None, paused_at: tuple[int, int] | None = None
+) -> FitResult:
     last, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
     validated = bool(history) and history[-1]["val_loss"] is not None
     return FitResult(
@@ -600,4 +604,5 @@ def _result(status, run_dir: Path, history: list[dict], best: float | None) -> F
         last_checkpoint=last if last.exists() else None,
         best_checkpoint=best_path if best_path.exists() else None,
         history=history,
+        paused_at=paused_at,
     )

@@ -241,18 +241,18 @@ def pause_after(checks_before_pause: int) -> Callbacks:
 
 
 @pytest.mark.parametrize(
-    "checks_before_pause, where",
-    [(3, "after two of three training batches"), (4, "before the first validation batch")],
+    "checks_before_pause, where, paused_at",
+    [(3, "after two of three training batches", (1, 2)), (4, "before the first validation batch", (1, 3))],
 )
 def test_a_paused_run_carries_on_to_the_same_result_as_an_uninterrupted_one(
-    shapes, tmp_path, checks_before_pause, where
+    shapes, tmp_path, checks_before_pause, where, paused_at
 ):
     # 8 images, 2 for validation, batches of 2: three training batches, augmentation on.
     config = TrainConfig(epochs=2, val_fraction=0.25, **{**TINY, "batch_size": 2})
     straight = fit(config, shapes, tmp_path / "straight")
 
     paused = fit(config, shapes, tmp_path / "paused", pause_after(checks_before_pause))
-    assert paused.status == "paused" and paused.history == [], where
+    assert paused.status == "paused" and paused.history == [] and paused.paused_at == paused_at, where
     assert load_checkpoint(tmp_path / "paused" / "last.pt")["paused_epoch"] is not None
     resumed = fit(config, shapes, tmp_path / "paused")
     assert resumed.status == "completed"

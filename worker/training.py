@@ -370,7 +370,7 @@ def _outcome(result: FitResult, monitor: JobMonitor, shutdown: threading.Event) 
     if monitor.cancelled.is_set():
         return _Outcome(CANCELLED, fields)
     if result.status == "paused" or shutdown.is_set():
-        return _Outcome("paused", {"epochs_completed": result.epochs_completed})
+        return _Outcome("paused", {"epochs_completed": result.epochs_completed, "paused_at": result.paused_at})
     return _Outcome(CANCELLED, fields)
 
 
@@ -387,8 +387,9 @@ def _record(
     """Write the outcome to Redis (retried within the lease's TTL) and to the run folder's job.json."""
     job_id = job["id"]
     if outcome.status == "paused":
-        epoch = outcome.fields["epochs_completed"] + 1
-        reason = f"{worker_name} was shut down during epoch {epoch}; the job carries on from the batch it had reached"
+        epoch, step = outcome.fields["paused_at"] or (outcome.fields["epochs_completed"] + 1, None)
+        where = f"epoch {epoch}" if step is None else f"epoch {epoch} after step {step}"
+        reason = f"{worker_name} was shut down in {where}; the job carries on from there"
         try:
             requeued = retry_redis(lambda: store.requeue_job(job_id, reason, lease), settings.lease_seconds, "requeue")
         except Exception as error:  # the lease expires and the reaper requeues the job
