@@ -6,11 +6,11 @@ instead of sending it to the thread pool.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import redis.asyncio
 from celery import Celery
-from fastapi import Depends, Request
+from fastapi import Depends, HTTPException, Request
 
 from app.dataset_import import ImportSlots
 from app.inference import DetectionService
@@ -54,3 +54,19 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 DetectorDep = Annotated[DetectionService, Depends(get_detection)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ImportsDep = Annotated[ImportSlots, Depends(get_imports)]
+
+
+def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
+    """The job's record, or 404 naming the id."""
+    job = store.get_job(job_id)
+    if job is None:
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return job
+
+
+def dataset_or_404(store: Store, dataset_id: str) -> dict[str, Any]:
+    """The dataset's record, or 404 naming the id."""
+    dataset = store.get_dataset(dataset_id)
+    if dataset is None:
+        raise HTTPException(404, f"no dataset with id {dataset_id!r}")
+    return dataset

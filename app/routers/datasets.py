@@ -16,7 +16,7 @@ from app.dataset_import import (
     import_archive,
     remove_dataset_files,
 )
-from app.deps import ImportsDep, SettingsDep, StoreDep
+from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.schemas import Dataset, SyntheticDatasetRequest
 from worker.settings import Settings
 from worker.store import Store
@@ -89,10 +89,7 @@ def list_datasets(store: StoreDep) -> list[dict]:
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})
 def get_dataset(dataset_id: str, store: StoreDep) -> dict:
-    record = store.get_dataset(dataset_id)
-    if record is None:
-        raise HTTPException(404, f"no dataset with id {dataset_id!r}")
-    return record
+    return dataset_or_404(store, dataset_id)
 
 
 @router.delete(

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, File, Header, HTTPException, Query, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import DetectorDep, SettingsDep, StoreDep
+from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
 from app.inference import ACCEPTED_FORMATS, DeviceUnavailable, ImageRejected, annotated_png, decode_image
 from app.schemas import DetectResponse
 from worker.settings import Settings
@@ -62,9 +62,7 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
         job_id = store.newest_succeeded_job()
         if job_id is None:
             raise HTTPException(409, "no trained model yet: start a job with POST /train and wait until it succeeds")
-    job = store.get_job(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job with id {job_id!r}")
+    job = job_or_404(store, job_id)
     if not has_model(job):
         raise HTTPException(409, f"job {job_id} is {job['status']} and has no trained model to detect with")
     checkpoint = settings.runs_dir / job_id / Path(job["checkpoint"]).name

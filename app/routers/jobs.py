@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep
+from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
 from app.schemas import Job, JobStatus, Losses, TrainRequest, public_job
 from model.plots import plot_losses
 from worker.queue import dispatch
@@ -21,13 +21,6 @@ stream_router = APIRouter(tags=["jobs"])
 
 MAX_EPOCH = 2**53  # larger epochs cannot exist; bounding them keeps stream ids valid
 _NOT_FOUND = {404: {"description": "No such job."}}
-
-
-def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
-    job = store.get_job(job_id)
-    if job is None:
-        raise HTTPException(404, f"no job with id {job_id!r}")
-    return job
 
 
 @router.post(
@@ -42,9 +35,7 @@ def _job_or_404(store: Store, job_id: str) -> dict[str, Any]:
 )
 def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, celery: CeleryDep) -> dict:
     """Queue a training job on a dataset; a worker picks it up. Watch it at /jobs/{id}."""
-    dataset = store.get_dataset(body.dataset_id)
-    if dataset is None:
-        raise HTTPException(404, f"no dataset with id {body.dataset_id!r}")
+    dataset = dataset_or_404(store, body.dataset_id)
     try:
         config = body.train_config()
     except ValueError as error:
@@ -82,7 +73,7 @@ def list_jobs(
 @router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)
 def get_job(job_id: str, store: StoreDep) -> dict:
     """The job's record with its progress: epoch, step, steps per epoch and ETA in seconds."""
-    return public_job(_job_or_404(store, job_id))
+    return public_job(job_or_404(store, job_id))
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=_NOT_FOUND)
@@ -91,13 +82,13 @@ def cancel_job(job_id: str, store: StoreDep) -> dict:
     A job that has ended already is answered as it is (202, nothing changes)."""
     if store.request_cancel(job_id) is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
-    return public_job(_job_or_404(store, job_id))
+    return public_job(job_or_404(store, job_id))
 
 
 @router.get("/jobs/{job_id}/losses", response_model=Losses, responses=_NOT_FOUND)
 def get_losses(job_id: str, store: StoreDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0) -> dict:
     """One record per finished epoch, oldest first; ``after=N`` returns only epochs after N."""
-    job = _job_or_404(store, job_id)
+    job = job_or_404(store, job_id)
     return {"job_id": job_id, "status": job["status"], "losses": store.losses(job_id, after)}
 
 
@@ -149,7 +140,7 @@ async def stream_losses(
 )
 def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     """The learning curve: train and validation loss per epoch."""
-    job = _job_or_404(store, job_id)
+    job = job_or_404(store, job_id)
     records = store.losses(job_id)
     if records:
         return Response(plot_losses(records), media_type="image/png")
