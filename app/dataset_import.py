@@ -35,6 +35,7 @@ from typing import IO, Any, TypeVar
 
 from model.data import DatasetError, DetectionData, make_shapes_dataset, read_dataset
 from model.data.images import safe_relative_path
+from worker.reaper import DATASET_FILE
 from worker.settings import Settings
 from worker.store import new_id, now_iso
 
@@ -275,7 +276,7 @@ def _record(dataset_id: str, name: str, data: DetectionData, root: str, source: 
 
 
 def _commit(incoming: Path, final: Path, record: dict[str, Any]) -> None:
-    (incoming / "dataset.json").write_text(json.dumps(record, indent=2), encoding="utf-8")
+    (incoming / DATASET_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
     os.rename(incoming, final)
 
 
