@@ -432,10 +432,6 @@ class Store:
     def count_jobs(self) -> int:
         return self.redis.zcard(self._key("jobs"))
 
-    def job_status(self, job_id: str) -> str | None:
-        value = self.redis.hget(self.job_key(job_id), "status")
-        return json.loads(value) if value is not None else None
-
     def update_job(self, job_id: str, **fields: Any) -> bool:
         """Set fields of an existing job (never a stub record for a job Redis lost). False if none."""
         flat = [item for pair in _encode(fields).items() for item in pair]
@@ -551,12 +547,6 @@ class Store:
                 continue
             jobs.append({"id": job_id, **record, "leased": bool(leased)})
         return jobs
-
-    def forget_inactive(self, job_ids: Iterable[str]) -> None:
-        """Drop jobs that are not queued or running from the active set (an entry left by an old writer)."""
-        ids = list(job_ids)
-        if ids:
-            self.redis.srem(self._key("jobs", "active"), *ids)
 
     def index_active_jobs(self) -> int:
         """Add every queued or running job to the active set (records written before it existed)."""
