@@ -110,8 +110,7 @@ def check_detector() -> None:
     classes = ["a", "b", "c"]
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((480, 640), (300, 300), (200, 500))]
     cpu = Detector(model, classes, "cpu").predict(images, score_threshold=0.3)
-    gpu_detector = Detector(SSD300(model.config).eval(), classes, "cuda")
-    gpu_detector.model.load_state_dict(model.state_dict())
+    gpu_detector = Detector(model, classes, "cuda")
     gpu_detector._autocast_dtype = None  # exactness check in fp32; AMP is covered above
     gpu = gpu_detector.predict(images, score_threshold=0.3)
     for i, (c, g) in enumerate(zip(cpu, gpu, strict=True)):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+from collections import defaultdict
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -12,6 +14,7 @@ from torchvision.transforms.v2 import functional as F
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .device import amp_dtype, memory_format, resolve_device
+from .fusion import fold_batch_norms
 from .network import SSD300
 from .postprocess import Detections, postprocess
 
@@ -22,7 +25,8 @@ class Detector:
     """Runs one batched forward pass over a list of images and decodes the boxes.
 
     Args:
-        model: a trained network (its ``config`` gives the input size and variances).
+        model: a trained network (its ``config`` gives the input size and variances). The
+            detector works on its own copy, with batch norms folded into the convolutions.
         classes: class names; class id i (1-based) is ``classes[i - 1]``.
         device: where to run; with CUDA, inference runs in mixed precision and channels_last.
         nms_threshold, topk_candidates: decoding settings (see ``postprocess``).
@@ -40,7 +44,9 @@ class Detector:
         if len(classes) + 1 != model.config.num_classes:
             raise ValueError(f"{len(classes)} class names for a model of {model.config.num_classes - 1} classes")
         self.device = torch.device(device)
-        self.model = model.eval().to(self.device, memory_format=memory_format(self.device))
+        model = copy.deepcopy(model).eval()
+        fold_batch_norms(model)
+        self.model = model.to(self.device, memory_format=memory_format(self.device))
         self.classes = list(classes)
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
@@ -53,13 +59,8 @@ class Detector:
         Raises:
             CheckpointError: unreadable, truncated or foreign checkpoint.
         """
-        state = load_checkpoint(Path(path))
-        try:
-            model = SSD300(ModelConfig.from_dict(state["model_config"]))
-            model.load_state_dict(state["model"])
-        except (TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"{path} does not describe a loadable SSD: {error}") from None
-        return cls(model, state["classes"], resolve_device(device), **kwargs)
+        model, classes = load_model(path)
+        return cls(model, classes, resolve_device(device), **kwargs)
 
     @property
     def image_size(self) -> int:
@@ -68,18 +69,31 @@ class Detector:
     def _prepare(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize every image to the network's square input on the device.
 
+        Images of the same size and dtype go to the device and through the resize together,
+        so a batch of equal-sized images costs one copy and one resize, not one per image.
+
         Returns:
             batch: float Tensor[B, 3, S, S] in 0-1 (channels_last on CUDA).
             sizes: Tensor[B, 2] original ``(width, height)``.
         """
-        batch, sizes = [], []
-        for image in images:
-            tensor = _to_chw_tensor(image).to(self.device, non_blocking=True)
-            sizes.append((tensor.shape[-1], tensor.shape[-2]))
-            tensor = tensor.float() / 255 if tensor.dtype == torch.uint8 else tensor.float()
-            batch.append(F.resize(tensor, [self.image_size, self.image_size], antialias=True))
-        stacked = torch.stack(batch).contiguous(memory_format=memory_format(self.device))
-        return stacked, torch.tensor(sizes, device=self.device)
+        tensors = [_to_chw_tensor(image) for image in images]
+        side = self.image_size
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i, tensor in enumerate(tensors):
+            groups[(*tensor.shape, tensor.dtype)].append(i)
+        resized = []
+        for indices in groups.values():
+            group = torch.stack([tensors[i] for i in indices]).to(self.device, non_blocking=True)
+            group = group.float() / 255 if group.dtype == torch.uint8 else group.float()
+            if group.shape[-2:] != (side, side):
+                group = F.resize(group, [side, side], antialias=True)
+            resized.append(group)
+        batch = torch.cat(resized)
+        if len(groups) > 1:  # back to the callers' order
+            order = torch.tensor([i for indices in groups.values() for i in indices], device=self.device)
+            batch = batch[order.argsort()]
+        sizes = torch.tensor([(t.shape[-1], t.shape[-2]) for t in tensors], device=self.device)
+        return batch.contiguous(memory_format=memory_format(self.device)), sizes
 
     @torch.inference_mode()
     def predict(
@@ -126,6 +140,21 @@ class Detector:
                 ]
             )
         return results
+
+
+def load_model(path: Path | str) -> tuple[SSD300, list[str]]:
+    """The trained network (on the CPU, eval mode) and class names saved in a checkpoint of ``fit``.
+
+    Raises:
+        CheckpointError: unreadable, truncated or foreign checkpoint.
+    """
+    state = load_checkpoint(Path(path))
+    try:
+        model = SSD300(ModelConfig.from_dict(state["model_config"]))
+        model.load_state_dict(state["model"])
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise CheckpointError(f"{path} does not describe a loadable SSD: {error}") from None
+    return model.eval(), state["classes"]
 
 
 def _to_chw_tensor(image: ImageInput) -> torch.Tensor:

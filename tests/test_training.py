@@ -10,7 +10,7 @@ from torchvision.ops import box_iou
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
-from model.detector import Detector
+from model.detector import Detector, load_model
 from model.engine import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
 
 # A tiny network with SSD300's topology and default boxes, so CPU tests stay fast.
@@ -80,13 +80,14 @@ def test_run_folder_holds_config_metrics_plot_and_checkpoints(overfitted):
 def test_checkpoint_round_trip_gives_identical_outputs(overfitted):
     result, _ = overfitted
     state = load_checkpoint(result.last_checkpoint)
-    detector = Detector.from_checkpoint(result.last_checkpoint, device="cpu")
-    model = build_model(detector.model.config, TrainConfig(**TINY))
+    loaded, classes = load_model(result.last_checkpoint)
+    model = build_model(loaded.config, TrainConfig(**TINY))
     model.load_state_dict(state["model"])
     model.eval()
     images = torch.rand(2, 3, 300, 300)
     with torch.no_grad():
-        torch.testing.assert_close(model(images), detector.model(images), rtol=0, atol=0)
+        torch.testing.assert_close(model(images), loaded(images), rtol=0, atol=0)
+    assert classes == ["circle", "square", "triangle"]
 
 
 def test_truncated_and_foreign_checkpoints_give_clear_errors(overfitted, tmp_path):
