@@ -186,16 +186,19 @@ def run_our_net(model, images, device, dtype):
 
 
 def bench_inference(rows: list, device: torch.device, quick: bool) -> None:
+    """Both backbones: vgg16 is the peer's architecture; vgg16_bn (the default) shows what
+    the Detector's batch-norm folding buys ("ours_net" times the unfolded network)."""
     batches = [1, 8] if quick else ([1, 32, 128] if device.type == "cuda" else [1, 8])
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
+    classes = [f"c{i}" for i in range(1, NUM_CLASSES)]
     tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device).eval()
-    ours_net = SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone="vgg16")).to(device).eval()
-    detector = Detector(ours_net, [f"c{i}" for i in range(1, NUM_CLASSES)], device)
+    ours = {b: SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone=b)).eval() for b in ("vgg16", "vgg16_bn")}
+    detectors = {b: Detector(net, classes, device) for b, net in ours.items()}
+    ours = {b: net.to(device, memory_format=memory_format(device)) for b, net in ours.items()}
     for name, dtype in precisions:
         # The peer's best layout: channels_last helps it only in reduced precision.
         tv_layout = torch.channels_last if dtype else torch.contiguous_format
         tv = tv.to(memory_format=tv_layout)
-        detector._autocast_dtype = dtype
         for batch in batches:
             images = torch.rand(batch, 3, 300, 300, device=device)
             image_list = list(images)
@@ -203,16 +206,18 @@ def bench_inference(rows: list, device: torch.device, quick: bool) -> None:
             timed = {
                 "tv_net": partial(run_torchvision_net, tv, images.contiguous(memory_format=tv_layout), device, dtype),
                 "tv_full": partial(run_torchvision_full, tv, image_list, device, dtype),
-                "ours_net": partial(
-                    run_our_net, ours_net, images.contiguous(memory_format=memory_format(device)), device, dtype
-                ),
-                "ours_full@0.01": partial(detector.predict, image_list, 0.01, 200),
-                "ours_full@0.5": partial(detector.predict, image_list, 0.5, 100),
             }
+            ours_layout = images.contiguous(memory_format=memory_format(device))
+            for backbone, detector in detectors.items():
+                detector._autocast_dtype = dtype
+                timed[f"{backbone}_net"] = partial(run_our_net, ours[backbone], ours_layout, device, dtype)
+                timed[f"{backbone}_full@0.01"] = partial(detector.predict, image_list, 0.01, 200)
+            timed["vgg16_full@0.5"] = partial(detectors["vgg16"].predict, image_list, 0.5, 100)
             t = {key: median_seconds(fn, device, iters, warm) for key, fn in timed.items()}
             row = {"row": f"infer {name} bs{batch}", **{f"{k}_img_s": batch / v for k, v in t.items()}}
-            row["ours_full@0.01 / tv_net"] = t["tv_net"] / t["ours_full@0.01"]
-            row["ours_full@0.01 / tv_full"] = t["tv_full"] / t["ours_full@0.01"]
+            for backbone in detectors:
+                row[f"{backbone}_full@0.01 / tv_net"] = t["tv_net"] / t[f"{backbone}_full@0.01"]
+            row["vgg16_full@0.01 / tv_full"] = t["tv_full"] / t["vgg16_full@0.01"]
             rows.append(row)
             print(row, flush=True)
 
