@@ -18,10 +18,11 @@ import logging
 import os
 import socket
 import threading
+from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.queue import dispatch, make_celery
+from worker.queue import broker_messages, dispatch, make_celery
 from worker.reaper import Reaper
 from worker.settings import Settings
 from worker.store import Store
@@ -60,7 +61,7 @@ def _remember_node_name(sender: str, **_kwargs) -> None:
 
 
 def _beat() -> None:
-    reaper = Reaper(store(), settings, send_again)
+    reaper = Reaper(store(), settings, send_again, broker_messages=partial(broker_messages, store().redis, settings))
     while True:
         try:
             store().worker_heartbeat(node_name())

@@ -25,18 +25,27 @@ Why these settings:
 Each message sent for a job (``dispatch``) has a fresh task id, kept as the job's
 ``dispatch_id`` until a worker takes that message: the reaper sends a queued job's task
 again only when no message is on its way (redeliveries of older messages do not count).
+A ``dispatch_id`` whose message never reached the broker (the sender died between recording
+the id and sending) is found by looking for it there (``broker_messages``).
 """
 
 from __future__ import annotations
 
 import uuid
 
+import redis
 from celery import Celery
 
 from worker.settings import Settings
 from worker.store import Store
 
 TRAIN_TASK = "ssd.train"
+# Kombu's Redis transport: one list per queue and priority level (priority 0 is the bare
+# queue name, others add this separator and the level), and a hash of the messages delivered
+# to workers and not yet acked.
+_PRIORITY_SEPARATOR = "\x06\x16"
+_PRIORITY_STEPS = (0, 3, 6, 9)
+_UNACKED = "unacked"
 
 
 def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
@@ -84,3 +93,22 @@ def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
     except Exception:
         store.clear_dispatch(job_id, task_id)
         raise
+
+
+def broker_messages(client: redis.Redis, settings: Settings) -> str:
+    """The raw text of every training message the broker holds, queued or delivered to a worker
+    and not acked yet (with ``task_acks_late``, until its training ends), one per line.
+
+    Whether a task id (32 hex digits) is in the broker is then a substring test on this text
+    rather than a parse of each message, so a change of the message layout cannot hide a
+    message that is there. The queue lists are bounded by ``SSD_MAX_QUEUED_JOBS``, the
+    unacked hash by the number of workers.
+    """
+    prefix = f"{settings.key_prefix}:celery:"
+    lists = [settings.queue + (f"{_PRIORITY_SEPARATOR}{step}" if step else "") for step in _PRIORITY_STEPS]
+    pipe = client.pipeline(transaction=False)
+    for name in lists:
+        pipe.lrange(prefix + name, 0, -1)
+    pipe.hvals(prefix + _UNACKED)
+    messages = [message for found in pipe.execute() for message in found]
+    return "\n".join(m if isinstance(m, str) else m.decode("utf-8", "replace") for m in messages)

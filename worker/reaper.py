@@ -13,7 +13,10 @@ at once or a message turns up late: a second runner cannot take a held lease.
 - **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
   was taken by a worker that found the job leased and acked it, a requeue's send failed, a
   worker died between taking the message and starting): its task is sent again, by one
-  reaper.
+  reaper. The same when the ``dispatch_id``'s message is in neither the queue nor a
+  worker's unacked hand on two passes half a lease TTL apart (its sender died between
+  recording the id and sending; two looks, because a worker moves a message from the queue
+  to its unacked hash in two steps).
 - **Redis lost records** (it restarted without them, seen as a new server run id, and at
   worker start): datasets come back from ``datasets/<id>/dataset.json`` and jobs from
   ``runs/<id>/job.json`` with their losses from ``metrics.jsonl``; an unfinished job is
@@ -46,13 +49,27 @@ class Reaper:
         settings: Settings,
         dispatch: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
+        broker_messages: Callable[[], str] | None = None,
     ):
+        """
+        Args:
+            dispatch: sends a job's task (``worker.queue.dispatch``).
+            clock: monotonic seconds (tests move it by hand).
+            broker_messages: the raw text of the task messages queued or unacked
+                (``worker.queue.broker_messages``); None trusts every ``dispatch_id`` to be
+                on its way.
+        """
         self.store = store
         self.settings = settings
         self.dispatch = dispatch
         self.clock = clock
+        self.broker_messages = broker_messages
+        self._broker_text: str | None = None  # read at most once a pass, when needed
         self.grace = settings.lease_seconds / 2
         self._missing_since: dict[str, float] = {}
+        # (job id, dispatch id) -> when this reaper first found that message not in the broker.
+        self._unsent_since: dict[tuple[str, str], float] = {}
+        self._unsent_seen: dict[tuple[str, str], float] = {}
         self._server: str | None = None
 
     def run_once(self) -> list[str]:
@@ -66,6 +83,7 @@ class Reaper:
             self._server = server
         now = self.clock()
         missing: dict[str, float] = {}
+        self._unsent_seen, self._broker_text = {}, None
         for job in self.store.active_jobs():
             if job["leased"]:
                 continue
@@ -74,9 +92,10 @@ class Reaper:
                 if now - since >= self.grace and self._requeue(job):
                     actions.append(f"requeued {job['id']}")
                     missing.pop(job["id"])
-            elif job["status"] == QUEUED and self._redispatch(job):
+            elif job["status"] == QUEUED and self._redispatch(job, now):
                 actions.append(f"dispatched {job['id']}")
         self._missing_since = missing
+        self._unsent_since = self._unsent_seen
         return actions
 
     def _requeue(self, job: dict[str, Any]) -> bool:
@@ -90,12 +109,30 @@ class Reaper:
         self._send(job["id"])
         return True
 
-    def _redispatch(self, job: dict[str, Any]) -> bool:
+    def _redispatch(self, job: dict[str, Any], now: float) -> bool:
         age = time.time() - (job["enqueued_at"] or 0)
-        if job["dispatch_id"] or age < self.grace or not self.store.claim_redispatch(job["id"], 2 * self.grace):
+        if age < self.grace or (job["dispatch_id"] and not self._message_lost(job, now)):
+            return False
+        if not self.store.claim_redispatch(job["id"], 2 * self.grace):
             return False
         log.warning("job %s is queued with no task message on its way; sending one", job["id"])
         self._send(job["id"])
+        return True
+
+    def _message_lost(self, job: dict[str, Any], now: float) -> bool:
+        """The job's newest message is not in the broker, and was not there half a lease TTL ago
+        either; its ``dispatch_id`` is then cleared (unless a newer message went out meanwhile)."""
+        if self.broker_messages is None:
+            return False
+        if self._broker_text is None:
+            self._broker_text = self.broker_messages()
+        if job["dispatch_id"] in self._broker_text:
+            return False
+        key = (job["id"], job["dispatch_id"])
+        since = self._unsent_seen[key] = self._unsent_since.get(key, now)
+        if now - since < self.grace or not self.store.clear_dispatch(job["id"], job["dispatch_id"]):
+            return False
+        log.warning("job %s: its task message %s never reached the broker", job["id"], job["dispatch_id"])
         return True
 
     def _send(self, job_id: str) -> None:
