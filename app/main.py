@@ -19,7 +19,7 @@ from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, jobs, ops, web
-from app.security import require_api_key, require_api_key_or_query
+from app.security import mask_keys_in_access_log, require_api_key, require_api_key_or_query
 from worker.queue import make_celery
 from worker.settings import Settings
 from worker.store import Store
@@ -42,6 +42,7 @@ When the server has API keys (`SSD_API_KEY`), send one in the `X-API-Key` header
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The API with its own Redis clients, Celery client, detector cache and metrics registry."""
     settings = settings or Settings()
+    mask_keys_in_access_log()
     store = Store.from_url(settings.redis_url, settings.key_prefix)
     metrics = Metrics(store.status_counts)
     detection = DetectionService(

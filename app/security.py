@@ -4,12 +4,15 @@ The key travels in the ``X-API-Key`` header; only the Server-Sent Events route a
 ``?api_key=``, because a browser's ``EventSource`` cannot send headers. Keys are compared in
 constant time, each of them, so the answer's timing says nothing about how close a guess
 was or which key it matched. The web page (``/``, ``/static``) and the OpenAPI docs are no
-data and stay open: the page asks for the key itself.
+data and stay open: the page asks for the key itself. A key given in the query is masked in
+uvicorn's access log, which would otherwise record it with the path.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
+import re
 from typing import Annotated
 
 from fastapi import HTTPException, Request, Security
@@ -21,6 +24,25 @@ api_key_header = APIKeyHeader(
 api_key_query = APIKeyQuery(
     name="api_key", auto_error=False, description="Only for the event stream: browsers cannot set its headers."
 )
+
+
+_KEY_IN_QUERY = re.compile(r"([?&]api_key=)[^&\s]*")
+
+
+class MaskQueryKeys(logging.Filter):
+    """Replaces the value of ``api_key=`` in a log record's string arguments with ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_KEY_IN_QUERY.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        return True
+
+
+def mask_keys_in_access_log() -> None:
+    """Install ``MaskQueryKeys`` on uvicorn's access logger (once per process)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, MaskQueryKeys) for f in logger.filters):
+        logger.addFilter(MaskQueryKeys())
 
 
 def check_api_key(keys: tuple[bytes, ...], presented: str | None) -> None:

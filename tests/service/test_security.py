@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from app.main import create_app
+from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
 from worker.settings import Settings
 
 KEY = "k" * 20
@@ -145,3 +146,18 @@ def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
     store.request_cancel(answers[0].json()["id"])  # a cancelled job leaves the queue: room for one more
     assert run_requests(settings, [train])[0].status_code == 202
     store.redis.close()
+
+
+def test_a_key_in_the_query_is_masked_in_the_access_log(env, log_dir):
+    port = free_port()
+    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process(f"api-keys-{port}", args, {**env, "SSD_API_KEY": KEY}, log_dir)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
+        answer = httpx.get(f"http://127.0.0.1:{port}/jobs/nope/events?after=1&api_key={KEY}", timeout=10)
+        assert answer.status_code == 404  # the key was taken: the job is what is missing
+        wait_until(lambda: "/jobs/nope/events" in process.log.read_text(), 10, "the access log line")
+    finally:
+        process.stop()
+    log = process.log.read_text()
+    assert "/jobs/nope/events?after=1&api_key=*** HTTP/1.1" in log and KEY not in log
