@@ -9,6 +9,7 @@ Both networks get the same random 300x300 images and targets on the same device.
 - infer net: backbone + heads only. infer full: preprocessing + network + decoding + NMS.
 
 Usage: python bench/bench_model.py [--quick] [--device cpu|cuda] [--json out.json]
+       [--only train|loss|infer] [--checkpoint best.pt (inference with trained weights)]
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from torchvision.models.detection import ssd300_vgg16
 from torchvision.ops import box_iou
 
 from model.config import ModelConfig, TrainConfig
-from model.detector import Detector
+from model.detector import Detector, load_model
 from model.device import memory_format
 from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
@@ -185,14 +186,29 @@ def run_our_net(model, images, device, dtype):
         model(images)
 
 
-def bench_inference(rows: list, device: torch.device, quick: bool) -> None:
+def inference_models(checkpoint: str | None) -> tuple[dict[str, SSD300], list[str]]:
+    """Our networks by backbone, and their class names: random vgg16 and vgg16_bn, or a trained one.
+
+    Random weights put nearly every class score above 0.01: the worst case for decoding. A
+    trained checkpoint gives the candidate counts real images give.
+    """
+    if checkpoint:
+        model, classes = load_model(checkpoint)
+        if model.config.width_multiplier != 1.0 or model.config.image_size != 300:
+            print(f"warning: {checkpoint} is not SSD300 at full width: no like-for-like comparison", flush=True)
+        return {model.config.backbone: model}, classes
+    classes = [f"c{i}" for i in range(1, NUM_CLASSES)]
+    return {b: SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone=b)).eval() for b in ("vgg16", "vgg16_bn")}, classes
+
+
+def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: str | None = None) -> None:
     """Both backbones: vgg16 is the peer's architecture; vgg16_bn (the default) shows what
     the Detector's batch-norm folding buys ("ours_net" times the unfolded network)."""
     batches = [1, 8] if quick else ([1, 32, 128] if device.type == "cuda" else [1, 8])
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
-    classes = [f"c{i}" for i in range(1, NUM_CLASSES)]
-    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device).eval()
-    ours = {b: SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone=b)).eval() for b in ("vgg16", "vgg16_bn")}
+    ours, classes = inference_models(checkpoint)
+    # The peer's network time does not depend on its weights; it gets the same class count.
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(classes) + 1).to(device).eval()
     detectors = {b: Detector(net, classes, device) for b, net in ours.items()}
     ours = {b: net.to(device, memory_format=memory_format(device)) for b, net in ours.items()}
     for name, dtype in precisions:
@@ -212,12 +228,14 @@ def bench_inference(rows: list, device: torch.device, quick: bool) -> None:
                 detector._autocast_dtype = dtype
                 timed[f"{backbone}_net"] = partial(run_our_net, ours[backbone], ours_layout, device, dtype)
                 timed[f"{backbone}_full@0.01"] = partial(detector.predict, image_list, 0.01, 200)
-            timed["vgg16_full@0.5"] = partial(detectors["vgg16"].predict, image_list, 0.5, 100)
+            first = next(iter(detectors))
+            timed[f"{first}_full@0.5"] = partial(detectors[first].predict, image_list, 0.5, 100)
             t = {key: median_seconds(fn, device, iters, warm) for key, fn in timed.items()}
-            row = {"row": f"infer {name} bs{batch}", **{f"{k}_img_s": batch / v for k, v in t.items()}}
+            weights = "trained" if checkpoint else "random"
+            row = {"row": f"infer {name} bs{batch} {weights}", **{f"{k}_img_s": batch / v for k, v in t.items()}}
             for backbone in detectors:
                 row[f"{backbone}_full@0.01 / tv_net"] = t["tv_net"] / t[f"{backbone}_full@0.01"]
-            row["vgg16_full@0.01 / tv_full"] = t["tv_full"] / t["vgg16_full@0.01"]
+                row[f"{backbone}_full@0.01 / tv_full"] = t["tv_full"] / t[f"{backbone}_full@0.01"]
             rows.append(row)
             print(row, flush=True)
 
@@ -228,6 +246,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
     parser.add_argument("--only", choices=["train", "loss", "infer"])
+    parser.add_argument("--checkpoint", help="inference rows with this trained checkpoint instead of random weights")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -248,7 +267,7 @@ def main() -> None:
     if args.only in (None, "train"):
         bench_training(rows, device, args.quick)
     if args.only in (None, "infer"):
-        bench_inference(rows, device, args.quick)
+        bench_inference(rows, device, args.quick, args.checkpoint)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

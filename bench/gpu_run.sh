@@ -3,7 +3,7 @@
 #   bash bench/gpu_run.sh          CUDA correctness checks, then throughput against torchvision
 #                                  (inference first, then matching + loss, then the training step)
 #   bash bench/gpu_run.sh shapes   the synthetic-shapes sanity run (needs pycocotools: wheels in .whl/
-#                                  when the machine lacks it)
+#                                  when the machine lacks it), then inference with its trained weights
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -16,6 +16,9 @@ if [ "${1:-}" = shapes ]; then
     --num-workers 14 --max-seconds 170 --out /tmp/shapes 2>&1 | tee "$OUT/train_shapes.log"
   cp /tmp/shapes/summary.json "$OUT/train_shapes_summary.json" 2>/dev/null
   cp /tmp/shapes/run/losses.png "$OUT/train_shapes_losses.png" 2>/dev/null
+  # Inference again with those trained weights: the candidate counts real images give to NMS.
+  timeout 150 python3 bench/bench_model.py --only infer --checkpoint /tmp/shapes/run/best.pt \
+    --json "$OUT/bench_infer_trained.json" 2>&1 | tee "$OUT/bench_infer_trained.log"
 else
   timeout 90 python3 bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.log"
   timeout 180 python3 bench/bench_model.py --only infer --json "$OUT/bench_infer.json" 2>&1 | tee "$OUT/bench_infer.log"
