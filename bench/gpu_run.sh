@@ -3,7 +3,8 @@
 #   bash bench/gpu_run.sh          CUDA correctness checks, then throughput against torchvision
 #                                  (inference first, then matching + loss, then the training step)
 #   bash bench/gpu_run.sh shapes   the synthetic-shapes sanity run (needs pycocotools: wheels in .whl/
-#                                  when the machine lacks it), then inference with its trained weights
+#                                  when the machine lacks it: pip download pycocotools --only-binary :all:
+#                                  --python-version 3.12 --no-deps -d .whl), then inference with its trained weights
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
