@@ -107,7 +107,9 @@ async def _loss_events(redis, store: Store, job_id: str, after: int, request: Re
             yield ServerSentEvent(data=fields["record"], event="epoch", id=str(last))
         if ended and not entries:
             job = decode_fields(await redis.hgetall(job_key))
-            yield ServerSentEvent(data=json.dumps(public_job(job) if job else {"id": job_id}), event="status")
+            # The same fields GET /jobs/{id} shows: the model drops the store's internal ones.
+            shown = Job.model_validate(public_job(job)).model_dump(mode="json") if job else {"id": job_id}
+            yield ServerSentEvent(data=json.dumps(shown), event="status")
             return
 
 

@@ -49,12 +49,13 @@ def test_training_job_end_to_end(trained, client, settings):
     assert job["id"] in [j["id"] for j in client.get("/jobs?status=succeeded").json()]
 
 
-def test_sse_stream_yields_each_epoch_once_then_the_final_status(trained, api):
+def test_sse_stream_yields_each_epoch_once_then_the_final_status(trained, api, client):
     events = trained["events"]
     assert [e[0] for e in events] == ["epoch", "epoch", "status"], events
     assert [e[1]["epoch"] for e in events[:2]] == [1, 2]
     assert [e[2] for e in events[:2]] == ["1", "2"]
-    assert events[2][1]["status"] == "succeeded"
+    assert events[2][1] == client.get(f"/jobs/{trained['job']['id']}").json()  # the job as GET shows it
+    assert events[2][1]["status"] == "succeeded" and "lease_token" not in events[2][1]
 
     # After the job ended: history (after Last-Event-ID), then the status at once.
     replay, done = [], threading.Event()
