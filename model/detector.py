@@ -19,6 +19,8 @@ from .network import SSD300
 from .postprocess import Detections, postprocess
 
 ImageInput = Image.Image | torch.Tensor
+# Input pixels converted to float32 and resized at once (about 200 MB of float32 at full size).
+_PIXELS_PER_RESIZE = 2**24
 
 
 class Detector:
@@ -69,31 +71,39 @@ class Detector:
     def _prepare(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize every image to the network's square input on the device.
 
-        Images of the same size and dtype go to the device and through the resize together,
-        so a batch of equal-sized images costs one copy and one resize, not one per image.
+        Images of the same size, dtype and device go to the device and through the resize
+        together, so a batch of equal-sized images costs a few copies and resizes, not one per
+        image; at most ``_PIXELS_PER_RESIZE`` input pixels at a time, so that large photos do
+        not all sit in float32 at full size at once.
 
         Returns:
             batch: float Tensor[B, 3, S, S] in 0-1 (channels_last on CUDA).
             sizes: Tensor[B, 2] original ``(width, height)``.
         """
         tensors = [_to_chw_tensor(image) for image in images]
-        side = self.image_size
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, tensor in enumerate(tensors):
-            groups[(*tensor.shape, tensor.dtype)].append(i)
-        resized = []
+            groups[(*tensor.shape, tensor.dtype, tensor.device)].append(i)
+        order, resized = [], []
         for indices in groups.values():
-            group = torch.stack([tensors[i] for i in indices]).to(self.device, non_blocking=True)
-            group = group.float() / 255 if group.dtype == torch.uint8 else group.float()
-            if group.shape[-2:] != (side, side):
-                group = F.resize(group, [side, side], antialias=True)
-            resized.append(group)
+            height, width = tensors[indices[0]].shape[-2:]
+            per_resize = max(1, _PIXELS_PER_RESIZE // (height * width))
+            for start in range(0, len(indices), per_resize):
+                chunk = indices[start : start + per_resize]
+                resized.append(self._resize(torch.stack([tensors[i] for i in chunk])))
+                order += chunk
         batch = torch.cat(resized)
-        if len(groups) > 1:  # back to the callers' order
-            order = torch.tensor([i for indices in groups.values() for i in indices], device=self.device)
-            batch = batch[order.argsort()]
+        if order != sorted(order):  # back to the callers' order
+            batch = batch[torch.tensor(order, device=self.device).argsort()]
         sizes = torch.tensor([(t.shape[-1], t.shape[-2]) for t in tensors], device=self.device)
         return batch.contiguous(memory_format=memory_format(self.device)), sizes
+
+    def _resize(self, images: torch.Tensor) -> torch.Tensor:
+        """Tensor[N, 3, H, W] (uint8 0-255 or float 0-1) -> float Tensor[N, 3, S, S] 0-1 on the device."""
+        images = images.to(self.device, non_blocking=True)  # uint8 travels at a quarter of float's size
+        images = images.float() / 255 if images.dtype == torch.uint8 else images.float()
+        side = self.image_size
+        return images if images.shape[-2:] == (side, side) else F.resize(images, [side, side], antialias=True)
 
     @torch.inference_mode()
     def predict(

@@ -22,20 +22,24 @@ def one_at_a_time(image: torch.Tensor) -> torch.Tensor:
     return F.resize(image, [300, 300], antialias=True)
 
 
-def test_a_mixed_batch_is_prepared_as_one_image_at_a_time_in_the_callers_order(detector):
+@pytest.mark.parametrize("pixels_per_resize", [2**24, 2 * 240 * 320], ids=["one resize a size", "chunked"])
+def test_a_mixed_batch_is_prepared_as_one_image_at_a_time_in_the_callers_order(
+    detector, monkeypatch, pixels_per_resize
+):
+    monkeypatch.setattr("model.detector._PIXELS_PER_RESIZE", pixels_per_resize)
     generator = torch.Generator().manual_seed(1)
     small = torch.randint(0, 256, (3, 240, 320), dtype=torch.uint8, generator=generator)
     square = torch.randint(0, 256, (3, 300, 300), dtype=torch.uint8, generator=generator)
     tall = torch.rand(3, 500, 200, generator=generator)
     rgba = Image.fromarray(torch.randint(0, 256, (240, 320, 4), dtype=torch.uint8, generator=generator).numpy())
-    images = [small, tall, rgba, square, small.flip(-1), tall.clone()]
+    images = [small, tall, rgba, square, small.flip(-1), tall.clone(), small.flip(-2)]
 
     batch, sizes = detector._prepare(images)
 
-    as_tensors = [small, tall, F.pil_to_tensor(rgba.convert("RGB")), square, small.flip(-1), tall]
+    as_tensors = [small, tall, F.pil_to_tensor(rgba.convert("RGB")), square, small.flip(-1), tall, small.flip(-2)]
     expected = torch.stack([one_at_a_time(t) for t in as_tensors])
     torch.testing.assert_close(batch, expected, rtol=0, atol=1e-6)
-    assert sizes.tolist() == [[320, 240], [200, 500], [320, 240], [300, 300], [320, 240], [200, 500]]
+    assert sizes.tolist() == [[320, 240], [200, 500], [320, 240], [300, 300], [320, 240], [200, 500], [320, 240]]
 
 
 def test_detections_of_an_image_do_not_depend_on_its_batch_neighbours(detector):
