@@ -22,7 +22,7 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.queue import broker_messages, dispatch, make_celery
+from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
 from worker.settings import Settings
 from worker.store import Store
@@ -61,7 +61,7 @@ def _remember_node_name(sender: str, **_kwargs) -> None:
 
 
 def _beat() -> None:
-    reaper = Reaper(store(), settings, send_again, broker_messages=partial(broker_messages, store().redis, settings))
+    reaper = Reaper(store(), settings, send_again, broker_task_ids=partial(task_ids_in_broker, store().redis, settings))
     while True:
         try:
             store().worker_heartbeat(node_name())

@@ -26,11 +26,12 @@ Each message sent for a job (``dispatch``) has a fresh task id, kept as the job'
 ``dispatch_id`` until a worker takes that message: the reaper sends a queued job's task
 again only when no message is on its way (redeliveries of older messages do not count).
 A ``dispatch_id`` whose message never reached the broker (the sender died between recording
-the id and sending) is found by looking for it there (``broker_messages``).
+the id and sending) is found by looking for it there (``task_ids_in_broker``).
 """
 
 from __future__ import annotations
 
+import re
 import uuid
 
 import redis
@@ -46,6 +47,7 @@ TRAIN_TASK = "ssd.train"
 _PRIORITY_SEPARATOR = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
 _UNACKED = "unacked"
+_TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 
 def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
@@ -95,14 +97,16 @@ def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
         raise
 
 
-def broker_messages(client: redis.Redis, settings: Settings) -> str:
-    """The raw text of every training message the broker holds, queued or delivered to a worker
-    and not acked yet (with ``task_acks_late``, until its training ends), one per line.
+def task_ids_in_broker(client: redis.Redis, settings: Settings) -> set[str]:
+    """The task ids of every training message the broker holds, queued or delivered to a worker
+    and not acked yet (with ``task_acks_late``, until its training ends).
 
-    Whether a task id (32 hex digits) is in the broker is then a substring test on this text
-    rather than a parse of each message, so a change of the message layout cannot hide a
-    message that is there. The queue lists are bounded by ``SSD_MAX_QUEUED_JOBS``, the
-    unacked hash by the number of workers.
+    Ids are taken as every run of 32 hex digits in the messages' raw text (the form of the
+    ids ``dispatch`` makes) rather than parsed out of each message, so a change of the message
+    layout cannot hide a message that is there; another such run in a message only ever
+    makes a lost message look present. The lists hold every message not yet taken, those of
+    cancelled jobs included; the hash, one message per busy worker (and those of workers that
+    died, until the visibility timeout restores them).
     """
     prefix = f"{settings.key_prefix}:celery:"
     lists = [settings.queue + (f"{_PRIORITY_SEPARATOR}{step}" if step else "") for step in _PRIORITY_STEPS]
@@ -110,5 +114,4 @@ def broker_messages(client: redis.Redis, settings: Settings) -> str:
     for name in lists:
         pipe.lrange(prefix + name, 0, -1)
     pipe.hvals(prefix + _UNACKED)
-    messages = [message for found in pipe.execute() for message in found]
-    return "\n".join(m if isinstance(m, str) else m.decode("utf-8", "replace") for m in messages)
+    return {task_id for found in pipe.execute() for message in found for task_id in _TASK_ID.findall(message)}

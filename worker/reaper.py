@@ -42,6 +42,13 @@ JOB_FILE = "job.json"  # a job's record in its run folder (written by the worker
 DATASET_FILE = "dataset.json"  # a dataset's record in its folder (written by the API's import)
 
 
+class _EveryId(frozenset):
+    """The broker's task ids when they could not be read: every message counts as there."""
+
+    def __contains__(self, task_id: object) -> bool:
+        return True
+
+
 class Reaper:
     def __init__(
         self,
@@ -49,22 +56,22 @@ class Reaper:
         settings: Settings,
         dispatch: Callable[[str], None],
         clock: Callable[[], float] = time.monotonic,
-        broker_messages: Callable[[], str] | None = None,
+        broker_task_ids: Callable[[], set[str]] | None = None,
     ):
         """
         Args:
             dispatch: sends a job's task (``worker.queue.dispatch``).
             clock: monotonic seconds (tests move it by hand).
-            broker_messages: the raw text of the task messages queued or unacked
-                (``worker.queue.broker_messages``); None trusts every ``dispatch_id`` to be
+            broker_task_ids: the ids of the task messages queued or unacked
+                (``worker.queue.task_ids_in_broker``); None trusts every ``dispatch_id`` to be
                 on its way.
         """
         self.store = store
         self.settings = settings
         self.dispatch = dispatch
         self.clock = clock
-        self.broker_messages = broker_messages
-        self._broker_text: str | None = None  # read at most once a pass, when needed
+        self.broker_task_ids = broker_task_ids
+        self._in_broker: set[str] | None = None  # read at most once a pass, when needed
         self.grace = settings.lease_seconds / 2
         self._missing_since: dict[str, float] = {}
         # (job id, dispatch id) -> when this reaper first found that message not in the broker.
@@ -83,7 +90,7 @@ class Reaper:
             self._server = server
         now = self.clock()
         missing: dict[str, float] = {}
-        self._unsent_seen, self._broker_text = {}, None
+        self._unsent_seen, self._in_broker = {}, None
         for job in self.store.active_jobs():
             if job["leased"]:
                 continue
@@ -122,11 +129,15 @@ class Reaper:
     def _message_lost(self, job: dict[str, Any], now: float) -> bool:
         """The job's newest message is not in the broker, and was not there half a lease TTL ago
         either; its ``dispatch_id`` is then cleared (unless a newer message went out meanwhile)."""
-        if self.broker_messages is None:
+        if self.broker_task_ids is None:
             return False
-        if self._broker_text is None:
-            self._broker_text = self.broker_messages()
-        if job["dispatch_id"] in self._broker_text:
+        if self._in_broker is None:
+            try:
+                self._in_broker = self.broker_task_ids()
+            except Exception as error:  # nothing is sent again on a guess
+                log.warning("cannot read the task messages in the broker: %s", error)
+                self._in_broker = _EveryId()
+        if job["dispatch_id"] in self._in_broker:
             return False
         key = (job["id"], job["dispatch_id"])
         since = self._unsent_seen[key] = self._unsent_since.get(key, now)

@@ -9,7 +9,7 @@ from functools import partial
 
 import pytest
 
-from worker.queue import broker_messages, dispatch, make_celery
+from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
 from worker.settings import Settings
 from worker.store import Store, new_job
@@ -46,7 +46,7 @@ def test_a_sent_message_is_found_queued_then_unacked_and_not_after_its_ack(broke
     store, settings, celery = broker
 
     def in_broker(task_id: str) -> bool:
-        return task_id in broker_messages(store.redis, settings)
+        return task_id in task_ids_in_broker(store.redis, settings)
 
     _queue(store, "j1")
     dispatch(celery, store, "j1", settings.queue)
@@ -68,7 +68,7 @@ def test_the_reaper_resends_a_recorded_message_that_never_reached_the_broker(bro
     sent: list[str] = []
     clock = _Clock()
     reaper = Reaper(
-        store, settings, sent.append, clock, broker_messages=partial(broker_messages, store.redis, settings)
+        store, settings, sent.append, clock, broker_task_ids=partial(task_ids_in_broker, store.redis, settings)
     )
     _queue(store, "sent")
     dispatch(celery, store, "sent", settings.queue)
@@ -96,3 +96,22 @@ def test_without_a_broker_check_a_recorded_message_is_trusted(broker):
         reaper.run_once()
         clock.now += 1
     assert sent == []
+
+
+def test_a_broker_that_cannot_be_read_makes_the_reaper_send_nothing_on_a_guess(broker):
+    store, settings, _ = broker
+    sent: list[str] = []
+    clock = _Clock()
+
+    def unreadable() -> set[str]:
+        raise ConnectionError("broker away")
+
+    reaper = Reaper(store, settings, sent.append, clock, broker_task_ids=unreadable)
+    _queue(store, "waiting")
+    store.mark_dispatch("waiting", uuid.uuid4().hex)
+    _queue(store, "orphan")  # no message recorded at all: sent whatever the broker says
+    time.sleep(1.1)
+    for _ in range(3):
+        reaper.run_once()
+        clock.now += 1
+    assert sent == ["orphan"]
