@@ -26,7 +26,8 @@ api_key_query = APIKeyQuery(
 )
 
 
-_KEY_IN_QUERY = re.compile(r"([?&]api_key=)[^&\s]*")
+# The name as sent may percent-encode its underscore: the server decodes it to api_key.
+_KEY_IN_QUERY = re.compile(r"([?&]api(?:_|%5[Ff])key=)[^&\s]*")
 
 
 class MaskQueryKeys(logging.Filter):
