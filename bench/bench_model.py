@@ -203,7 +203,7 @@ def inference_models(checkpoint: str | None) -> tuple[dict[str, SSD300], list[st
 
 def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: str | None = None) -> None:
     """Both backbones: vgg16 is the peer's architecture; vgg16_bn (the default) shows what
-    the Detector's batch-norm folding buys ("ours_net" times the unfolded network)."""
+    the Detector's batch-norm folding buys ("<backbone>_net" times the unfolded network)."""
     batches = [1, 8] if quick else ([1, 32, 128] if device.type == "cuda" else [1, 8])
     precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
     ours, classes = inference_models(checkpoint)
