@@ -25,8 +25,9 @@ Why these settings:
 Each message sent for a job (``dispatch``) has a fresh task id, kept as the job's
 ``dispatch_id`` until a worker takes that message: the reaper sends a queued job's task
 again only when no message is on its way (redeliveries of older messages do not count).
-A ``dispatch_id`` whose message never reached the broker (the sender died between recording
-the id and sending) is found by looking for it there (``task_ids_in_broker``).
+A ``dispatch_id`` whose message is not in the queue (its sender died between recording the id
+and sending, or the worker that took it died before starting the job) is found by looking for
+it there (``task_ids_in_broker``).
 """
 
 from __future__ import annotations
@@ -41,12 +42,10 @@ from worker.settings import Settings
 from worker.store import Store
 
 TRAIN_TASK = "ssd.train"
-# Kombu's Redis transport: one list per queue and priority level (priority 0 is the bare
-# queue name, others add this separator and the level), and a hash of the messages delivered
-# to workers and not yet acked.
+# Kombu's Redis transport keeps one list per queue and priority level: priority 0 is the
+# bare queue name, others add this separator and the level.
 _PRIORITY_SEPARATOR = "\x06\x16"
 _PRIORITY_STEPS = (0, 3, 6, 9)
-_UNACKED = "unacked"
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 
@@ -98,20 +97,22 @@ def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
 
 
 def task_ids_in_broker(client: redis.Redis, settings: Settings) -> set[str]:
-    """The task ids of every training message the broker holds, queued or delivered to a worker
-    and not acked yet (with ``task_acks_late``, until its training ends).
+    """The task ids of the training messages waiting in the broker's queue for a worker.
+
+    A message a worker has taken (kombu's ``unacked`` hash) does not count: a live worker
+    starts the job within moments of taking it (the job is then leased), so a queued job
+    whose message stays taken belongs to a worker that died first, and until the visibility
+    timeout restores that message (hours) nothing else would run the job.
 
     Ids are taken as every run of 32 hex digits in the messages' raw text (the form of the
     ids ``dispatch`` makes) rather than parsed out of each message, so a change of the message
     layout cannot hide a message that is there; another such run in a message only ever
     makes a lost message look present. The lists hold every message not yet taken, those of
-    cancelled jobs included; the hash, one message per busy worker (and those of workers that
-    died, until the visibility timeout restores them).
+    cancelled jobs included.
     """
     prefix = f"{settings.key_prefix}:celery:"
     lists = [settings.queue + (f"{_PRIORITY_SEPARATOR}{step}" if step else "") for step in _PRIORITY_STEPS]
     pipe = client.pipeline(transaction=False)
     for name in lists:
         pipe.lrange(prefix + name, 0, -1)
-    pipe.hvals(prefix + _UNACKED)
     return {task_id for found in pipe.execute() for message in found for task_id in _TASK_ID.findall(message)}

@@ -13,10 +13,10 @@ at once or a message turns up late: a second runner cannot take a held lease.
 - **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
   was taken by a worker that found the job leased and acked it, a requeue's send failed, a
   worker died between taking the message and starting): its task is sent again, by one
-  reaper. The same when the ``dispatch_id``'s message is in neither the queue nor a
-  worker's unacked hand on two passes half a lease TTL apart (its sender died between
-  recording the id and sending; two looks, because a worker moves a message from the queue
-  to its unacked hash in two steps).
+  reaper. The same when the ``dispatch_id``'s message is not in the queue on two passes half
+  a lease TTL apart while the job stays queued and unleased: its sender died between
+  recording the id and sending, or the worker that took it died before starting the job (a
+  live one leases the job within moments; the second look lets it).
 - **Redis lost records** (it restarted without them, seen as a new server run id, and at
   worker start): datasets come back from ``datasets/<id>/dataset.json`` and jobs from
   ``runs/<id>/job.json`` with their losses from ``metrics.jsonl``; an unfinished job is
@@ -43,7 +43,7 @@ DATASET_FILE = "dataset.json"  # a dataset's record in its folder (written by th
 
 
 class _EveryId(frozenset):
-    """The broker's task ids when they could not be read: every message counts as there."""
+    """The queue's task ids when they could not be read: every message counts as there."""
 
     def __contains__(self, task_id: object) -> bool:
         return True
@@ -62,7 +62,7 @@ class Reaper:
         Args:
             dispatch: sends a job's task (``worker.queue.dispatch``).
             clock: monotonic seconds (tests move it by hand).
-            broker_task_ids: the ids of the task messages queued or unacked
+            broker_task_ids: the ids of the task messages waiting in the queue
                 (``worker.queue.task_ids_in_broker``); None trusts every ``dispatch_id`` to be
                 on its way.
         """
@@ -127,7 +127,7 @@ class Reaper:
         return True
 
     def _message_lost(self, job: dict[str, Any], now: float) -> bool:
-        """The job's newest message is not in the broker, and was not there half a lease TTL ago
+        """The job's newest message is not waiting in the queue, and was not half a lease TTL ago
         either; its ``dispatch_id`` is then cleared (unless a newer message went out meanwhile)."""
         if self.broker_task_ids is None:
             return False
@@ -143,7 +143,11 @@ class Reaper:
         since = self._unsent_seen[key] = self._unsent_since.get(key, now)
         if now - since < self.grace or not self.store.clear_dispatch(job["id"], job["dispatch_id"]):
             return False
-        log.warning("job %s: its task message %s never reached the broker", job["id"], job["dispatch_id"])
+        log.warning(
+            "job %s: its task message %s is not in the queue and no worker started the job",
+            job["id"],
+            job["dispatch_id"],
+        )
         return True
 
     def _send(self, job_id: str) -> None:

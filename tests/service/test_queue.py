@@ -1,5 +1,6 @@
-"""Task messages in the broker (real Redis, real Celery client): found while queued and while a
-worker holds them unacked; a recorded message that never reached the broker is sent again."""
+"""Task messages in the broker (real Redis, real Celery client): found while they wait in the
+queue; a job whose recorded message never reached the queue, or was taken by a worker that died
+before starting it, is sent again."""
 
 from __future__ import annotations
 
@@ -42,25 +43,19 @@ def _queue(store: Store, job_id: str) -> None:
     assert store.create_job(new_job(job_id, {"id": "d1", "name": "x", "classes": ["a"]}, {"epochs": 1}))
 
 
-def test_a_sent_message_is_found_queued_then_unacked_and_not_after_its_ack(broker):
+def test_a_sent_message_is_found_while_it_waits_and_not_once_a_worker_took_it(broker):
     store, settings, celery = broker
-
-    def in_broker(task_id: str) -> bool:
-        return task_id in task_ids_in_broker(store.redis, settings)
-
     _queue(store, "j1")
     dispatch(celery, store, "j1", settings.queue)
     task_id = store.get_job("j1")["dispatch_id"]
-    assert in_broker(task_id) and not in_broker(uuid.uuid4().hex)
+    assert task_id in task_ids_in_broker(store.redis, settings)
+    assert uuid.uuid4().hex not in task_ids_in_broker(store.redis, settings)
 
-    with celery.connection_for_read() as connection:  # a worker takes it, acks late
-        channel = connection.default_channel
-        message = channel.basic_get(settings.queue, no_ack=False)
+    with celery.connection_for_read() as connection:  # a worker takes it (acks late)
+        message = connection.default_channel.basic_get(settings.queue, no_ack=False)
         assert message.headers["id"] == task_id
-        assert store.redis.llen(f"{settings.key_prefix}:celery:{settings.queue}") == 0
-        assert in_broker(task_id)
+        assert task_id not in task_ids_in_broker(store.redis, settings)
         message.ack()
-    assert not in_broker(task_id)
 
 
 def test_the_reaper_resends_a_recorded_message_that_never_reached_the_broker(broker):
@@ -82,6 +77,26 @@ def test_the_reaper_resends_a_recorded_message_that_never_reached_the_broker(bro
     assert store.get_job("lost")["dispatch_id"] is None  # the test's dispatch only collects ids
     clock.now += 1
     assert reaper.run_once() == [] and sent == ["lost"]  # the claim lasts a lease: nothing twice
+
+
+def test_the_reaper_resends_a_job_whose_message_a_dead_worker_took(broker):
+    store, settings, celery = broker
+    sent: list[str] = []
+    clock = _Clock()
+    reaper = Reaper(
+        store, settings, sent.append, clock, broker_task_ids=partial(task_ids_in_broker, store.redis, settings)
+    )
+    _queue(store, "taken")
+    dispatch(celery, store, "taken", settings.queue)
+    connection = celery.connection_for_read()
+    message = connection.default_channel.basic_get(settings.queue, no_ack=False)
+    assert message is not None  # taken, never acked, the job never started: its worker died
+    time.sleep(1.1)
+
+    assert reaper.run_once() == []
+    clock.now += 1
+    assert reaper.run_once() == ["dispatched taken"] and sent == ["taken"]
+    connection.release()
 
 
 def test_without_a_broker_check_a_recorded_message_is_trusted(broker):
