@@ -1,15 +1,9 @@
 // A small SVG line chart: integer epochs on x, one line with a dot per point for each series.
 
-const SVG = "http://www.w3.org/2000/svg";
+import { svgElement as el } from "./ui.js";
+
 const HEIGHT = 240; // the CSS height too: the width follows the element's, so text keeps its size
 const MARGIN = { top: 12, right: 16, bottom: 34, left: 52 };
-
-function el(tag, attrs, parent) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
-  parent?.appendChild(node);
-  return node;
-}
 
 /** About `count` round tick values covering [low, high]. */
 function ticks(low, high, count) {

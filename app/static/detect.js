@@ -2,18 +2,10 @@
 // once with a low score threshold; the slider then filters those detections here, with no new request.
 
 import { request } from "./api.js";
-import { setOptions } from "./ui.js";
+import { setOptions, svgElement } from "./ui.js";
 
 const REQUEST_THRESHOLD = 0.05; // the slider's minimum: nothing below it was asked for
-const SVG = "http://www.w3.org/2000/svg";
 const COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#0f9b8e", "#f032e6", "#9a6324"];
-
-function svgEl(tag, attrs, parent) {
-  const node = document.createElementNS(SVG, tag);
-  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
-  parent.appendChild(node);
-  return node;
-}
 
 export class DetectView {
   constructor(root) {
@@ -98,12 +90,12 @@ export class DetectView {
     for (const d of [...kept].reverse()) {
       const [x1, y1, x2, y2] = d.box;
       const colour = COLOURS[d.class_id % COLOURS.length];
-      const group = svgEl("g", { class: "detection", "data-label": d.label, "data-score": d.score }, this.overlay);
+      const group = svgElement("g", { class: "detection", "data-label": d.label, "data-score": d.score }, this.overlay);
       group.style.setProperty("--colour", colour);
-      svgEl("rect", { class: "box", x: pct(x1, width), y: pct(y1, height), width: pct(x2 - x1, width), height: pct(y2 - y1, height) }, group);
-      const corner = svgEl("svg", { x: pct(x1, width), y: pct(y1, height), overflow: "visible" }, group);
+      svgElement("rect", { class: "box", x: pct(x1, width), y: pct(y1, height), width: pct(x2 - x1, width), height: pct(y2 - y1, height) }, group);
+      const corner = svgElement("svg", { x: pct(x1, width), y: pct(y1, height), overflow: "visible" }, group);
       const inside = y1 < height * 0.08; // no room above the box: write inside it
-      svgEl("text", { x: 3, y: inside ? 13 : -4, class: "label" }, corner).textContent = `${d.label} ${d.score.toFixed(2)}`;
+      svgElement("text", { x: 3, y: inside ? 13 : -4, class: "label" }, corner).textContent = `${d.label} ${d.score.toFixed(2)}`;
     }
     const total = this.result.detections.length;
     this.count.textContent = `${kept.length} of ${total} detections with score ≥ ${threshold.toFixed(2)}`;

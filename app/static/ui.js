@@ -14,3 +14,13 @@ export function setOptions(select, items, { preferred = "", emptyText = "none ye
   if (!same) select.replaceChildren(...wanted.map(([value, text]) => new Option(text, value)));
   if (wanted.some(([value]) => value === chosen)) select.value = chosen;
 }
+
+const SVG = "http://www.w3.org/2000/svg";
+
+/** A new SVG element with the given attributes, appended to `parent` when there is one. */
+export function svgElement(tag, attrs, parent) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [name, value] of Object.entries(attrs)) node.setAttribute(name, value);
+  parent?.appendChild(node);
+  return node;
+}

@@ -84,21 +84,22 @@ def new_page(browser, api: str, console: BrowserLog, viewport: dict):
     return context, page
 
 
-@pytest.fixture
-def page(browser, api, console) -> Iterator:
-    """A fresh browser context (its own localStorage) at desktop size; its log must end clean."""
-    context, page = new_page(browser, api, console, DESKTOP)
+def open_page(browser, api, console, viewport: dict) -> Iterator:
+    """A fresh browser context (its own localStorage) at ``viewport``; its log must end clean."""
+    context, page = new_page(browser, api, console, viewport)
     yield page
     context.close()
     console.assert_clean()
+
+
+@pytest.fixture
+def page(browser, api, console) -> Iterator:
+    yield from open_page(browser, api, console, DESKTOP)
 
 
 @pytest.fixture
 def phone_page(browser, api, console) -> Iterator:
-    context, page = new_page(browser, api, console, PHONE)
-    yield page
-    context.close()
-    console.assert_clean()
+    yield from open_page(browser, api, console, PHONE)
 
 
 def screenshot(page, name: str) -> Path:
