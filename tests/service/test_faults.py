@@ -113,6 +113,13 @@ def _into_epoch_two(client: httpx.Client, job_id: str, timeout: float = 90) -> d
     return wait_until(second_epoch, timeout, f"job {job_id} to finish its first epoch", interval=0.05)
 
 
+def _train_into_epoch_two(client: httpx.Client, dataset_id: str) -> dict:
+    """Post a ``JOB`` and wait until it has begun its second epoch; the job as POST /train answered."""
+    job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
+    _into_epoch_two(client, job["id"])
+    return job
+
+
 def _epochs(client: httpx.Client, job_id: str) -> list[int]:
     return [r["epoch"] for r in client.get(f"/jobs/{job_id}/losses").json()["losses"]]
 
@@ -121,8 +128,7 @@ def test_a_sigkilled_worker_is_replaced_and_the_job_resumes(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     first = service.start_worker("doomed")
     with service.client() as client:
-        job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-        _into_epoch_two(client, job["id"])
+        job = _train_into_epoch_two(client, dataset_id)
         os.kill(first.popen.pid, signal.SIGKILL)  # no goodbye: the lease just stops being renewed
         first.popen.wait(10)
         service.start_worker("heir")
@@ -169,8 +175,7 @@ def test_sigterm_pauses_the_job_which_another_worker_finishes(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     first = service.start_worker("leaving")
     with service.client() as client:
-        job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-        _into_epoch_two(client, job["id"])
+        job = _train_into_epoch_two(client, dataset_id)
         stopped = time.monotonic()
         first.popen.send_signal(signal.SIGTERM)
         assert first.popen.wait(30) == 0, first.tail()
@@ -228,8 +233,7 @@ def test_records_redis_lost_are_rebuilt_from_the_data_folder(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     service.start_worker("rebuilder")
     with service.client() as client:
-        job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-        _into_epoch_two(client, job["id"])
+        job = _train_into_epoch_two(client, dataset_id)
 
         # Redis comes back from a different, empty folder: every record and queued message is gone.
         service.redis.process.stop(signal.SIGKILL)
