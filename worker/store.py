@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -184,13 +184,6 @@ redis.call('HSET', KEYS[1], unpack(ARGV))
 return 1
 """
 
-# ARGV[1]: task id (JSON). Only for an existing job (HSET would create a stub record).
-_MARK_DISPATCH = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'dispatch_id', ARGV[1])
-return 1
-"""
-
 # ARGV[1]: task id (JSON). The newest message sent for the job was taken (or never went out).
 _CLEAR_DISPATCH = """
 if redis.call('HGET', KEYS[1], 'dispatch_id') ~= ARGV[1] then return 0 end
@@ -292,7 +285,6 @@ class Store:
         self._renew_lease = client.register_script(_RENEW_LEASE)
         self._release_lease = client.register_script(_RELEASE_LEASE)
         self._update_job = client.register_script(_UPDATE_JOB)
-        self._mark_dispatch = client.register_script(_MARK_DISPATCH)
         self._clear_dispatch = client.register_script(_CLEAR_DISPATCH)
 
     @classmethod
@@ -333,10 +325,7 @@ class Store:
 
     def missing_datasets(self, dataset_ids: list[str]) -> list[str]:
         """The ids among ``dataset_ids`` that have no record."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for dataset_id in dataset_ids:
-                pipe.exists(self._key("dataset", dataset_id))
-            return [i for i, found in zip(dataset_ids, pipe.execute(), strict=True) if not found]
+        return self._missing(dataset_ids, lambda dataset_id: self._key("dataset", dataset_id))
 
     def list_datasets(self) -> list[dict[str, Any]]:
         """Every dataset record, newest first."""
@@ -409,10 +398,20 @@ class Store:
 
     def missing_jobs(self, job_ids: list[str]) -> list[str]:
         """The ids among ``job_ids`` that have no record."""
+        return self._missing(job_ids, self.job_key)
+
+    def _missing(self, ids: list[str], key_of: Callable[[str], str]) -> list[str]:
+        with self.redis.pipeline(transaction=False) as pipe:
+            for record_id in ids:
+                pipe.exists(key_of(record_id))
+            return [i for i, found in zip(ids, pipe.execute(), strict=True) if not found]
+
+    def _statuses(self, job_ids: list[str]) -> list[str | None]:
+        """Each job's status, None where its record is gone (one pipelined round trip)."""
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
-                pipe.exists(self.job_key(job_id))
-            return [i for i, found in zip(job_ids, pipe.execute(), strict=True) if not found]
+                pipe.hget(self.job_key(job_id), "status")
+            return [json.loads(value) if value is not None else None for value in pipe.execute()]
 
     def list_job_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Job ids, newest first."""
@@ -421,16 +420,8 @@ class Store:
     def list_job_ids_with_status(self, status: str, offset: int = 0, limit: int = 100) -> list[str]:
         """Ids of the jobs in ``status``, newest first: two round trips, however many jobs there are."""
         ids = self.redis.zrevrange(self._key("jobs"), 0, -1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.job_key(job_id), "status")
-            statuses = pipe.execute()
-        wanted = json.dumps(status)
-        matching = [job_id for job_id, value in zip(ids, statuses, strict=True) if value == wanted]
+        matching = [job_id for job_id, found in zip(ids, self._statuses(ids), strict=True) if found == status]
         return matching[offset : offset + limit]
-
-    def count_jobs(self) -> int:
-        return self.redis.zcard(self._key("jobs"))
 
     def update_job(self, job_id: str, **fields: Any) -> bool:
         """Set fields of an existing job (never a stub record for a job Redis lost). False if none."""
@@ -445,14 +436,9 @@ class Store:
     def status_counts(self) -> dict[str, int]:
         """How many jobs are in each status (one pipelined round trip for the statuses)."""
         counts = dict.fromkeys(STATUSES, 0)
-        ids = self.redis.zrange(self._key("jobs"), 0, -1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.job_key(job_id), "status")
-            for value in pipe.execute():
-                if value is not None:
-                    status = json.loads(value)
-                    counts[status] = counts.get(status, 0) + 1
+        for status in self._statuses(self.redis.zrange(self._key("jobs"), 0, -1)):
+            if status is not None:
+                counts[status] = counts.get(status, 0) + 1
         return counts
 
     def request_cancel(self, job_id: str) -> str | None:
@@ -519,7 +505,7 @@ class Store:
 
     def mark_dispatch(self, job_id: str, task_id: str) -> bool:
         """A task message ``task_id`` for the job is being sent (the newest one). False if no such job."""
-        return bool(self._mark_dispatch(keys=[self.job_key(job_id)], args=[json.dumps(task_id)]))
+        return self.update_job(job_id, dispatch_id=task_id)
 
     def clear_dispatch(self, job_id: str, task_id: str) -> bool:
         """The message ``task_id`` was taken by a worker (or could not be sent): none is on its way now,
@@ -528,13 +514,12 @@ class Store:
 
     def claim_redispatch(self, job_id: str, ttl_seconds: float) -> bool:
         """True for the one caller (for ``ttl_seconds``) that may send the job's task again."""
-        key = self._key("job", job_id, "redispatch")
-        return bool(self.redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
+        return self._set_if_absent(self._key("job", job_id, "redispatch"), ttl_seconds)
 
     def active_jobs(self) -> list[dict[str, Any]]:
         """The queued and running jobs: id, status, worker, dispatch_id, enqueued_at, leased."""
         ids = sorted(self.redis.smembers(self._key("jobs", "active")))
-        fields = ("status", "worker", "dispatch_id", "enqueued_at", "created_at")
+        fields = ("status", "worker", "dispatch_id", "enqueued_at")
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
                 pipe.hmget(self.job_key(job_id), fields)
@@ -551,11 +536,7 @@ class Store:
     def index_active_jobs(self) -> int:
         """Add every queued or running job to the active set (records written before it existed)."""
         ids = self.redis.zrange(self._key("jobs"), 0, -1)
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hget(self.job_key(job_id), "status")
-            statuses = pipe.execute()
-        active = [i for i, value in zip(ids, statuses, strict=True) if value and json.loads(value) in ACTIVE]
+        active = [i for i, status in zip(ids, self._statuses(ids), strict=True) if status in ACTIVE]
         if active:
             self.redis.sadd(self._key("jobs", "active"), *active)
         return len(active)
@@ -566,7 +547,11 @@ class Store:
 
     def try_lock(self, name: str, ttl_seconds: float) -> bool:
         """A best-effort lock shared by all workers (it simply expires)."""
-        return bool(self.redis.set(self._key("lock", name), "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
+        return self._set_if_absent(self._key("lock", name), ttl_seconds)
+
+    def _set_if_absent(self, key: str, ttl_seconds: float) -> bool:
+        """SET NX with an expiry: True for the one caller that set it."""
+        return bool(self.redis.set(key, "1", nx=True, px=max(1, int(ttl_seconds * 1000))))
 
     # --- loss streams -----------------------------------------------------------------------
 
