@@ -42,6 +42,15 @@ JOB_FILE = "job.json"  # a job's record in its run folder (written by the worker
 DATASET_FILE = "dataset.json"  # a dataset's record in its folder (written by the API's import)
 
 
+def send_quietly(dispatch: Callable[[str], None], job_id: str) -> None:
+    """Send the job's task; a failure is only logged, since a reaper's next pass finds the queued
+    job with no message on its way and sends it then."""
+    try:
+        dispatch(job_id)
+    except Exception as error:
+        log.error("could not send the task of job %s (%s); a reaper sends it on a later pass", job_id, error)
+
+
 class _EveryId(frozenset):
     """The queue's task ids when they could not be read: every message counts as there."""
 
@@ -73,10 +82,11 @@ class Reaper:
         self.broker_task_ids = broker_task_ids
         self._in_broker: set[str] | None = None  # read at most once a pass, when needed
         self.grace = settings.lease_seconds / 2
-        self._missing_since: dict[str, float] = {}
-        # (job id, dispatch id) -> when this reaper first found that message not in the broker.
-        self._unsent_since: dict[tuple[str, str], float] = {}
-        self._unsent_seen: dict[tuple[str, str], float] = {}
+        # What this pass found wrong -> since when it has been found on every pass: ("lease",
+        # job id) for a running job with no lease, ("message", job id, dispatch id) for a
+        # queued job's message missing from the queue.
+        self._seen: dict[tuple[str, ...], float] = {}
+        self._seen_before: dict[tuple[str, ...], float] = {}
         self._server: str | None = None
 
     def run_once(self) -> list[str]:
@@ -89,21 +99,23 @@ class Reaper:
                 actions += rebuild_from_disk(self.store, self.settings, self.dispatch)
             self._server = server
         now = self.clock()
-        missing: dict[str, float] = {}
-        self._unsent_seen, self._in_broker = {}, None
+        self._seen_before, self._seen, self._in_broker = self._seen, {}, None
         for job in self.store.active_jobs():
             if job["leased"]:
                 continue
             if job["status"] == RUNNING:
-                since = missing[job["id"]] = self._missing_since.get(job["id"], now)
-                if now - since >= self.grace and self._requeue(job):
+                lease_gone = ("lease", job["id"])
+                if self._seen_for(lease_gone, now) >= self.grace and self._requeue(job):
                     actions.append(f"requeued {job['id']}")
-                    missing.pop(job["id"])
+                    self._seen.pop(lease_gone)
             elif job["status"] == QUEUED and self._redispatch(job, now):
                 actions.append(f"dispatched {job['id']}")
-        self._missing_since = missing
-        self._unsent_since = self._unsent_seen
         return actions
+
+    def _seen_for(self, problem: tuple[str, ...], now: float) -> float:
+        """Record ``problem`` as found in this pass; seconds it has been found on every pass since."""
+        since = self._seen[problem] = self._seen_before.get(problem, now)
+        return now - since
 
     def _requeue(self, job: dict[str, Any]) -> bool:
         reason = (
@@ -113,7 +125,7 @@ class Reaper:
         if not self.store.requeue_job(job["id"], reason):
             return False
         log.warning("job %s: %s", job["id"], reason)
-        self._send(job["id"])
+        send_quietly(self.dispatch, job["id"])
         return True
 
     def _redispatch(self, job: dict[str, Any], now: float) -> bool:
@@ -123,7 +135,7 @@ class Reaper:
         if not self.store.claim_redispatch(job["id"], 2 * self.grace):
             return False
         log.warning("job %s is queued with no task message on its way; sending one", job["id"])
-        self._send(job["id"])
+        send_quietly(self.dispatch, job["id"])
         return True
 
     def _message_lost(self, job: dict[str, Any], now: float) -> bool:
@@ -139,9 +151,8 @@ class Reaper:
                 self._in_broker = _EveryId()
         if job["dispatch_id"] in self._in_broker:
             return False
-        key = (job["id"], job["dispatch_id"])
-        since = self._unsent_seen[key] = self._unsent_since.get(key, now)
-        if now - since < self.grace or not self.store.clear_dispatch(job["id"], job["dispatch_id"]):
+        missing = ("message", job["id"], job["dispatch_id"])
+        if self._seen_for(missing, now) < self.grace or not self.store.clear_dispatch(job["id"], job["dispatch_id"]):
             return False
         log.warning(
             "job %s: its task message %s is not in the queue and no worker started the job",
@@ -149,12 +160,6 @@ class Reaper:
             job["dispatch_id"],
         )
         return True
-
-    def _send(self, job_id: str) -> None:
-        try:
-            self.dispatch(job_id)
-        except Exception as error:  # the next pass sees a queued job with no message and sends it
-            log.error("could not send the task of job %s: %s", job_id, error)
 
 
 def _created(record: dict[str, Any]) -> float:
@@ -228,8 +233,5 @@ def rebuild_from_disk(store: Store, settings: Settings, dispatch: Callable[[str]
         actions.append(f"restored job {job_id}")
         log.warning("job %s was missing from Redis: rebuilt from %s", job_id, runs[job_id])
         if active:
-            try:
-                dispatch(job_id)
-            except Exception as error:
-                log.error("could not send the task of job %s: %s", job_id, error)
+            send_quietly(dispatch, job_id)
     return actions

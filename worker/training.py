@@ -31,7 +31,7 @@ from model.checkpoint import atomic_write
 from model.config import TrainConfig
 from model.data import read_dataset
 from model.engine import Callbacks, FitResult, StepProgress, fit
-from worker.reaper import JOB_FILE
+from worker.reaper import JOB_FILE, send_quietly
 from worker.settings import Settings
 from worker.store import ACTIVE, CANCELLED, FAILED, QUEUED, SUCCEEDED, Lease, Store
 
@@ -270,7 +270,6 @@ def training_config(job: dict[str, Any], settings: Settings) -> TrainConfig:
 
 def write_job_file(run_dir: Path, record: dict[str, Any]) -> None:
     """The job's record as ``run_dir/job.json`` (atomic), from which ``worker.reaper`` rebuilds a lost one."""
-    run_dir.mkdir(parents=True, exist_ok=True)
     data = json.dumps(record, indent=2, default=str).encode()
     atomic_write(run_dir / JOB_FILE, lambda f: f.write(data))
 
@@ -334,7 +333,7 @@ def run_job(
     )
     with monitor:
         try:
-            result = _train(job, store, settings, monitor.callbacks(shutdown.is_set))
+            result = _train(job, store, settings, run_dir, monitor.callbacks(shutdown.is_set))
             outcome = _outcome(result, monitor, shutdown)
         except Exception as error:
             log.exception("job %s failed", job_id)
@@ -347,12 +346,12 @@ def run_job(
     return _record(job, outcome, store, lease, settings, worker_name, dispatch, run_dir)
 
 
-def _train(job: dict[str, Any], store: Store, settings: Settings, callbacks: Callbacks) -> FitResult:
+def _train(job: dict[str, Any], store: Store, settings: Settings, run_dir: Path, callbacks: Callbacks) -> FitResult:
     dataset = store.get_dataset(job["dataset_id"])
     if dataset is None:
         raise ValueError(f"dataset {job['dataset_id']} was deleted")
     data = read_dataset(settings.datasets_dir / dataset["id"] / dataset["root"])
-    return fit(training_config(job, settings), data, settings.runs_dir / job["id"], callbacks)
+    return fit(training_config(job, settings), data, run_dir, callbacks)
 
 
 def _outcome(result: FitResult, monitor: JobMonitor, shutdown: threading.Event) -> _Outcome:
@@ -399,10 +398,7 @@ def _record(
             return "lease lost"
         write_job_file(run_dir, {**job, "status": QUEUED, "restart_reason": reason})
         if dispatch is not None:
-            try:
-                dispatch(job_id)
-            except Exception as error:  # the reaper sends it
-                log.error("job %s: could not send its task again (%s); the reaper will", job_id, error)
+            send_quietly(dispatch, job_id)
         log.info("job %s paused and requeued: %s", job_id, reason)
         return "paused"
 
