@@ -29,7 +29,7 @@ import threading
 import time
 import zipfile
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
 
@@ -77,22 +77,15 @@ class ImportSlots:
 
     def __init__(self, slots: int):
         self.slots = slots
-        self.busy = 0
-        self._lock = threading.Lock()
+        self._free = threading.BoundedSemaphore(slots)
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ssd-import")
 
     async def run(self, function: Callable[..., T], *args: Any) -> T:
-        with self._lock:
-            if self.busy >= self.slots:
-                raise ImportsBusy(f"{self.busy} dataset imports are running (the limit): try again in a minute")
-            self.busy += 1
+        if not self._free.acquire(blocking=False):
+            raise ImportsBusy(f"{self.slots} dataset imports are running (the limit): try again in a minute")
         future = self.executor.submit(function, *args)
-        future.add_done_callback(self._release)
+        future.add_done_callback(lambda _: self._free.release())
         return await asyncio.wrap_future(future)
-
-    def _release(self, _future: Future) -> None:
-        with self._lock:
-            self.busy -= 1
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -192,7 +185,7 @@ def checked_members(archive: zipfile.ZipFile, filename: str, settings: Settings)
             raise DatasetImportError(f"{filename}: entry {info.filename!r} is a symbolic link; links are not accepted")
         if info.flag_bits & 0x1:
             raise DatasetImportError(f"{filename}: entry {info.filename!r} is encrypted; send an unencrypted zip")
-        if info.is_dir() or _is_junk(path) or not path.parts:
+        if info.is_dir() or _is_junk(path):
             continue
         ratio = info.file_size / max(info.compress_size, 1)
         if info.file_size > RATIO_CHECKED_ABOVE and ratio > settings.max_compression_ratio:

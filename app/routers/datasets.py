@@ -46,7 +46,6 @@ async def _import(imports: ImportSlots, store: Store, settings: Settings, functi
             raise
         return record
 
-    settings.datasets_dir.mkdir(parents=True, exist_ok=True)
     try:
         return await asyncio.shield(asyncio.ensure_future(import_and_store()))
     except ImportsBusy as error:
