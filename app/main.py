@@ -11,7 +11,6 @@ import redis.asyncio
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
 from starlette.concurrency import run_in_threadpool
 
 from app.dataset_import import ImportSlots, remove_leftovers
@@ -22,7 +21,7 @@ from app.routers import datasets, detect, jobs, ops, web
 from app.security import mask_keys_in_access_log, require_api_key, require_api_key_or_query
 from worker.queue import make_celery
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, quick_retry
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=30,  # above the SSE route's 1 s XREAD BLOCK
-        retry=AsyncRetry(ExponentialBackoff(cap=0.5, base=0.05), 2),  # as worker.store.quick_retry
+        retry=quick_retry(AsyncRetry),
     )
     app.state.celery = make_celery(settings)
     app.state.metrics = metrics

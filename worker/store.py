@@ -196,11 +196,12 @@ class QueueFull(RuntimeError):
     """Too many jobs are waiting for a worker (``Settings.max_queued_jobs``)."""
 
 
-def quick_retry() -> Retry:
+def quick_retry(retry_class: type = Retry) -> Retry:
     """Two quick retries on a connection error: enough to get past a connection that Redis's
     restart closed, short enough that a request answers 503 at once while Redis is down
-    (redis-py's default retries for many seconds)."""
-    return Retry(ExponentialBackoff(cap=0.5, base=0.05), 2)
+    (redis-py's default retries for many seconds). ``retry_class``: ``redis.asyncio.retry.Retry``
+    for an asyncio client."""
+    return retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
 def new_id() -> str:
