@@ -15,8 +15,10 @@ import logging
 import re
 from typing import Annotated
 
-from fastapi import HTTPException, Request, Security
+from fastapi import HTTPException, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
+
+from app.deps import SettingsDep
 
 api_key_header = APIKeyHeader(
     name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY (when it is set)."
@@ -62,13 +64,13 @@ def check_api_key(keys: tuple[bytes, ...], presented: str | None) -> None:
         raise HTTPException(401, "the API key is not valid", {"WWW-Authenticate": "ApiKey"})
 
 
-async def require_api_key(request: Request, key: Annotated[str | None, Security(api_key_header)]) -> None:
-    check_api_key(request.app.state.settings.api_keys, key)
+async def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(api_key_header)]) -> None:
+    check_api_key(settings.api_keys, key)
 
 
 async def require_api_key_or_query(
-    request: Request,
+    settings: SettingsDep,
     header: Annotated[str | None, Security(api_key_header)],
     query: Annotated[str | None, Security(api_key_query)],
 ) -> None:
-    check_api_key(request.app.state.settings.api_keys, header or query)
+    check_api_key(settings.api_keys, header or query)

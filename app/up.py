@@ -122,11 +122,12 @@ def run(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
     redis_process = None
     # Only a Redis the user named: a default localhost:6379 may belong to something else.
-    if "SSD_REDIS_URL" in os.environ and redis_answers(settings.redis_url):
+    named = "SSD_REDIS_URL" in os.environ
+    if named and redis_answers(settings.redis_url):
         url = settings.redis_url
         say(f"using the Redis at {url}")
     else:
-        if "SSD_REDIS_URL" in os.environ:
+        if named:
             say(f"no Redis answers at {settings.redis_url}; starting one")
         url, redis_process = start_redis(data_dir / "redis")
         say(f"started redis-server at {url} (AOF in {data_dir / 'redis'})")
