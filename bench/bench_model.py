@@ -18,7 +18,6 @@ import argparse
 import json
 import platform
 import time
-from contextlib import nullcontext
 from datetime import date
 from functools import partial
 
@@ -28,7 +27,7 @@ from torchvision.ops import box_iou
 
 from model.config import ModelConfig, TrainConfig
 from model.detector import Detector, load_model
-from model.device import memory_format
+from model.device import autocast, memory_format
 from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
@@ -72,10 +71,6 @@ def random_targets(batch: int, device: torch.device, seed: int = 0):
     return per_image, boxes, labels
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
-
-
 def torchvision_train_step(model, images, targets, device, dtype):
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
@@ -97,10 +92,8 @@ def our_train_step(model, images, boxes, labels, device, dtype):
     """The exact step ``fit`` takes (Adam with its parameter groups, schedule, loss), timed alone."""
     amp = dtype is not None
     config = TrainConfig(learning_rate=1e-4, amp=amp, warmup_steps=0, lr_schedule="constant")
-    run = build_training_run(model, config, device, total_steps=1000)
-    if amp:
-        run.autocast_dtype = dtype  # bf16 or fp16 as asked, not just what the card prefers
-        run.scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    # bf16 or fp16 as asked, not just what the card prefers.
+    run = build_training_run(model, config, device, total_steps=1000, precision=dtype)
     batch = (images.contiguous(memory_format=memory_format(device)), boxes, labels)
     return partial(train_step, run, batch)
 
@@ -225,7 +218,7 @@ def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: s
             }
             ours_layout = images.contiguous(memory_format=memory_format(device))
             for backbone, detector in detectors.items():
-                detector._autocast_dtype = dtype
+                detector.autocast_dtype = dtype
                 timed[f"{backbone}_net"] = partial(run_our_net, ours[backbone], ours_layout, device, dtype)
                 timed[f"{backbone}_full@0.01"] = partial(detector.predict, image_list, 0.01, 200)
             first = next(iter(detectors))

@@ -92,9 +92,7 @@ def check_amp_training() -> None:
         torch.manual_seed(0)
         config = TrainConfig(learning_rate=1e-4, warmup_steps=0, lr_schedule="constant")
         model = SSD300(config.model_config(num_classes=5)).cuda().to(memory_format=torch.channels_last)
-        run = build_training_run(model, config, torch.device("cuda"), total_steps=30)
-        run.autocast_dtype = dtype
-        run.scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+        run = build_training_run(model, config, torch.device("cuda"), total_steps=30, precision=dtype)
         losses = [float(train_step(run, batch).total.detach()) for _ in range(30)]
         finite = all(torch.isfinite(torch.tensor(losses)))
         check(
@@ -111,7 +109,7 @@ def check_detector() -> None:
     images = [torch.randint(0, 256, (3, h, w), dtype=torch.uint8) for h, w in ((480, 640), (300, 300), (200, 500))]
     cpu = Detector(model, classes, "cpu").predict(images, score_threshold=0.3)
     gpu_detector = Detector(model, classes, "cuda")
-    gpu_detector._autocast_dtype = None  # exactness check in fp32; AMP is covered above
+    gpu_detector.autocast_dtype = None  # exactness check in fp32; AMP is covered above
     gpu = gpu_detector.predict(images, score_threshold=0.3)
     for i, (c, g) in enumerate(zip(cpu, gpu, strict=True)):
         top = min(5, len(c["scores"]), len(g["scores"]))

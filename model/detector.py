@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,7 +12,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
-from .device import amp_dtype, memory_format, resolve_device
+from .device import amp_dtype, autocast, memory_format, resolve_device
 from .fusion import fold_batch_norms
 from .network import SSD300
 from .postprocess import Detections, postprocess
@@ -28,10 +27,15 @@ class Detector:
 
     Args:
         model: a trained network (its ``config`` gives the input size and variances). The
-            detector works on its own copy, with batch norms folded into the convolutions.
+            detector works on its own copy (``own_copy=False`` takes ``model`` itself), with
+            batch norms folded into the convolutions.
         classes: class names; class id i (1-based) is ``classes[i - 1]``.
         device: where to run; with CUDA, inference runs in mixed precision and channels_last.
         nms_threshold, topk_candidates: decoding settings (see ``postprocess``).
+
+    Attributes:
+        autocast_dtype: the mixed-precision dtype of the forward pass (bf16 or fp16 on CUDA);
+            None runs it in float32.
     """
 
     def __init__(
@@ -42,17 +46,18 @@ class Detector:
         *,
         nms_threshold: float = 0.45,
         topk_candidates: int = 200,
+        own_copy: bool = True,
     ):
         if len(classes) + 1 != model.config.num_classes:
             raise ValueError(f"{len(classes)} class names for a model of {model.config.num_classes - 1} classes")
         self.device = torch.device(device)
-        model = copy.deepcopy(model).eval()
+        model = (copy.deepcopy(model) if own_copy else model).eval()
         fold_batch_norms(model)
         self.model = model.to(self.device, memory_format=memory_format(self.device))
         self.classes = list(classes)
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
-        self._autocast_dtype = amp_dtype(self.device, enabled=True)
+        self.autocast_dtype = amp_dtype(self.device, enabled=True)
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, device: str = "auto", **kwargs) -> Detector:
@@ -62,7 +67,7 @@ class Detector:
             CheckpointError: unreadable, truncated or foreign checkpoint.
         """
         model, classes = load_model(path)
-        return cls(model, classes, resolve_device(device), **kwargs)
+        return cls(model, classes, resolve_device(device), own_copy=False, **kwargs)
 
     @property
     def image_size(self) -> int:
@@ -113,8 +118,7 @@ class Detector:
         if not images:
             return []
         batch, sizes = self._prepare(images)
-        autocast = torch.autocast(self.device.type, self._autocast_dtype) if self._autocast_dtype else nullcontext()
-        with autocast:
+        with autocast(self.device, self.autocast_dtype):
             loc, logits = self.model(batch)
         return postprocess(
             loc,

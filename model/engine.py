@@ -13,7 +13,6 @@ import math
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,7 +25,7 @@ from .config import ModelConfig, TrainConfig
 from .data.dataset import DetectionDataset, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
-from .device import amp_dtype, memory_format, resolve_device
+from .device import amp_dtype, autocast, memory_format, resolve_device
 from .loss import SSDLoss, SSDLossOutput
 from .metrics import MeanAP
 from .network import SSD300, load_pretrained_backbone
@@ -288,7 +287,7 @@ def train_step(run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.
     images, gt_boxes, gt_labels = batch
     images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(run.device))
     gt_boxes, gt_labels = gt_boxes.to(run.device, non_blocking=True), gt_labels.to(run.device, non_blocking=True)
-    with torch.autocast(run.device.type, dtype=run.autocast_dtype) if run.autocast_dtype else nullcontext():
+    with autocast(run.device, run.autocast_dtype):
         loc, logits = run.model(images)
     losses = run.loss_fn(loc, logits, gt_boxes, gt_labels)
     run.optimizer.zero_grad(set_to_none=True)
@@ -327,7 +326,7 @@ def evaluate(
             return None
         images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext():
+        with autocast(device, autocast_dtype):
             loc, logits = model(images)
         losses = loss_fn(loc, logits, gt_boxes, gt_labels)
         sums += torch.stack([losses.total, losses.loc, losses.conf]).double()
@@ -359,10 +358,13 @@ def build_training_run(
     train_loader: DataLoader | None = None,
     val_loader: DataLoader | None = None,
     total_steps: int | None = None,
+    precision: torch.dtype | None = None,
 ) -> TrainingRun:
     """Loss, optimiser, schedule and precision for ``model`` (already on ``device``) as ``fit`` uses them.
 
     ``total_steps`` (the schedule's length) defaults to ``config.epochs`` passes over ``train_loader``.
+    ``precision`` picks the mixed-precision dtype where ``config.amp`` turns it on (default: bf16
+    where the card has it, else fp16 with loss scaling).
     """
     model_config = model.config
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
@@ -370,6 +372,8 @@ def build_training_run(
     steps = total_steps if total_steps is not None else config.epochs * len(train_loader)
     schedule = WarmupSchedule(steps, config.warmup_steps, config.lr_schedule == "cosine")
     dtype = amp_dtype(device, config.amp)
+    if dtype is not None and precision is not None:
+        dtype = precision
     return TrainingRun(
         device=device,
         model=model,
