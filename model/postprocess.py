@@ -54,7 +54,7 @@ def postprocess(
     Returns:
         One :class:`Detections` per image.
     """
-    batch, num_defaults, num_classes = logits.shape
+    _, num_defaults, num_classes = logits.shape
     scores = torch.softmax(logits.float(), dim=-1)[..., 1:]  # [B, A, C-1], background dropped
     boxes = decode(loc.float(), defaults.float(), variances).clamp(0, 1)  # [B, A, 4] relative
 
