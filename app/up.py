@@ -145,7 +145,7 @@ def run(settings: Settings) -> int:
             say("; ".join(f"the {name} exited with code {rc}" for name, rc in dead) + ": stopping everything")
             code = 1
             break
-        if not announced and _answers(f"{base_url}/healthz"):
+        if not announced and http_answers(f"{base_url}/healthz"):
             announced = True
             say(f"ready: API at {base_url} (docs at {base_url}/docs); data in {data_dir}; Ctrl-C stops everything")
 
@@ -158,7 +158,8 @@ def run(settings: Settings) -> int:
     return code
 
 
-def _answers(url: str) -> bool:
+def http_answers(url: str) -> bool:
+    """Whether ``url`` answers 200 within a second."""
     try:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:

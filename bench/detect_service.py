@@ -37,7 +37,7 @@ from PIL import Image
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.transforms.v2 import functional as F
 
-from app.up import free_port, start_redis, stop
+from app.up import free_port, http_answers, start_redis, stop
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
@@ -143,16 +143,12 @@ def start_api(redis_url: str, data_dir: Path, max_batch: int, wait_ms: float) ->
     process = subprocess.Popen(args, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-                return process, url
-        except httpx.HTTPError:
-            pass
+    while not http_answers(f"{url}/healthz"):
         if time.monotonic() > deadline or process.poll() is not None:
             stop(process, "api")
             raise SystemExit("the API did not start")
         time.sleep(0.2)
+    return process, url
 
 
 async def load(url: str, job_id: str, jpeg: bytes, clients: int, requests: int) -> tuple[float, list[float]]:
