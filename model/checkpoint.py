@@ -14,12 +14,12 @@ a validation split).
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
+
+from .storage import Writer, atomic_write
 
 FORMAT = "ssd-checkpoint"
 VERSION = 1
@@ -30,44 +30,19 @@ class CheckpointError(ValueError):
     """A file that is not a readable checkpoint of this project (truncated, foreign, newer)."""
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a temp file beside ``path``, fsync it, then rename it over ``path``.
+def checkpoint_writer(state: dict[str, Any]) -> Writer:
+    """A writer of ``state`` (see the module docstring) as a checkpoint file, for ``RunFolder.replace``."""
+    payload = {"format": FORMAT, "version": VERSION, **state}
 
-    A crash at any point leaves either the old file or the new one, never half of one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    def write(file: IO[bytes]) -> None:
+        torch.save(payload, file)
 
-
-def _fsync_dir(folder: Path) -> None:
-    """Persist the rename itself (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    return write
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     """Write ``state`` (see the module docstring) to ``path`` atomically."""
-    payload = {"format": FORMAT, "version": VERSION, **state}
-    atomic_write(path, lambda file: torch.save(payload, file))
+    atomic_write(path, checkpoint_writer(state))
 
 
 def load_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

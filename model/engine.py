@@ -20,21 +20,22 @@ from typing import Literal
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from .checkpoint import checkpoint_writer, load_checkpoint
 from .config import ModelConfig, TrainConfig
 from .data.dataset import DetectionDataset, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
 from .device import amp_dtype, autocast, memory_format, resolve_device
+from .layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LOSS_PLOT, METRICS_FILE
 from .loss import SSDLoss, SSDLossOutput
 from .metrics import MeanAP
 from .network import SSD300, load_pretrained_backbone
 from .plots import plot_losses
 from .postprocess import postprocess
+from .storage import RunFolder
 
 log = logging.getLogger(__name__)
 
-LAST_CHECKPOINT, BEST_CHECKPOINT = "last.pt", "best.pt"
 PROGRESS_INTERVAL_SECONDS = 0.5
 
 
@@ -400,8 +401,11 @@ def _epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 100_003 + epoch) % 2**63
 
 
-def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Callbacks | None = None) -> FitResult:
-    """Train an SSD on ``data``; everything the run produces goes to ``run_dir``.
+def fit(
+    config: TrainConfig, data: DetectionData, run_dir: Path | RunFolder, callbacks: Callbacks | None = None
+) -> FitResult:
+    """Train an SSD on ``data``; everything the run produces goes to ``run_dir``, each file replaced whole
+    through ``RunFolder.replace`` (pass a ``RunFolder`` to decide how).
 
     Writes ``config.json``, ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and
     ``best.pt`` (lowest validation loss; training loss without a validation split) and
@@ -416,43 +420,44 @@ def fit(config: TrainConfig, data: DetectionData, run_dir: Path, callbacks: Call
         NonFiniteLossError: a training or validation loss became NaN or infinite.
     """
     callbacks = callbacks or Callbacks()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    folder = run_dir if isinstance(run_dir, RunFolder) else RunFolder(Path(run_dir))
+    folder.path.mkdir(parents=True, exist_ok=True)
     if not data.images:
         raise ValueError("the dataset has no images")
     run = _build_training(config, data)
     history: list[dict] = []
     best: float | None = None  # the lowest selection score so far (see _selection_score)
     partial: EpochState | None = None
-    if (run_dir / LAST_CHECKPOINT).exists():
-        history, best, partial = _resume(run_dir / LAST_CHECKPOINT, config, data, run)
-        log.info("resuming %s after epoch %d", run_dir, len(history))
+    if folder.file(LAST_CHECKPOINT).exists():
+        history, best, partial = _resume(folder.file(LAST_CHECKPOINT), config, data, run)
+        log.info("resuming %s after epoch %d", folder.path, len(history))
         if callbacks.on_resume is not None:
             callbacks.on_resume(list(history))
-    atomic_write(run_dir / "config.json", lambda f: f.write(_config_json(config, run.model.config, data.classes)))
+    config_json = _config_json(config, run.model.config, data.classes)
+    folder.replace(CONFIG_FILE, lambda f: f.write(config_json))
 
     validation_seconds = history[-1].get("val_seconds", 0.0) if history else 0.0
     for epoch in range(len(history) + 1, config.epochs + 1):
         outcome, result = _run_epoch(run, config, epoch, validation_seconds, callbacks, partial)
         partial = None
         if outcome == "paused":
-            _save_checkpoints(run_dir, run, config, data.classes, history, best, paused_at=result)
-            return _result(outcome, run_dir, history, best, paused_at=(epoch, result.steps_done))
+            _save_checkpoints(folder, run, config, data.classes, history, best, paused_at=result)
+            return _result(outcome, folder, history, best, paused_at=(epoch, result.steps_done))
         if outcome != "done":
-            return _result(outcome, run_dir, history, best)
+            return _result(outcome, folder, history, best)
         record = result
         validation_seconds = record["val_seconds"]
         history.append(record)
         score = _selection_score(record)
         improved = best is None or score < best
         best = score if improved else best
-        _save_checkpoints(run_dir, run, config, data.classes, history, best, improved=improved)
-        _write_history(run_dir, history)
+        _save_checkpoints(folder, run, config, data.classes, history, best, improved=improved)
+        _write_history(folder, history)
         if callbacks.on_epoch is not None:
             callbacks.on_epoch(record)
         if epoch < config.epochs and (interruption := callbacks.interruption()) is not None:
-            return _result(interruption, run_dir, history, best)
-    return _result("completed", run_dir, history, best)
+            return _result(interruption, folder, history, best)
+    return _result("completed", folder, history, best)
 
 
 class _Interruption:
@@ -554,7 +559,7 @@ def _resume(
 
 
 def _save_checkpoints(
-    run_dir: Path,
+    folder: RunFolder,
     run: TrainingRun,
     config: TrainConfig,
     classes: list[str],
@@ -583,23 +588,24 @@ def _save_checkpoints(
         if paused_at is None
         else {"steps_done": paused_at.steps_done, "loss_sums": list(paused_at.loss_sums)},
     }
-    save_checkpoint(run_dir / LAST_CHECKPOINT, state)
+    folder.replace(LAST_CHECKPOINT, checkpoint_writer(state))
     if improved:
         # Serving needs no optimiser state: keep the best checkpoint small.
-        save_checkpoint(run_dir / BEST_CHECKPOINT, {**state, "optimizer": {}, "scheduler": {}, "scaler": None})
+        folder.replace(BEST_CHECKPOINT, checkpoint_writer({**state, "optimizer": {}, "scheduler": {}, "scaler": None}))
 
 
-def _write_history(run_dir: Path, history: list[dict]) -> None:
+def _write_history(folder: RunFolder, history: list[dict]) -> None:
     """metrics.jsonl and losses.png, derived from the history (they may lag last.pt by an epoch after a crash)."""
-    lines = "".join(json.dumps(record) + "\n" for record in history)
-    atomic_write(run_dir / "metrics.jsonl", lambda f: f.write(lines.encode()))
-    plot_losses(history, run_dir / "losses.png")
+    lines = "".join(json.dumps(record) + "\n" for record in history).encode()
+    folder.replace(METRICS_FILE, lambda f: f.write(lines))
+    png = plot_losses(history)
+    folder.replace(LOSS_PLOT, lambda f: f.write(png))
 
 
 def _result(
-    status, run_dir: Path, history: list[dict], best: float | None, paused_at: tuple[int, int] | None = None
+    status, folder: RunFolder, history: list[dict], best: float | None, paused_at: tuple[int, int] | None = None
 ) -> FitResult:
-    last, best_path = run_dir / LAST_CHECKPOINT, run_dir / BEST_CHECKPOINT
+    last, best_path = folder.file(LAST_CHECKPOINT), folder.file(BEST_CHECKPOINT)
     validated = bool(history) and history[-1]["val_loss"] is not None
     return FitResult(
         status=status,

@@ -1,0 +1,121 @@
+"""Every name the project gives a file or folder on disk, in one place.
+
+The data folder (``SSD_DATA_DIR``) of the service::
+
+    datasets/<id>/dataset.json              the dataset's record (also kept in Redis)
+    datasets/<id>/files/...                 what the archive held (read with ``model.data``)
+    datasets/.incoming-<owner>-<id>/        an import being built; renamed to ``<id>`` when done
+    datasets/.trash-<id>-<random>/          a dataset being deleted
+    runs/<job id>/job.json                  the job's record (rebuilds Redis's if Redis loses it)
+    runs/<job id>/config.json, metrics.jsonl, last.pt, best.pt, losses.png   what ``fit`` writes
+    runs/<job id>/.lock                     locked (flock) by whoever writes the run folder
+    runs/<job id>/.fence                    the lease token of the one attempt that may write it
+    runs/.trash-<job id>-<random>/          a run being deleted
+    owners/<owner>.lock                     locked (flock) by each live service process
+
+A file is replaced by writing ``.<name>.<owner>.<random>.tmp`` beside it and renaming that
+over it (``model.storage``). ``<owner>`` names the process that wrote the temporary file
+(``process_owner``), so that the next start of a service process can tell the leftovers of
+a dead writer (whose ``owners/<owner>.lock`` nobody holds) from files still being written.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+# A training run's folder: written by ``model.engine.fit``.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+LOSS_PLOT = "losses.png"
+# ...and by the service around it.
+JOB_FILE = "job.json"
+RUN_LOCK_FILE = ".lock"
+FENCE_FILE = ".fence"
+
+# A dataset's folder.
+DATASET_FILE = "dataset.json"
+DATASET_FILES_DIR = "files"
+
+# Top-level folders of the data folder.
+DATASETS_DIR = "datasets"
+RUNS_DIR = "runs"
+OWNERS_DIR = "owners"
+
+# Work in progress, and work being thrown away.
+TEMP_SUFFIX = ".tmp"
+INCOMING_PREFIX = ".incoming-"
+TRASH_PREFIX = ".trash-"
+OWNER_LOCK_SUFFIX = ".lock"
+
+_owner = {"pid": -1, "token": ""}
+
+
+def process_owner() -> str:
+    """This process's owner token (hex, no dots or dashes): a fresh one in each process, forks included."""
+    if _owner["pid"] != os.getpid():
+        _owner.update(pid=os.getpid(), token=secrets.token_hex(8))
+    return _owner["token"]
+
+
+def temp_prefix(target_name: str) -> str:
+    """The prefix of a temporary file that will replace ``target_name``; a random part and ``TEMP_SUFFIX`` follow."""
+    return f".{target_name}.{process_owner()}."
+
+
+def temp_owner(name: str) -> str | None:
+    """The owner token in a temporary file's name (``.<target>.<owner>.<random>.tmp``), or None if it has none."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and parts[1] else None
+
+
+def incoming_name(record_id: str) -> str:
+    """The folder an import builds before it is renamed to ``record_id``."""
+    return f"{INCOMING_PREFIX}{process_owner()}-{record_id}"
+
+
+def incoming_owner(name: str) -> str | None:
+    """The owner token in an import folder's name, or None if it is not one (or has no owner)."""
+    if not name.startswith(INCOMING_PREFIX):
+        return None
+    owner, dash, _ = name[len(INCOMING_PREFIX) :].partition("-")
+    return owner if dash and owner else None
+
+
+def trash_name(record_id: str) -> str:
+    """A fresh name to rename a folder to before deleting it, so a half-deleted folder is never read."""
+    return f"{TRASH_PREFIX}{record_id}-{secrets.token_hex(3)}"
+
+
+@dataclass(frozen=True)
+class DataLayout:
+    """Where the service keeps datasets, runs and process locks under its data folder."""
+
+    root: Path
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.root / DATASETS_DIR
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.root / RUNS_DIR
+
+    @property
+    def owners_dir(self) -> Path:
+        return self.root / OWNERS_DIR
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.datasets_dir / dataset_id
+
+    def run_dir(self, job_id: str) -> Path:
+        return self.runs_dir / job_id
+
+    def owner_lock(self, owner: str) -> Path:
+        return self.owners_dir / f"{owner}{OWNER_LOCK_SUFFIX}"
