@@ -1,9 +1,10 @@
 """Turning an uploaded archive (or a synthetic request) into a stored dataset, atomically.
 
 A dataset lives in ``<data_dir>/datasets/<id>/``: ``files/`` holds what the archive held
-(read with ``model.data.read_dataset``) and ``dataset.json`` the record also kept in Redis.
-It is built in ``datasets/.incoming-<id>/`` and renamed into place only once it has been
-read without problems, so a failed import leaves nothing behind.
+(read with ``model.data.read_dataset``) and ``dataset.json`` the record also kept in Redis
+(names in ``model.layout``). It is built in ``datasets/.incoming-<owner>-<id>/`` and renamed
+into place only once it has been read without problems, so a failed import leaves nothing
+behind (and what a killed import leaves is removed at the next start: ``worker.leftovers``).
 
 Archives come from users. Before ``zipfile`` builds its list of entries (memory grows with
 their number), the central directory is walked record by record to count them against
@@ -13,7 +14,8 @@ against the limits before anything is extracted; the bytes written are counted a
 extracting, so a header that lies about sizes cannot get past the limit either.
 
 Imports run on a thread pool of their own (``ImportSlots``), not the one that serves the
-other routes, and a request that finds every slot busy is turned away at once.
+other routes. A request that finds every slot busy is turned away before its body is read
+(``ImportAdmission``): an upload never fills the disk only to be refused.
 """
 
 from __future__ import annotations
@@ -21,30 +23,31 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import secrets
 import shutil
 import stat
 import struct
 import threading
-import time
 import zipfile
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, TypeVar
 
+from starlette.types import ASGIApp, Receive, Scope, Send
+
 from model.data import DatasetError, DetectionData, make_shapes_dataset, read_dataset
 from model.data.images import safe_relative_path
-from worker.reaper import DATASET_FILE
+from model.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name, trash_name
+from worker.records import DatasetRecord, now_iso
 from worker.settings import Settings
-from worker.store import new_id, now_iso
+from worker.store import new_id
 
 _JUNK_DIRS = {"__MACOSX"}
 _JUNK_FILES = {".DS_Store", "Thumbs.db"}
 _CHUNK = 1024 * 1024
 RATIO_CHECKED_ABOVE = 1024 * 1024  # entries smaller than this may compress as well as they like
 MAX_CENTRAL_DIRECTORY_BYTES_PER_ENTRY = 1024
-STALE_INCOMING_SECONDS = 3600  # an import folder untouched this long belongs to an import that died
+IMPORT_ROUTES = {("POST", "/datasets"), ("POST", "/datasets/synthetic")}
 
 # Zip records (APPNOTE.TXT 4.3.12-4.3.16): end of central directory, its ZIP64 locator and
 # record, and the fixed part of a central directory header (name, extra, comment lengths at 28).
@@ -68,11 +71,28 @@ class ImportsBusy(RuntimeError):
     """Every import slot is taken: the client should try again later (503 with Retry-After)."""
 
 
+class ImportPermit:
+    """A reserved import slot, freed once (``release``) by whoever holds it last."""
+
+    def __init__(self, free: threading.BoundedSemaphore):
+        self._free = free
+        self._released = False
+        self._lock = threading.Lock()
+        self.handed_over = False  # to an import's thread, which frees it when done
+
+    def release(self) -> None:
+        with self._lock:
+            if not self._released:
+                self._released = True
+                self._free.release()
+
+
 class ImportSlots:
     """Dataset imports on a bounded thread pool of their own: ``slots`` at once, more are refused.
 
-    A slot is freed when its import's thread is done, not when the request that started it
-    goes away, so the count never runs ahead of the threads.
+    A slot is reserved before the request's body is read (``reserve``) and freed when its
+    import's thread is done, not when the request that started it goes away, so the count
+    never runs ahead of the threads.
     """
 
     def __init__(self, slots: int):
@@ -80,15 +100,54 @@ class ImportSlots:
         self._free = threading.BoundedSemaphore(slots)
         self.executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="ssd-import")
 
-    async def run(self, function: Callable[..., T], *args: Any) -> T:
+    def reserve(self) -> ImportPermit:
+        """A free slot, or ImportsBusy."""
         if not self._free.acquire(blocking=False):
             raise ImportsBusy(f"{self.slots} dataset imports are running (the limit): try again in a minute")
+        return ImportPermit(self._free)
+
+    async def run(self, permit: ImportPermit, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` on the import pool, in the slot ``permit`` reserved (freed when it is done)."""
+        permit.handed_over = True
         future = self.executor.submit(function, *args)
-        future.add_done_callback(lambda _: self._free.release())
+        future.add_done_callback(lambda _: permit.release())
         return await asyncio.wrap_future(future)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class ImportAdmission:
+    """Reserves an import slot for ``IMPORT_ROUTES`` before anything of the request is read: 503 with
+    Retry-After when every slot is busy. The route finds the permit in ``request.state.import_permit``;
+    a permit the route did not hand to an import is freed when the request ends."""
+
+    def __init__(self, app: ASGIApp, slots: ImportSlots):
+        self.app = app
+        self.slots = slots
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or (scope.get("method"), scope.get("path")) not in IMPORT_ROUTES:
+            await self.app(scope, receive, send)
+            return
+        try:
+            permit = self.slots.reserve()
+        except ImportsBusy as error:
+            body = json.dumps({"detail": str(error)}).encode()
+            headers = [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"30"),
+            ]
+            await send({"type": "http.response.start", "status": 503, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        scope.setdefault("state", {})["import_permit"] = permit
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            if not permit.handed_over:
+                permit.release()
 
 
 def _end_of_central_directory(upload: IO[bytes]) -> tuple[int, int, int] | None:
@@ -254,26 +313,26 @@ def _problem_text(error: DatasetError, files: Path, filename: str) -> str:
     return f"{filename}: " + "; ".join(problems) + (f"; and {more} more problem(s)" if more > 0 else "")
 
 
-def _record(dataset_id: str, name: str, data: DetectionData, root: str, source: str) -> dict[str, Any]:
-    return {
-        "id": dataset_id,
-        "name": name,
-        "format": data.format,
-        "num_images": len(data.images),
-        "num_boxes": data.num_boxes,
-        "classes": list(data.classes),
-        "created_at": now_iso(),
-        "source": source,
-        "root": root,
-    }
+def _record(dataset_id: str, name: str, data: DetectionData, root: str, source: str) -> DatasetRecord:
+    return DatasetRecord(
+        id=dataset_id,
+        name=name,
+        format=data.format,
+        num_images=len(data.images),
+        num_boxes=data.num_boxes,
+        classes=list(data.classes),
+        created_at=now_iso(),
+        source=source,
+        root=root,
+    )
 
 
-def _commit(incoming: Path, final: Path, record: dict[str, Any]) -> None:
-    (incoming / DATASET_FILE).write_text(json.dumps(record, indent=2), encoding="utf-8")
+def _commit(incoming: Path, final: Path, record: DatasetRecord) -> None:
+    (incoming / DATASET_FILE).write_text(record.model_dump_json(indent=2), encoding="utf-8")
     os.rename(incoming, final)
 
 
-def import_archive(upload: IO[bytes], filename: str, name: str | None, settings: Settings) -> dict[str, Any]:
+def import_archive(upload: IO[bytes], filename: str, name: str | None, settings: Settings) -> DatasetRecord:
     """Check, extract and read a COCO or VOC zip; returns the new dataset's record (not yet in Redis).
 
     Raises:
@@ -284,8 +343,8 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
     count_entries(upload, filename, settings.max_archive_files)
     upload.seek(0)
     dataset_id = new_id()
-    incoming = settings.datasets_dir / f".incoming-{dataset_id}"
-    files = incoming / "files"
+    incoming = settings.datasets_dir / incoming_name(dataset_id)
+    files = incoming / DATASET_FILES_DIR
     try:
         with zipfile.ZipFile(upload) as archive:
             members = checked_members(archive, filename, settings)
@@ -308,38 +367,18 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
 
 def create_synthetic(
     num_images: int, seed: int, image_size: tuple[int, int], name: str | None, settings: Settings
-) -> dict[str, Any]:
+) -> DatasetRecord:
     """Generate a shapes dataset (``model.data.make_shapes_dataset``) and store it like an upload."""
     dataset_id = new_id()
-    incoming = settings.datasets_dir / f".incoming-{dataset_id}"
+    incoming = settings.datasets_dir / incoming_name(dataset_id)
     try:
-        data = make_shapes_dataset(incoming / "files", num_images, seed=seed, image_size=image_size)
-        record = _record(dataset_id, name or f"shapes-{num_images}-seed{seed}", data, "files", "synthetic")
+        data = make_shapes_dataset(incoming / DATASET_FILES_DIR, num_images, seed=seed, image_size=image_size)
+        name = name or f"shapes-{num_images}-seed{seed}"
+        record = _record(dataset_id, name, data, DATASET_FILES_DIR, "synthetic")
         _commit(incoming, settings.datasets_dir / dataset_id, record)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return record
-
-
-def remove_leftovers(settings: Settings, now: float | None = None) -> list[str]:
-    """Delete what interrupted imports and deletes left: ``.trash-*`` folders, and ``.incoming-*``
-    ones untouched for ``STALE_INCOMING_SECONDS`` (a running import's is newer). Their names."""
-    folder = settings.datasets_dir
-    if not folder.is_dir():
-        return []
-    now = time.time() if now is None else now
-    removed = []
-    for path in folder.iterdir():
-        try:
-            stale = path.name.startswith(".trash-") or (
-                path.name.startswith(".incoming-") and now - path.stat().st_mtime > STALE_INCOMING_SECONDS
-            )
-        except OSError:
-            continue
-        if stale:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path.name)
-    return removed
 
 
 def remove_dataset_files(dataset_id: str, settings: Settings) -> None:
@@ -347,6 +386,6 @@ def remove_dataset_files(dataset_id: str, settings: Settings) -> None:
     folder = settings.datasets_dir / dataset_id
     if not folder.exists():
         return
-    trash = settings.datasets_dir / f".trash-{dataset_id}-{secrets.token_hex(3)}"
+    trash = settings.datasets_dir / trash_name(dataset_id)
     os.rename(folder, trash)
     shutil.rmtree(trash, ignore_errors=True)

@@ -6,15 +6,17 @@ instead of sending it to the thread pool.
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import redis.asyncio
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
 from app.dataset_import import ImportSlots
+from app.event_streams import EventStreams
 from app.inference import DetectionService
 from app.metrics import Metrics
+from worker.records import DatasetRecord, JobRecord
 from worker.settings import Settings
 from worker.store import Store
 
@@ -47,6 +49,10 @@ async def get_imports(request: Request) -> ImportSlots:
     return request.app.state.imports
 
 
+async def get_event_streams(request: Request) -> EventStreams:
+    return request.app.state.event_streams
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 AsyncRedisDep = Annotated[redis.asyncio.Redis, Depends(get_async_redis)]
@@ -54,9 +60,10 @@ CeleryDep = Annotated[Celery, Depends(get_celery)]
 DetectorDep = Annotated[DetectionService, Depends(get_detection)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 ImportsDep = Annotated[ImportSlots, Depends(get_imports)]
+EventStreamsDep = Annotated[EventStreams, Depends(get_event_streams)]
 
 
-def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
+def job_or_404(store: Store, job_id: str) -> JobRecord:
     """The job's record, or 404 naming the id."""
     job = store.get_job(job_id)
     if job is None:
@@ -64,7 +71,7 @@ def job_or_404(store: Store, job_id: str) -> dict[str, Any]:
     return job
 
 
-def dataset_or_404(store: Store, dataset_id: str) -> dict[str, Any]:
+def dataset_or_404(store: Store, dataset_id: str) -> DatasetRecord:
     """The dataset's record, or 404 naming the id."""
     dataset = store.get_dataset(dataset_id)
     if dataset is None:

@@ -13,17 +13,26 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry as AsyncRetry
 from starlette.concurrency import run_in_threadpool
 
-from app.dataset_import import ImportSlots, remove_leftovers
+from app.dataset_import import ImportAdmission, ImportSlots
+from app.event_streams import EventStreams
 from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, jobs, ops, web
 from app.security import mask_keys_in_access_log, require_api_key, require_api_key_or_query
+from worker.leftovers import hold_owner_lock, remove_leftovers
 from worker.queue import make_celery
 from worker.settings import Settings
-from worker.store import Store, quick_retry
+from worker.store import POOL_WAIT_SECONDS, Store, quick_retry
 
 log = logging.getLogger(__name__)
+
+# The API's Redis connections are capped, so that no flood of requests can take the Redis
+# server's connections from the workers (whose lease renewals must get through). Routes that
+# use the synchronous store run on Starlette's thread pool (40 threads), so 48 never waits
+# for long; the event streams' asynchronous client gets one connection per allowed stream.
+SYNC_REDIS_CONNECTIONS = 48
+ASYNC_REDIS_SPARE_CONNECTIONS = 8  # for a stream route's lookups beside the streams themselves
 
 DESCRIPTION = """
 Train SSD300 object detectors on your own labelled images and serve them.
@@ -42,7 +51,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The API with its own Redis clients, Celery client, detector cache and metrics registry."""
     settings = settings or Settings()
     mask_keys_in_access_log()
-    store = Store.from_url(settings.redis_url, settings.key_prefix)
+    store = Store.from_url(settings.redis_url, settings.key_prefix, max_connections=SYNC_REDIS_CONNECTIONS)
     metrics = Metrics(store.status_counts)
     detection = DetectionService(
         load=partial(load_detector, device=settings.device),
@@ -58,9 +67,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
-        removed = await run_in_threadpool(remove_leftovers, settings)
+        # This process's owner lock first: from then on, nothing it writes looks abandoned.
+        await run_in_threadpool(hold_owner_lock, settings.layout)
+        removed = await run_in_threadpool(remove_leftovers, settings.layout)
         if removed:
-            log.info("removed what interrupted imports and deletes left: %s", ", ".join(removed))
+            log.info("removed what interrupted writes, imports and deletes left: %s", ", ".join(removed))
         yield
         detection.close()
         imports.close()
@@ -70,13 +81,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="SSD detector service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.store = store
-    app.state.async_redis = redis.asyncio.Redis.from_url(
+    async_pool = redis.asyncio.BlockingConnectionPool.from_url(
         settings.redis_url,
+        max_connections=settings.max_event_streams + ASYNC_REDIS_SPARE_CONNECTIONS,
+        timeout=POOL_WAIT_SECONDS,
         decode_responses=True,
         socket_connect_timeout=5,
         socket_timeout=30,  # above the SSE route's 1 s XREAD BLOCK
         retry=quick_retry(AsyncRetry),
     )
+    app.state.async_redis = redis.asyncio.Redis(connection_pool=async_pool)
+    app.state.event_streams = EventStreams(settings.max_event_streams)
     app.state.celery = make_celery(settings)
     app.state.metrics = metrics
     app.state.detection = detection
@@ -94,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
         default=settings.max_body_bytes,
     )
+    app.add_middleware(ImportAdmission, slots=imports)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.exception_handler(redis.ConnectionError)

@@ -1,5 +1,6 @@
 """Request and response bodies of the HTTP contract (``shared/design/API.md``), in one place.
 
+Job and dataset answers are the stored records' public parts (``worker.records``).
 ``TrainRequest`` mirrors ``model.config.TrainConfig``: the same fields, the same defaults
 (taken from ``TrainConfig()`` itself) and constraints that match its ``__post_init__``
 checks, so a bad value answers 422 before a job exists.
@@ -7,44 +8,21 @@ checks, so a bad value answers 422 before a job exists.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig
-from worker.store import has_model
+
+# The stored records' public parts are answered as they are.
+from worker.records import Dataset as Dataset
+from worker.records import Job as Job
+from worker.records import Progress as Progress
+from worker.records import Status
 
 _DEFAULTS = TrainConfig()
 
-JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-
-
-class Dataset(BaseModel):
-    id: str
-    name: str
-    format: Literal["coco", "voc"]
-    num_images: int
-    num_boxes: int
-    classes: list[str]
-    created_at: str | None = None
-    source: Literal["upload", "synthetic"] | None = None
-
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "3f9c1a2b7d4e",
-                    "name": "shapes",
-                    "format": "coco",
-                    "num_images": 64,
-                    "num_boxes": 161,
-                    "classes": ["circle", "square", "triangle"],
-                    "created_at": "2026-01-31T12:00:00Z",
-                    "source": "synthetic",
-                }
-            ]
-        }
-    )
+JobStatus = Status
 
 
 class SyntheticDatasetRequest(BaseModel):
@@ -124,65 +102,6 @@ class TrainRequest(BaseModel):
     def train_config(self) -> TrainConfig:
         """The ``TrainConfig``; raises ValueError where its own checks go beyond the ones above."""
         return TrainConfig.from_dict(self.model_dump(exclude={"dataset_id"}))
-
-
-class Progress(BaseModel):
-    epoch: int
-    step: int
-    steps_per_epoch: int
-    eta_seconds: float
-    loss: float | None = None
-    images_per_second: float | None = None
-
-
-class Job(BaseModel):
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {
-                    "id": "9b1f0c3a5e7d",
-                    "status": "running",
-                    "dataset_id": "3f9c1a2b7d4e",
-                    "config": {"epochs": 10, "batch_size": 16, "learning_rate": 0.001},
-                    "epoch": 3,
-                    "epochs": 10,
-                    "progress": {"epoch": 3, "step": 40, "steps_per_epoch": 63, "eta_seconds": 812.0},
-                    "created_at": "2026-01-31T12:00:00Z",
-                    "started_at": "2026-01-31T12:00:02Z",
-                    "finished_at": None,
-                    "error": None,
-                    "best_val_loss": 2.31,
-                    "classes": ["circle", "square"],
-                }
-            ]
-        }
-    )
-
-    id: str
-    status: JobStatus
-    dataset_id: str
-    dataset_name: str | None = None
-    config: dict[str, Any]
-    epoch: int = Field(0, description="The epoch running now (or the last one finished, once the job ended).")
-    epochs: int
-    epochs_completed: int = 0
-    progress: Progress | None = None
-    created_at: str
-    started_at: str | None = None
-    finished_at: str | None = None
-    error: str | None = None
-    best_val_loss: float | None = None
-    classes: list[str]
-    cancel_requested: bool = False
-    restarts: int = Field(0, description="How often the job went back to the queue to resume on another run.")
-    restart_reason: str | None = Field(None, description="Why it last did (worker shut down, lease expired...).")
-    worker: str | None = None
-    has_model: bool = Field(False, description="Whether POST /detect can use this job's checkpoint.")
-
-
-def public_job(job: dict[str, Any]) -> dict[str, Any]:
-    """A stored job record as the API shows it (the response model drops internal fields)."""
-    return {**job, "has_model": has_model(job)}
 
 
 class LossRecord(BaseModel):

@@ -42,8 +42,10 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector
+from model.layout import BEST_CHECKPOINT, DATASET_FILES_DIR
 from model.network import SSD300
-from worker.store import Store, now_iso
+from worker.records import SUCCEEDED, DatasetRecord, JobRecord, now_iso
+from worker.store import Store
 
 CLASSES = ["circle", "square", "triangle"]
 TORCHVISION = "torchvision ssd300_vgg16 forward (in-process, tensor in memory)"
@@ -119,11 +121,14 @@ def write_job(store: Store, runs_dir: Path) -> str:
     job_id = "bench-" + now_iso().replace(":", "")
     (runs_dir / job_id).mkdir(parents=True)
     state = {"epoch": 1, "classes": CLASSES, "model_config": config.to_dict(), "model": model.state_dict()}
-    save_checkpoint(runs_dir / job_id / "best.pt", state)
-    store.put_dataset({"id": "bench", "name": "bench", "classes": CLASSES})
-    job = {"id": job_id, "status": "queued", "dataset_id": "bench", "config": {}, "epochs": 1, "classes": CLASSES}
-    assert store.create_job({**job, "created_at": now_iso()})
-    store.finish_job(job_id, "succeeded", checkpoint="best.pt")
+    save_checkpoint(runs_dir / job_id / BEST_CHECKPOINT, state)
+    dataset = DatasetRecord(
+        id="bench", name="bench", format="coco", num_images=0, num_boxes=0, classes=CLASSES, root=DATASET_FILES_DIR
+    )
+    store.put_dataset(dataset)
+    job = JobRecord.new(job_id, dataset, {"epochs": 1})
+    finished = job.model_copy(update={"status": SUCCEEDED, "checkpoint": BEST_CHECKPOINT, "finished_at": now_iso()})
+    assert store.restore_job(finished, created=time.time(), finished=time.time())
     return job_id
 
 

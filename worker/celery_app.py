@@ -22,10 +22,11 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
+from worker.leftovers import hold_owner_lock, remove_leftovers
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import REDIS_ERRORS, Store
 
 settings = Settings()
 app = make_celery(settings, include_tasks=True)
@@ -65,20 +66,31 @@ def _beat() -> None:
     while True:
         try:
             store().worker_heartbeat(node_name())
-        except Exception as error:  # Redis away for a moment: try again at the next beat
+        except REDIS_ERRORS as error:  # Redis away for a moment: try again at the next beat
             log.warning("worker heartbeat failed: %s", error)
         if not SHUTDOWN.is_set():
-            try:
-                for action in reaper.run_once():
-                    log.info("reaper: %s", action)
-            except Exception as error:
-                log.warning("reaper pass failed: %s", error)
+            _reap(reaper)
         if _stop_heartbeat.wait(settings.worker_heartbeat_seconds):
             return
 
 
+def _reap(reaper: Reaper) -> None:
+    try:
+        for action in reaper.run_once():
+            log.info("reaper: %s", action)
+    except REDIS_ERRORS as error:
+        log.warning("reaper pass failed (Redis unreachable?): %s", error)
+    except Exception:  # a bug must not stop the heartbeat: logged in full, and the next pass tries again
+        log.exception("reaper pass failed")
+
+
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
+    # Hold this process's owner lock before anything is written, then clear what dead writers left.
+    hold_owner_lock(settings.layout)
+    removed = remove_leftovers(settings.layout)
+    if removed:
+        log.info("removed what interrupted writes left: %s", ", ".join(removed))
     threading.Thread(target=_beat, name="ssd-heartbeat", daemon=True).start()
 
 
@@ -93,5 +105,5 @@ def _stop_heartbeat_and_sign_off(**_kwargs) -> None:
     _stop_heartbeat.set()
     try:
         store().worker_gone(node_name())
-    except Exception as error:
+    except REDIS_ERRORS as error:
         log.warning("could not remove the worker's heartbeat: %s", error)

@@ -32,16 +32,23 @@ it there (``task_ids_in_broker``).
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
+from collections.abc import Callable
 
 import redis
 from celery import Celery
+from kombu.exceptions import KombuError
 
 from worker.settings import Settings
 from worker.store import Store
 
+log = logging.getLogger(__name__)
+
 TRAIN_TASK = "ssd.train"
+# What sending a task raises while the broker (Redis) is away.
+SEND_ERRORS = (redis.RedisError, OSError, KombuError)
 # Kombu's Redis transport keeps one list per queue and priority level: priority 0 is the
 # bare queue name, others add this separator and the level.
 _PRIORITY_SEPARATOR = "\x06\x16"
@@ -91,9 +98,18 @@ def dispatch(celery: Celery, store: Store, job_id: str, queue: str) -> None:
     store.mark_dispatch(job_id, task_id)
     try:
         enqueue_training(celery, job_id, queue, task_id)
-    except Exception:
+    except SEND_ERRORS:
         store.clear_dispatch(job_id, task_id)
         raise
+
+
+def send_quietly(dispatch: Callable[[str], None], job_id: str) -> None:
+    """Send the job's task; a failure is only logged, since a reaper's next pass finds the queued
+    job with no message on its way and sends it then."""
+    try:
+        dispatch(job_id)
+    except SEND_ERRORS as error:
+        log.error("could not send the task of job %s (%s); a reaper sends it on a later pass", job_id, error)
 
 
 def task_ids_in_broker(client: redis.Redis, settings: Settings) -> set[str]:

@@ -17,38 +17,32 @@ at once or a message turns up late: a second runner cannot take a held lease.
   a lease TTL apart while the job stays queued and unleased: its sender died between
   recording the id and sending, or the worker that took it died before starting the job (a
   live one leases the job within moments; the second look lets it).
-- **Redis lost records** (it restarted without them, seen as a new server run id, and at
-  worker start): datasets come back from ``datasets/<id>/dataset.json`` and jobs from
-  ``runs/<id>/job.json`` with their losses from ``metrics.jsonl``; an unfinished job is
-  queued again and resumes from its checkpoint.
+- **Running, no lease, crashed too often**: a job whose runs stopped without pausing it
+  more than ``SSD_MAX_JOB_RESTARTS`` times (each one killed its worker: out of memory, a
+  setting that crashes the process) fails, saying so, instead of going round forever.
+- **Running, no lease, cancel asked** (while its worker was dead): it ends cancelled.
+- **Redis lost records** (at worker start, when Redis is a new server, and when the store's
+  marker key is gone: a FLUSHALL, an empty data folder): ``worker.rebuild`` restores them
+  from the data folder.
+
+Every change the reaper makes to a job also reaches the job's ``job.json``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+import secrets
 import time
 from collections.abc import Callable
-from datetime import datetime
-from pathlib import Path
-from typing import Any
 
+from worker.queue import send_quietly
+from worker.rebuild import rebuild_from_disk
+from worker.records import QUEUED, RUNNING
+from worker.run_files import keep_job_file
 from worker.settings import Settings
-from worker.store import ACTIVE, QUEUED, RUNNING, SUCCEEDED, Store
+from worker.store import REDIS_ERRORS, ActiveJob, Crashes, Store
 
 log = logging.getLogger(__name__)
-
-JOB_FILE = "job.json"  # a job's record in its run folder (written by the worker that runs it)
-DATASET_FILE = "dataset.json"  # a dataset's record in its folder (written by the API's import)
-
-
-def send_quietly(dispatch: Callable[[str], None], job_id: str) -> None:
-    """Send the job's task; a failure is only logged, since a reaper's next pass finds the queued
-    job with no message on its way and sends it then."""
-    try:
-        dispatch(job_id)
-    except Exception as error:
-        log.error("could not send the task of job %s (%s); a reaper sends it on a later pass", job_id, error)
 
 
 class _EveryId(frozenset):
@@ -91,25 +85,33 @@ class Reaper:
 
     def run_once(self) -> list[str]:
         """One pass; what it did, e.g. ``["requeued 1a2b3c", "dispatched 4d5e6f"]``."""
-        actions: list[str] = []
-        server = self.store.server_run_id()
-        if server != self._server:
-            self.store.index_active_jobs()
-            if self.store.try_lock("rebuild", 60):
-                actions += rebuild_from_disk(self.store, self.settings, self.dispatch)
-            self._server = server
+        actions = self._rebuild_if_redis_lost()
         now = self.clock()
         self._seen_before, self._seen, self._in_broker = self._seen, {}, None
         for job in self.store.active_jobs():
-            if job["leased"]:
+            if job.leased:
                 continue
-            if job["status"] == RUNNING:
-                lease_gone = ("lease", job["id"])
-                if self._seen_for(lease_gone, now) >= self.grace and self._requeue(job):
-                    actions.append(f"requeued {job['id']}")
+            if job.status == RUNNING:
+                lease_gone = ("lease", job.id)
+                if self._seen_for(lease_gone, now) >= self.grace and (done := self._requeue(job)):
+                    actions.append(f"{done} {job.id}")
                     self._seen.pop(lease_gone)
-            elif job["status"] == QUEUED and self._redispatch(job, now):
-                actions.append(f"dispatched {job['id']}")
+            elif job.status == QUEUED and self._redispatch(job, now):
+                actions.append(f"dispatched {job.id}")
+        return actions
+
+    def _rebuild_if_redis_lost(self) -> list[str]:
+        """At the first pass, and whenever Redis is a new server or has lost the store's marker, put
+        back from the data folder what Redis lacks (one reaper at a time)."""
+        server = self.store.server_run_id()
+        if server == self._server and self.store.has_marker():
+            return []
+        self.store.index_active_jobs()
+        if not self.store.try_lock("rebuild", 60):
+            return []  # another reaper rebuilds; this one looks again at its next pass
+        actions = rebuild_from_disk(self.store, self.settings, self.dispatch)
+        self.store.set_marker(secrets.token_hex(8))
+        self._server = server
         return actions
 
     def _seen_for(self, problem: tuple[str, ...], now: float) -> float:
@@ -117,28 +119,40 @@ class Reaper:
         since = self._seen[problem] = self._seen_before.get(problem, now)
         return now - since
 
-    def _requeue(self, job: dict[str, Any]) -> bool:
+    def _requeue(self, job: ActiveJob) -> str | None:
+        """Put back a running job whose run is gone; what became of it (requeued, cancelled, failed), or None."""
+        who = job.worker or "its worker"
         reason = (
-            f"the lease of {job['worker'] or 'its worker'} expired: that worker stopped (killed, crashed or "
-            "lost its machine); the job resumes from its last checkpoint"
+            f"the lease of {who} expired: that worker stopped (killed, crashed or lost its machine); "
+            "the job resumes from its last checkpoint"
         )
-        if not self.store.requeue_job(job["id"], reason):
+        limit = self.settings.max_job_restarts
+        error = (
+            f"the job stopped its worker without a pause ({who} was the last: killed, out of memory or crashed) ",
+            f" times; SSD_MAX_JOB_RESTARTS is {limit}, so it is not resumed again",
+        )
+        record = self.store.requeue_job(job.id, reason, crashes=Crashes(limit, error))
+        if record is None:
+            return None
+        keep_job_file(self.settings.layout.run_dir(job.id), record)
+        if record.status != QUEUED:
+            log.warning("job %s ended %s instead of going back to the queue: %s", job.id, record.status, record.error)
+            return record.status
+        log.warning("job %s: %s", job.id, reason)
+        send_quietly(self.dispatch, job.id)
+        return "requeued"
+
+    def _redispatch(self, job: ActiveJob, now: float) -> bool:
+        age = time.time() - (job.enqueued_at or 0)
+        if age < self.grace or (job.dispatch_id and not self._message_lost(job, now)):
             return False
-        log.warning("job %s: %s", job["id"], reason)
-        send_quietly(self.dispatch, job["id"])
+        if not self.store.claim_redispatch(job.id, 2 * self.grace):
+            return False
+        log.warning("job %s is queued with no task message on its way; sending one", job.id)
+        send_quietly(self.dispatch, job.id)
         return True
 
-    def _redispatch(self, job: dict[str, Any], now: float) -> bool:
-        age = time.time() - (job["enqueued_at"] or 0)
-        if age < self.grace or (job["dispatch_id"] and not self._message_lost(job, now)):
-            return False
-        if not self.store.claim_redispatch(job["id"], 2 * self.grace):
-            return False
-        log.warning("job %s is queued with no task message on its way; sending one", job["id"])
-        send_quietly(self.dispatch, job["id"])
-        return True
-
-    def _message_lost(self, job: dict[str, Any], now: float) -> bool:
+    def _message_lost(self, job: ActiveJob, now: float) -> bool:
         """The job's newest message is not waiting in the queue, and was not half a lease TTL ago
         either; its ``dispatch_id`` is then cleared (unless a newer message went out meanwhile)."""
         if self.broker_task_ids is None:
@@ -146,92 +160,15 @@ class Reaper:
         if self._in_broker is None:
             try:
                 self._in_broker = self.broker_task_ids()
-            except Exception as error:  # nothing is sent again on a guess
+            except REDIS_ERRORS as error:  # nothing is sent again on a guess
                 log.warning("cannot read the task messages in the broker: %s", error)
                 self._in_broker = _EveryId()
-        if job["dispatch_id"] in self._in_broker:
+        if job.dispatch_id in self._in_broker:
             return False
-        missing = ("message", job["id"], job["dispatch_id"])
-        if self._seen_for(missing, now) < self.grace or not self.store.clear_dispatch(job["id"], job["dispatch_id"]):
+        missing = ("message", job.id, job.dispatch_id or "")
+        if self._seen_for(missing, now) < self.grace or not self.store.clear_dispatch(job.id, job.dispatch_id or ""):
             return False
         log.warning(
-            "job %s: its task message %s is not in the queue and no worker started the job",
-            job["id"],
-            job["dispatch_id"],
+            "job %s: its task message %s is not in the queue and no worker started the job", job.id, job.dispatch_id
         )
         return True
-
-
-def _created(record: dict[str, Any]) -> float:
-    try:
-        return datetime.fromisoformat(str(record["created_at"]).replace("Z", "+00:00")).timestamp()
-    except (KeyError, ValueError):
-        return time.time()
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
-
-
-def _read_losses(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:  # a torn last line
-            break
-    return records
-
-
-def _folders_with(root: Path, name: str) -> dict[str, Path]:
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in root.iterdir() if not p.name.startswith(".") and (p / name).is_file()}
-
-
-def rebuild_from_disk(store: Store, settings: Settings, dispatch: Callable[[str], None]) -> list[str]:
-    """Records Redis lacks, rebuilt from the data folder: datasets, then jobs with their losses."""
-    actions = []
-    datasets = _folders_with(settings.datasets_dir, DATASET_FILE)
-    for dataset_id in store.missing_datasets(sorted(datasets)):
-        record = _read_json(datasets[dataset_id] / DATASET_FILE)
-        if isinstance(record, dict) and record.get("id") == dataset_id:
-            store.put_dataset(record, created=_created(record))
-            actions.append(f"restored dataset {dataset_id}")
-    runs = _folders_with(settings.runs_dir, JOB_FILE)
-    for job_id in store.missing_jobs(sorted(runs)):
-        record = _read_json(runs[job_id] / JOB_FILE)
-        if not isinstance(record, dict) or record.get("id") != job_id or "dataset_id" not in record:
-            continue
-        losses = _read_losses(runs[job_id])
-        active = record.get("status") in ACTIVE
-        if active:
-            done = losses[-1]["epoch"] if losses else 0
-            record.update(
-                status=QUEUED,
-                worker=None,
-                lease_token=None,
-                restarts=int(record.get("restarts") or 0) + 1,
-                restart_reason="Redis had lost its record: rebuilt from its run folder, resumes from its checkpoint",
-                epoch=done,
-                epochs_completed=done,
-                enqueued_at=time.time(),
-                dispatch_id=None,
-            )
-        finished = _created({"created_at": record.get("finished_at")}) if record.get("finished_at") else None
-        if not store.restore_job(record, _created(record), finished if record["status"] == SUCCEEDED else None):
-            continue
-        for epoch_record in losses:
-            store.append_epoch(job_id, epoch_record)
-        actions.append(f"restored job {job_id}")
-        log.warning("job %s was missing from Redis: rebuilt from %s", job_id, runs[job_id])
-        if active:
-            send_quietly(dispatch, job_id)
-    return actions

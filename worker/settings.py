@@ -13,6 +13,8 @@ from typing import Literal
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from model.layout import DataLayout
+
 MiB = 1024 * 1024
 
 
@@ -73,6 +75,15 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) of a /detect image.")
     max_synthetic_images: int = Field(5000, ge=1, description="Most images of one POST /datasets/synthetic.")
     max_queued_jobs: int = Field(1000, ge=1, description="Most jobs waiting for a worker; POST /train answers 429.")
+    max_event_streams: int = Field(
+        100,
+        ge=1,
+        le=10_000,
+        description=(
+            "Most open /jobs/{id}/losses/stream connections (each holds a Redis connection); more answer 503. "
+            "The API's Redis connections are capped to match."
+        ),
+    )
     detect_timeout_seconds: float = Field(
         60.0, gt=0, description="Longest a /detect request waits for its model and forward pass (then 503)."
     )
@@ -101,6 +112,15 @@ class Settings(BaseSettings):
         description="How often a running job's monitor thread reads the cancel flag; it stops at the next batch.",
     )
     worker_heartbeat_seconds: float = Field(5.0, gt=0, description="How often a worker says it is alive.")
+    max_job_restarts: int = Field(
+        3,
+        ge=0,
+        le=1000,
+        description=(
+            "How often a job whose worker died under it (killed, out of memory, lost its machine) is resumed; "
+            "the next such crash fails it."
+        ),
+    )
     visibility_timeout_seconds: int = Field(
         6 * 3600,
         ge=1,
@@ -118,6 +138,9 @@ class Settings(BaseSettings):
             raise ValueError(f"redis_url must be a redis://, rediss:// or unix:// URL, got {self.redis_url!r}")
         if self.worker_heartbeat_seconds * 2 > self.lease_seconds:
             raise ValueError("lease_seconds must be at least twice worker_heartbeat_seconds")
+        if self.cancel_check_seconds * 3 > self.lease_seconds:
+            # The monitor renews the lease on its ticks, every third of the lease: a longer tick lets it lapse.
+            raise ValueError("cancel_check_seconds must be at most a third of lease_seconds (the lease would lapse)")
         if any(len(key) < 16 for key in self.api_keys):
             raise ValueError("SSD_API_KEY: each key (comma-separated) must have at least 16 characters")
         return self
@@ -131,12 +154,17 @@ class Settings(BaseSettings):
         return tuple(key.encode() for key in keys if key)
 
     @property
+    def layout(self) -> DataLayout:
+        """Where datasets, runs and process locks live under ``data_dir``."""
+        return DataLayout(self.data_dir)
+
+    @property
     def datasets_dir(self) -> Path:
-        return self.data_dir / "datasets"
+        return self.layout.datasets_dir
 
     @property
     def runs_dir(self) -> Path:
-        return self.data_dir / "runs"
+        return self.layout.runs_dir
 
 
 def settings_table() -> str:

@@ -1,30 +1,26 @@
-"""The Redis job store: dataset records, job records, loss streams, job leases, worker heartbeats.
+"""The Redis job store: dataset records, job records, loss streams, worker heartbeats.
 
 Keys (``p`` is ``Settings.key_prefix``):
 
-- ``p:dataset:<id>`` (string, JSON record) and ``p:datasets`` (sorted set, by creation time);
-  ``p:dataset:<id>:jobs`` (set): the jobs that trained on it, so a delete can refuse while
-  one of them is queued or running.
-- ``p:job:<id>`` (hash): the job record, one field per key, each value JSON-encoded, so the
-  API and the worker update fields without read-modify-write races; ``p:jobs`` (sorted set,
-  by creation time), ``p:jobs:succeeded`` (sorted set, by finish time) and ``p:jobs:active``
-  (set): the queued and running jobs, all that the reaper (``worker.reaper``) and the
-  queue limit look at.
+- ``p:dataset:<id>`` (string, the ``DatasetRecord`` as JSON) and ``p:datasets`` (sorted set,
+  by creation time); ``p:dataset:<id>:jobs`` (set): the jobs that trained on it, so a delete
+  can refuse while one of them is queued or running.
+- ``p:job:<id>`` (hash): the ``JobRecord``, one field per record field (``worker.records``),
+  so the API and the worker update fields without read-modify-write races; ``p:jobs``
+  (sorted set, by creation time), ``p:jobs:succeeded`` (sorted set, by finish time) and
+  ``p:jobs:active`` (set): the queued and running jobs, all that the reaper
+  (``worker.reaper``) and the queue limit look at.
 - ``p:job:<id>:losses`` (stream): one entry per finished epoch whose stream id is
-  ``<epoch>-0``. Redis refuses an id not above the stream's last one, so an epoch is
-  appended at most once and epochs stay in order, whoever writes and however often.
-- ``p:job:<id>:lease`` (string, a runner's token, with expiry): whoever holds it trains the job.
+  ``<epoch>-0``, so an epoch is there at most once and epochs stay in order.
+- ``p:job:<id>:lease`` (string, a run's token, with expiry): whoever holds it trains the job
+  (``worker.lease``). Every write of a running job's run checks its token atomically.
 - ``p:job:<id>:redispatch`` (string, with expiry): a reaper is sending the job's task again.
-- ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds).
+- ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds); an entry older
+  than ``WORKER_ENTRY_SECONDS`` is dropped.
 
-Job fields the API does not show: ``lease_token`` (the current runner's lease token, so it
-can retake a lapsed lease nobody else took), ``dispatch_id`` (the task id of the newest
-message sent for the job, cleared when a worker takes that message: while it is set, a
-message is on its way) and ``enqueued_at`` (unix seconds of the last (re)queueing).
-
-Multi-key state changes that must not interleave with another client's (create a job while
-its dataset is deleted, cancel while the worker starts, requeue while a runner renews) are
-Lua scripts: Redis runs each atomically.
+succeeded, failed and cancelled are final: no script changes a job's status once it is one
+of them. The scripts that change a record return it, with its ``revision`` counted, so the
+caller can write the same record to the job's ``job.json`` (``worker.run_files``).
 """
 
 from __future__ import annotations
@@ -32,164 +28,32 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
-STATUSES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
-ACTIVE = (QUEUED, RUNNING)
-FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+from worker.lease import Lease, Leases
+from worker.records import (
+    ACTIVE,
+    FINISHED,
+    STATUSES,
+    SUCCEEDED,
+    DatasetRecord,
+    JobRecord,
+    encode_fields,
+    encode_value,
+    now_iso,
+)
+from worker.scripts import register
 
-# KEYS: dataset, job, jobs, dataset's jobs, active jobs. ARGV[1]: job id, ARGV[2]: score,
-# ARGV[3]: most queued jobs, ARGV[4]: job key prefix ("p:job:"), then field/value pairs.
-# Returns 1 (created), 0 (no such dataset) or -1 (the queue is full).
-_CREATE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-local queued = 0
-for _, job in ipairs(redis.call('SMEMBERS', KEYS[5])) do
-  if redis.call('HGET', ARGV[4] .. job, 'status') == '"queued"' then queued = queued + 1 end
-end
-if queued >= tonumber(ARGV[3]) then return -1 end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1]) end
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('SADD', KEYS[4], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[1])
-return 1
-"""
-
-# KEYS: job, jobs, active jobs, succeeded jobs, dataset's jobs. ARGV[1]: job id, ARGV[2]:
-# creation score, ARGV[3]: "1" if active, ARGV[4]: finish score if succeeded else "", then
-# field/value pairs. A record rebuilt from its run folder: stored only if there is none.
-_RESTORE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
-for i = 5, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
-redis.call('SADD', KEYS[5], ARGV[1])
-if ARGV[3] == '1' then redis.call('SADD', KEYS[3], ARGV[1]) end
-if ARGV[4] ~= '' then redis.call('ZADD', KEYS[4], ARGV[4], ARGV[1]) end
-return 1
-"""
-
-# ARGV[1]: dataset id, ARGV[2]: job key prefix ("p:job:"). Returns {"missing"}, {"busy", job id} or {"deleted"}.
-_DELETE_DATASET = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-for _, job in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local status = redis.call('HGET', ARGV[2] .. job, 'status')
-  if status == '"queued"' or status == '"running"' then return {'busy', job} end
-end
-redis.call('DEL', KEYS[1], KEYS[3])
-redis.call('ZREM', KEYS[2], ARGV[1])
-return {'deleted'}
-"""
-
-# KEYS: job, active jobs. ARGV[1]: finished_at (JSON), ARGV[2]: job id.
-# Returns the status the job had (JSON), or false if there is no such job.
-_CANCEL = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == '"queued"' then
-  redis.call('HSET', KEYS[1], 'status', '"cancelled"', 'finished_at', ARGV[1], 'cancel_requested', 'true')
-  redis.call('SREM', KEYS[2], ARGV[2])
-elseif status == '"running"' then
-  redis.call('HSET', KEYS[1], 'cancel_requested', 'true')
-end
-return status
-"""
-
-# ARGV[1]: started_at, ARGV[2]: worker name, ARGV[3]: lease token, ARGV[4]: restart reason (all JSON).
-# A queued job becomes running (started_at kept from an earlier run); a running one (a
-# delivery that found the previous runner's lease expired) is resumed and its restart
-# counted. Returns the status the job had (JSON), or false if there is no such job.
-_START = """
-local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return false end
-if status == '"queued"' then
-  redis.call('HSET', KEYS[1], 'status', '"running"', 'worker', ARGV[2], 'lease_token', ARGV[3])
-  local started = redis.call('HGET', KEYS[1], 'started_at')
-  if not started or started == 'null' then redis.call('HSET', KEYS[1], 'started_at', ARGV[1]) end
-elseif status == '"running"' then
-  redis.call('HSET', KEYS[1], 'worker', ARGV[2], 'lease_token', ARGV[3], 'restart_reason', ARGV[4])
-  redis.call('HINCRBY', KEYS[1], 'restarts', 1)
-end
-return status
-"""
-
-# KEYS: job, lease, active jobs. ARGV[1]: the runner's lease token, or "" for a job whose
-# lease is gone; ARGV[2]: reason, ARGV[3]: enqueued_at (JSON); ARGV[4]: job id.
-# A running job goes back to queued (restart counted, lease released) if the caller holds
-# its lease, or if nobody does. Returns 1 if it was requeued, else 0.
-_REQUEUE = """
-local holder = redis.call('GET', KEYS[2])
-if ARGV[1] == '' then
-  if holder then return 0 end
-elseif holder ~= ARGV[1] then
-  return 0
-end
-if redis.call('HGET', KEYS[1], 'status') ~= '"running"' then return 0 end
-redis.call('HSET', KEYS[1], 'status', '"queued"', 'worker', 'null', 'lease_token', 'null',
-           'restart_reason', ARGV[2], 'enqueued_at', ARGV[3])
-local done = redis.call('HGET', KEYS[1], 'epochs_completed')
-if done then redis.call('HSET', KEYS[1], 'epoch', done) end
-redis.call('HINCRBY', KEYS[1], 'restarts', 1)
-redis.call('SADD', KEYS[3], ARGV[4])
-if holder then redis.call('DEL', KEYS[2]) end
-return 1
-"""
-
-# KEYS: job, active jobs, succeeded jobs, lease. ARGV[1]: the runner's lease token or "",
-# ARGV[2]: job id, ARGV[3]: finish score if succeeded else "", then field/value pairs.
-# Not written (0) if another runner holds the lease; the caller's lease is released.
-_FINISH = """
-local holder = redis.call('GET', KEYS[4])
-if ARGV[1] ~= '' and holder and holder ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1]) end
-redis.call('SREM', KEYS[2], ARGV[2])
-if ARGV[3] ~= '' then redis.call('ZADD', KEYS[3], ARGV[3], ARGV[2]) end
-if ARGV[1] ~= '' and holder == ARGV[1] then redis.call('DEL', KEYS[4]) end
-return 1
-"""
-
-# KEYS: lease, job. ARGV[1]: token, ARGV[2]: TTL in ms, ARGV[3]: token (JSON).
-# 1: renewed; 2: it had lapsed, nobody else took it and the job is still this runner's
-# (running, same token): retaken; 0: lost.
-_RENEW_LEASE = """
-local holder = redis.call('GET', KEYS[1])
-if holder == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return 1
-end
-if not holder and redis.call('HGET', KEYS[2], 'status') == '"running"'
-   and redis.call('HGET', KEYS[2], 'lease_token') == ARGV[3] then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return 2
-end
-return 0
-"""
-
-_RELEASE_LEASE = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-"""
-
-_UPDATE_JOB = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
-return 1
-"""
-
-# ARGV[1]: task id (JSON). The newest message sent for the job was taken (or never went out).
-_CLEAR_DISPATCH = """
-if redis.call('HGET', KEYS[1], 'dispatch_id') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'dispatch_id', 'null')
-return 1
-"""
+POOL_WAIT_SECONDS = 5.0  # how long a call waits for a free connection of a capped pool
+WORKER_ENTRY_SECONDS = 3600.0  # a worker not heard of for this long is forgotten
+# What a call to Redis raises while Redis is away or restarting: worth retrying later.
+REDIS_ERRORS = (redis.RedisError, OSError)
 
 
 class QueueFull(RuntimeError):
@@ -209,65 +73,32 @@ def new_id() -> str:
     return secrets.token_hex(6)
 
 
-def now_iso() -> str:
-    """The current UTC time as ISO 8601 with seconds precision, e.g. ``2026-01-31T12:00:00Z``."""
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
 def epoch_stream_id(epoch: int) -> str:
     return f"{int(epoch)}-0"
 
 
-def _encode(fields: Mapping[str, Any]) -> dict[str, str]:
-    return {key: json.dumps(value) for key, value in fields.items()}
+@dataclass(frozen=True)
+class ActiveJob:
+    """What the reaper needs of a queued or running job."""
 
-
-def decode_fields(fields: Mapping[str, str]) -> dict[str, Any]:
-    """A job hash as read from Redis (JSON-encoded values) as a plain record."""
-    return {key: json.loads(value) for key, value in fields.items()}
-
-
-def new_job(job_id: str, dataset: Mapping[str, Any], config: Mapping[str, Any]) -> dict[str, Any]:
-    """A queued job's record: ``config`` is the ``TrainConfig`` as a dict, ``dataset`` its dataset's record."""
-    return {
-        "id": job_id,
-        "status": QUEUED,
-        "dataset_id": dataset["id"],
-        "dataset_name": dataset.get("name"),
-        "config": dict(config),
-        "epoch": 0,
-        "epochs": config["epochs"],
-        "epochs_completed": 0,
-        "progress": None,
-        "created_at": now_iso(),
-        "started_at": None,
-        "finished_at": None,
-        "error": None,
-        "best_val_loss": None,
-        "classes": list(dataset.get("classes", [])),
-        "cancel_requested": False,
-        "restarts": 0,
-        "restart_reason": None,
-        "worker": None,
-        "checkpoint": None,
-        "enqueued_at": time.time(),
-        "dispatch_id": None,
-    }
-
-
-def has_model(job: Mapping[str, Any]) -> bool:
-    """Whether a job's checkpoint can serve /detect: it succeeded, or was cancelled after an epoch."""
-    return bool(job.get("checkpoint")) and job.get("status") in (SUCCEEDED, CANCELLED)
+    id: str
+    status: str
+    worker: str | None
+    dispatch_id: str | None
+    enqueued_at: float | None
+    leased: bool
 
 
 @dataclass(frozen=True)
-class Lease:
-    """A held job lease: renew it before ``ttl_ms`` passes or another worker may take the job."""
+class Crashes:
+    """How the reaper counts runs that stopped without pausing their job."""
 
-    job_id: str
-    key: str
-    token: str
-    ttl_ms: int
+    retried: int  # the most that are retried; one more fails the job
+    error: tuple[str, str]  # the failed job's error, before and after its crash count
+
+
+def _record(reply: Sequence[str] | None) -> JobRecord | None:
+    return JobRecord.from_flat(reply) if reply else None
 
 
 class Store:
@@ -276,26 +107,46 @@ class Store:
     def __init__(self, client: redis.Redis, prefix: str = "ssd"):
         self.redis = client
         self.prefix = prefix
-        self._create_job = client.register_script(_CREATE_JOB)
-        self._restore_job = client.register_script(_RESTORE_JOB)
-        self._delete_dataset = client.register_script(_DELETE_DATASET)
-        self._cancel = client.register_script(_CANCEL)
-        self._start = client.register_script(_START)
-        self._requeue = client.register_script(_REQUEUE)
-        self._finish = client.register_script(_FINISH)
-        self._renew_lease = client.register_script(_RENEW_LEASE)
-        self._release_lease = client.register_script(_RELEASE_LEASE)
-        self._update_job = client.register_script(_UPDATE_JOB)
-        self._clear_dispatch = client.register_script(_CLEAR_DISPATCH)
+        self.leases = Leases(client, self.lease_key, self.job_key)
+        self._scripts = {
+            name: register(client, name)
+            for name in (
+                "create_job",
+                "restore_job",
+                "delete_dataset",
+                "cancel",
+                "start",
+                "requeue",
+                "finish",
+                "fail_queued",
+                "update_running",
+                "sync_epochs",
+                "update_job",
+                "clear_dispatch",
+                "delete_job",
+            )
+        }
 
     @classmethod
-    def from_url(cls, url: str, prefix: str = "ssd", **client_args: Any) -> Store:
-        """A store on ``url``. A dropped connection (Redis restarted) is retried on a new one, briefly."""
+    def from_url(cls, url: str, prefix: str = "ssd", max_connections: int | None = None, **client_args: Any) -> Store:
+        """A store on ``url``. A dropped connection (Redis restarted) is retried on a new one, briefly.
+
+        ``max_connections`` caps the connections this client opens: a caller past it waits up to
+        ``POOL_WAIT_SECONDS`` for a free one, then gets a ConnectionError.
+        """
         client_args.setdefault("socket_connect_timeout", 5)
         client_args.setdefault("socket_timeout", 30)
         client_args.setdefault("health_check_interval", 30)
         client_args.setdefault("retry", quick_retry())
-        return cls(redis.Redis.from_url(url, decode_responses=True, **client_args), prefix)
+        if max_connections is None:
+            return cls(redis.Redis.from_url(url, decode_responses=True, **client_args), prefix)
+        pool = redis.BlockingConnectionPool.from_url(
+            url, decode_responses=True, max_connections=max_connections, timeout=POOL_WAIT_SECONDS, **client_args
+        )
+        return cls(redis.Redis(connection_pool=pool), prefix)
+
+    def _run(self, script: str, keys: list[str], args: list[Any]) -> Any:
+        return self._scripts[script](keys=keys, args=args)
 
     # --- keys -------------------------------------------------------------------------------
 
@@ -311,30 +162,33 @@ class Store:
     def lease_key(self, job_id: str) -> str:
         return self._key("job", job_id, "lease")
 
+    def _active_key(self) -> str:
+        return self._key("jobs", "active")
+
     # --- datasets ---------------------------------------------------------------------------
 
-    def put_dataset(self, record: dict[str, Any], created: float | None = None) -> None:
+    def put_dataset(self, record: DatasetRecord, created: float | None = None) -> None:
         """Store a dataset's record, listed by ``created`` (unix seconds; default now)."""
         with self.redis.pipeline() as pipe:
-            pipe.set(self._key("dataset", record["id"]), json.dumps(record))
-            pipe.zadd(self._key("datasets"), {record["id"]: created if created is not None else time.time()})
+            pipe.set(self._key("dataset", record.id), record.model_dump_json())
+            pipe.zadd(self._key("datasets"), {record.id: created if created is not None else time.time()})
             pipe.execute()
 
-    def get_dataset(self, dataset_id: str) -> dict[str, Any] | None:
+    def get_dataset(self, dataset_id: str) -> DatasetRecord | None:
         value = self.redis.get(self._key("dataset", dataset_id))
-        return json.loads(value) if value is not None else None
+        return DatasetRecord.model_validate_json(value) if value is not None else None
 
     def missing_datasets(self, dataset_ids: list[str]) -> list[str]:
         """The ids among ``dataset_ids`` that have no record."""
         return self._missing(dataset_ids, lambda dataset_id: self._key("dataset", dataset_id))
 
-    def list_datasets(self) -> list[dict[str, Any]]:
+    def list_datasets(self) -> list[DatasetRecord]:
         """Every dataset record, newest first."""
         ids = self.redis.zrevrange(self._key("datasets"), 0, -1)
         if not ids:
             return []
         values = self.redis.mget([self._key("dataset", i) for i in ids])
-        return [json.loads(v) for v in values if v is not None]
+        return [DatasetRecord.model_validate_json(v) for v in values if v is not None]
 
     def delete_dataset(self, dataset_id: str) -> tuple[str, str | None]:
         """Delete a dataset's record unless a queued or running job uses it.
@@ -343,59 +197,57 @@ class Store:
             ``("deleted", None)``, ``("missing", None)`` or ``("busy", job_id)``.
         """
         keys = [self._key("dataset", dataset_id), self._key("datasets"), self._key("dataset", dataset_id, "jobs")]
-        result = self._delete_dataset(keys=keys, args=[dataset_id, self._key("job", "")])
+        result = self._run("delete_dataset", keys, [dataset_id, self._key("job", "")])
         return result[0], (result[1] if len(result) > 1 else None)
 
     # --- jobs -------------------------------------------------------------------------------
 
-    def create_job(self, record: dict[str, Any], max_queued: int | None = None) -> bool:
+    def create_job(self, record: JobRecord, max_queued: int | None = None) -> JobRecord | None:
         """Store a new job record, atomically with a check that its dataset still exists.
 
         Returns:
-            False (and stores nothing) if the dataset is gone.
+            The stored record, or None (nothing stored) if the dataset is gone.
 
         Raises:
             QueueFull: ``max_queued`` jobs are queued already (nothing is stored).
         """
-        job_id, dataset_id = record["id"], record["dataset_id"]
         keys = [
-            self._key("dataset", dataset_id),
-            self.job_key(job_id),
+            self._key("dataset", record.dataset_id),
+            self.job_key(record.id),
             self._key("jobs"),
-            self._key("dataset", dataset_id, "jobs"),
-            self._key("jobs", "active"),
+            self._key("dataset", record.dataset_id, "jobs"),
+            self._active_key(),
         ]
         limit = max_queued if max_queued is not None else 2**62
-        flat = [item for pair in _encode(record).items() for item in pair]
-        outcome = self._create_job(keys=keys, args=[job_id, time.time(), limit, self._key("job", ""), *flat])
+        flat = [item for pair in record.to_hash().items() for item in pair]
+        outcome = self._run("create_job", keys, [record.id, time.time(), limit, self._key("job", ""), *flat])
         if outcome == -1:
             raise QueueFull(f"{max_queued} jobs are waiting for a worker already (the limit)")
-        return bool(outcome)
+        return None if outcome == 0 else _record(outcome)
 
-    def restore_job(self, record: dict[str, Any], created: float, finished: float | None = None) -> bool:
+    def restore_job(self, record: JobRecord, created: float, finished: float | None = None) -> bool:
         """Store a job record rebuilt from its run folder, unless the job has one. True if stored."""
-        job_id = record["id"]
         keys = [
-            self.job_key(job_id),
+            self.job_key(record.id),
             self._key("jobs"),
-            self._key("jobs", "active"),
+            self._active_key(),
             self._key("jobs", "succeeded"),
-            self._key("dataset", record["dataset_id"], "jobs"),
+            self._key("dataset", record.dataset_id, "jobs"),
         ]
-        active = "1" if record["status"] in ACTIVE else "0"
-        succeeded = str(finished or created) if record["status"] == SUCCEEDED else ""
-        flat = [item for pair in _encode(record).items() for item in pair]
-        return bool(self._restore_job(keys=keys, args=[job_id, created, active, succeeded, *flat]))
+        active = "1" if record.status in ACTIVE else "0"
+        succeeded = str(finished or created) if record.status == SUCCEEDED else ""
+        flat = [item for pair in record.to_hash().items() for item in pair]
+        return bool(self._run("restore_job", keys, [record.id, created, active, succeeded, *flat]))
 
-    def get_job(self, job_id: str) -> dict[str, Any] | None:
+    def get_job(self, job_id: str) -> JobRecord | None:
         fields = self.redis.hgetall(self.job_key(job_id))
-        return decode_fields(fields) if fields else None
+        return JobRecord.from_hash(fields) if fields else None
 
-    def get_jobs(self, job_ids: Iterable[str]) -> list[dict[str, Any]]:
+    def get_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hgetall(self.job_key(job_id))
-            return [decode_fields(fields) for fields in pipe.execute() if fields]
+            return [JobRecord.from_hash(fields) for fields in pipe.execute() if fields]
 
     def missing_jobs(self, job_ids: list[str]) -> list[str]:
         """The ids among ``job_ids`` that have no record."""
@@ -412,7 +264,7 @@ class Store:
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in job_ids:
                 pipe.hget(self.job_key(job_id), "status")
-            return [json.loads(value) if value is not None else None for value in pipe.execute()]
+            return pipe.execute()
 
     def list_job_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
         """Job ids, newest first."""
@@ -423,11 +275,6 @@ class Store:
         ids = self.redis.zrevrange(self._key("jobs"), 0, -1)
         matching = [job_id for job_id, found in zip(ids, self._statuses(ids), strict=True) if found == status]
         return matching[offset : offset + limit]
-
-    def update_job(self, job_id: str, **fields: Any) -> bool:
-        """Set fields of an existing job (never a stub record for a job Redis lost). False if none."""
-        flat = [item for pair in _encode(fields).items() for item in pair]
-        return bool(self._update_job(keys=[self.job_key(job_id)], args=flat))
 
     def newest_succeeded_job(self) -> str | None:
         """The id of the job that succeeded last, or None if none has."""
@@ -442,65 +289,105 @@ class Store:
                 counts[status] = counts.get(status, 0) + 1
         return counts
 
-    def request_cancel(self, job_id: str) -> str | None:
+    def request_cancel(self, job_id: str) -> tuple[str, JobRecord] | None:
         """Cancel a job: a queued one is cancelled at once, a running one is asked to stop.
 
         Returns:
-            The status the job had before, or None if there is no such job.
+            The status the job had and its record now, or None if there is no such job.
         """
-        keys = [self.job_key(job_id), self._key("jobs", "active")]
-        before = self._cancel(keys=keys, args=[json.dumps(now_iso()), job_id])
-        return json.loads(before) if before else None
+        finished_at = encode_value("finished_at", now_iso())
+        reply = self._run("cancel", [self.job_key(job_id), self._active_key()], [job_id, finished_at])
+        return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "true"
 
-    def start_job(self, job_id: str, worker: str, token: str = "") -> str | None:
-        """Mark a queued job running (or count a restart of a running one whose runner's lease expired).
+    def start_job(self, lease: Lease, worker: str) -> tuple[str, JobRecord] | None:
+        """Mark a queued job running under ``lease`` (which the caller holds).
 
         Returns:
-            The status the job had before: ``queued`` or ``running`` mean the caller now runs
-            it; anything else (``cancelled``...) means it must not. None if there is no such job.
+            The status the job had (``unleased`` if the lease is gone) and its record now, or
+            None if there is no such job. Only ``queued`` means the caller now runs it.
         """
-        reason = f"{worker} took the job over: the lease of the worker running it had expired"
-        args = [json.dumps(now_iso()), json.dumps(worker), json.dumps(token), json.dumps(reason)]
-        before = self._start(keys=[self.job_key(job_id)], args=args)
-        return json.loads(before) if before else None
+        args = [lease.token, encode_value("started_at", now_iso()), encode_value("worker", worker)]
+        reply = self._run("start", [self.job_key(lease.job_id), lease.key], args)
+        return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 
-    def requeue_job(self, job_id: str, reason: str, lease: Lease | None = None) -> bool:
+    def requeue_job(
+        self, job_id: str, reason: str, lease: Lease | None = None, crashes: Crashes | None = None
+    ) -> JobRecord | None:
         """Put a running job back in the queue (``restarts`` + 1, ``restart_reason``), to resume later.
 
         With ``lease``, the caller's (released here, atomically); without, only if nobody holds
-        the job's lease (its runner is gone). The caller then sends the job's task again.
+        the job's lease (its run is gone). With ``crashes``, the run stopped without pausing the
+        job: the job's ``crashes`` count goes up, and past ``crashes.retried`` the job fails
+        instead. A job whose cancel was asked meanwhile ends cancelled instead.
 
         Returns:
-            Whether it was requeued.
+            The record after (queued, cancelled or failed), or None if nothing was done. The
+            caller sends a queued job's task again.
         """
-        keys = [self.job_key(job_id), self.lease_key(job_id), self._key("jobs", "active")]
-        args = [lease.token if lease else "", json.dumps(reason), json.dumps(time.time()), job_id]
-        return bool(self._requeue(keys=keys, args=args))
+        keys = [self.job_key(job_id), self.lease_key(job_id), self._active_key()]
+        crash = crashes or Crashes(2**62, ("", ""))
+        args = [
+            lease.token if lease else "",
+            job_id,
+            encode_value("restart_reason", reason),
+            encode_value("enqueued_at", time.time()),
+            encode_value("finished_at", now_iso()),
+            "1" if crashes else "0",
+            crash.retried,
+            *crash.error,
+        ]
+        return _record(self._run("requeue", keys, args))
 
-    def finish_job(self, job_id: str, status: str, lease: Lease | None = None, **fields: Any) -> bool:
-        """Record a job's end (``succeeded``, ``failed`` or ``cancelled``) with ``finished_at``.
-
-        With ``lease``, nothing is written if another runner holds the job's lease now; the
-        caller's lease is released with the same write.
+    def finish_job(self, lease: Lease, status: str, **fields: Any) -> JobRecord | None:
+        """Record the end (``succeeded``, ``failed`` or ``cancelled``) of the job the caller runs, with
+        ``finished_at``; the caller's lease is released with the same write.
 
         Returns:
-            Whether it was written.
+            The record after, or None (nothing written) if the job is not running under ``lease``.
         """
         if status not in FINISHED:
             raise ValueError(f"a finished job's status must be one of {FINISHED}, got {status!r}")
-        record = _encode({**fields, "status": status, "finished_at": now_iso()})
+        job_id = lease.job_id
+        keys = [self.job_key(job_id), self._active_key(), self._key("jobs", "succeeded"), lease.key]
+        score = str(time.time()) if status == SUCCEEDED else ""
+        flat = encode_fields({**fields, "status": status, "finished_at": now_iso()})
+        return _record(self._run("finish", keys, [lease.token, job_id, score, *flat]))
+
+    def fail_queued_job(self, job_id: str, error: str) -> JobRecord | None:
+        """Fail a job that is still queued (its task could not be sent). The record after, or None."""
+        flat = encode_fields({"status": "failed", "error": error, "finished_at": now_iso()})
+        return _record(self._run("fail_queued", [self.job_key(job_id), self._active_key()], [job_id, *flat]))
+
+    def update_running(self, lease: Lease, **fields: Any) -> bool:
+        """Set fields (progress) of the running job whose lease the caller holds. False if not written."""
+        keys = [self.job_key(lease.job_id), lease.key]
+        return bool(self._run("update_running", keys, [lease.token, *encode_fields(fields)]))
+
+    def update_job(self, job_id: str, **fields: Any) -> bool:
+        """Set fields of an existing job, unchecked (never a stub record for a job Redis lost). False if none."""
+        return bool(self._run("update_job", [self.job_key(job_id)], encode_fields(fields)))
+
+    def delete_job(self, job: JobRecord) -> str:
+        """Delete a job that has ended, with its losses and lease.
+
+        Returns:
+            ``deleted``, ``missing``, or the status of a job that has not ended (nothing deleted).
+        """
+        job_id = job.id
         keys = [
             self.job_key(job_id),
-            self._key("jobs", "active"),
-            self._key("jobs", "succeeded"),
+            self.losses_key(job_id),
             self.lease_key(job_id),
+            self._key("job", job_id, "redispatch"),
+            self._key("jobs"),
+            self._key("jobs", "succeeded"),
+            self._active_key(),
+            self._key("dataset", job.dataset_id, "jobs"),
         ]
-        score = str(time.time()) if status == SUCCEEDED else ""
-        flat = [item for pair in record.items() for item in pair]
-        return bool(self._finish(keys=keys, args=[lease.token if lease else "", job_id, score, *flat]))
+        return self._run("delete_job", keys, [job_id])
 
     # --- task messages on their way (see worker.reaper) ---------------------------------------
 
@@ -511,15 +398,15 @@ class Store:
     def clear_dispatch(self, job_id: str, task_id: str) -> bool:
         """The message ``task_id`` was taken by a worker (or could not be sent): none is on its way now,
         unless a newer one was sent meanwhile. True if it was the newest."""
-        return bool(self._clear_dispatch(keys=[self.job_key(job_id)], args=[json.dumps(task_id)]))
+        return bool(self._run("clear_dispatch", [self.job_key(job_id)], [task_id]))
 
     def claim_redispatch(self, job_id: str, ttl_seconds: float) -> bool:
         """True for the one caller (for ``ttl_seconds``) that may send the job's task again."""
         return self._set_if_absent(self._key("job", job_id, "redispatch"), ttl_seconds)
 
-    def active_jobs(self) -> list[dict[str, Any]]:
-        """The queued and running jobs: id, status, worker, dispatch_id, enqueued_at, leased."""
-        ids = sorted(self.redis.smembers(self._key("jobs", "active")))
+    def active_jobs(self) -> list[ActiveJob]:
+        """The queued and running jobs, with whether their lease is held."""
+        ids = sorted(self.redis.smembers(self._active_key()))
         fields = ("status", "worker", "dispatch_id", "enqueued_at")
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -528,10 +415,12 @@ class Store:
             replies = pipe.execute()
         jobs = []
         for job_id, values, leased in zip(ids, replies[::2], replies[1::2], strict=True):
-            record = {name: json.loads(v) if v is not None else None for name, v in zip(fields, values, strict=True)}
-            if record["status"] is None:  # a stale entry: the record is gone
+            status, worker, dispatch_id, enqueued_at = values
+            if status is None:  # a stale entry: the record is gone
                 continue
-            jobs.append({"id": job_id, **record, "leased": bool(leased)})
+            worker = json.loads(worker) if worker else None
+            enqueued = json.loads(enqueued_at) if enqueued_at else None
+            jobs.append(ActiveJob(job_id, status, worker, dispatch_id or None, enqueued, bool(leased)))
         return jobs
 
     def index_active_jobs(self) -> int:
@@ -539,12 +428,19 @@ class Store:
         ids = self.redis.zrange(self._key("jobs"), 0, -1)
         active = [i for i, status in zip(ids, self._statuses(ids), strict=True) if status in ACTIVE]
         if active:
-            self.redis.sadd(self._key("jobs", "active"), *active)
+            self.redis.sadd(self._active_key(), *active)
         return len(active)
 
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""
         return str(self.redis.info("server").get("run_id", ""))
+
+    def has_marker(self) -> bool:
+        """Whether Redis holds the store's marker (``set_marker``): a FLUSHALL or an empty new server has not."""
+        return bool(self.redis.exists(self._key("marker")))
+
+    def set_marker(self, value: str) -> None:
+        self.redis.set(self._key("marker"), value)
 
     def try_lock(self, name: str, ttl_seconds: float) -> bool:
         """A best-effort lock shared by all workers (it simply expires)."""
@@ -556,8 +452,25 @@ class Store:
 
     # --- loss streams -----------------------------------------------------------------------
 
+    def sync_epochs(self, lease: Lease, history: Sequence[Mapping[str, Any]], **fields: Any) -> int | None:
+        """Make the loss stream of the job the caller runs hold ``history`` (the run's epoch records,
+        epochs 1 to n in order): the epochs it lacks are appended, and a stream with a hole is
+        written again whole. Sets ``fields`` of the job with the same write.
+
+        Returns:
+            How many entries were written, or None if the job is not running under ``lease``.
+        """
+        epochs = [int(record["epoch"]) for record in history]
+        if epochs != list(range(1, len(epochs) + 1)):
+            raise ValueError(f"a run's history holds epochs 1 to n in order, got {epochs}")
+        keys = [self.losses_key(lease.job_id), self.job_key(lease.job_id), lease.key]
+        records = [json.dumps(dict(record)) for record in history]
+        written = self._run("sync_epochs", keys, [lease.token, len(records), *records, *encode_fields(fields)])
+        return None if written < 0 else written
+
     def append_epoch(self, job_id: str, record: Mapping[str, Any]) -> bool:
-        """Append an epoch's record to the job's loss stream unless that epoch (or a later one) is there.
+        """Append an epoch's record to the job's loss stream unless that epoch (or a later one) is there
+        (records rebuilt from a run folder: no run holds the job then).
 
         Returns:
             True if it was appended, False if it was already there.
@@ -579,37 +492,15 @@ class Store:
         entries = self.redis.xrange(self.losses_key(job_id), min=epoch_stream_id(max(after, 0) + 1), max="+")
         return [json.loads(fields["record"]) for _, fields in entries]
 
-    def last_epoch(self, job_id: str) -> int:
-        """The newest epoch in the job's loss stream, 0 if none."""
-        entries = self.redis.xrevrange(self.losses_key(job_id), count=1)
-        return int(entries[0][0].split("-")[0]) if entries else 0
-
-    # --- leases -----------------------------------------------------------------------------
-
-    def acquire_lease(self, job_id: str, token: str, ttl_seconds: float) -> Lease | None:
-        """Take the job's lease (SET NX PX), or None if another runner holds it."""
-        lease = Lease(job_id, self.lease_key(job_id), token, max(1, int(ttl_seconds * 1000)))
-        return lease if self.redis.set(lease.key, token, nx=True, px=lease.ttl_ms) else None
-
-    def renew_lease(self, lease: Lease) -> bool:
-        """Push the lease's expiry out by its TTL; False if another runner took the job.
-
-        A lease that lapsed (Redis was away longer than its TTL) is taken again when nobody
-        else holds it and the job is still running under this lease's token.
-        """
-        keys = [lease.key, self.job_key(lease.job_id)]
-        return bool(self._renew_lease(keys=keys, args=[lease.token, lease.ttl_ms, json.dumps(lease.token)]))
-
-    def release_lease(self, lease: Lease) -> bool:
-        return bool(self._release_lease(keys=[lease.key], args=[lease.token]))
-
-    def lease_holder(self, job_id: str) -> str | None:
-        return self.redis.get(self.lease_key(job_id))
-
     # --- workers ----------------------------------------------------------------------------
 
     def worker_heartbeat(self, name: str) -> None:
-        self.redis.zadd(self._key("workers"), {name: time.time()})
+        """Say the worker ``name`` is alive, and forget the workers not heard of for ``WORKER_ENTRY_SECONDS``."""
+        now = time.time()
+        with self.redis.pipeline() as pipe:
+            pipe.zadd(self._key("workers"), {name: now})
+            pipe.zremrangebyscore(self._key("workers"), "-inf", now - WORKER_ENTRY_SECONDS)
+            pipe.execute()
 
     def worker_gone(self, name: str) -> None:
         self.redis.zrem(self._key("workers"), name)

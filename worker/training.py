@@ -1,14 +1,16 @@
 """Running one training job: from a job id in Redis to a ``fit`` call and back into Redis.
 
 Nothing here knows about Celery: ``worker.tasks`` calls ``run_job`` with a ``dispatch``
-function that sends the job's task again. The job's lease is the single-runner guarantee:
-``run_job`` trains only while it holds it, and a job whose runner vanished is put back by
-``worker.reaper`` once the lease has expired.
+function that sends the job's task again. The job's lease (``worker.lease``) is the
+single-runner guarantee: ``run_job`` trains only while it holds it, writes Redis only with
+scripts that check it, and writes the run folder only through a ``FencedRunFolder``. A job
+whose run vanished is put back by ``worker.reaper`` once the lease has expired.
 
-The training thread never waits on Redis. A ``JobMonitor`` thread renews the lease (and
-takes it back if it lapsed while Redis was away and nobody else took it), reads the cancel
-flag, writes progress and appends epoch records in order, each best-effort and retried: a
-Redis restart in the middle of a job delays its records but neither fails nor stalls it.
+The training thread never waits on Redis. A ``JobMonitor`` thread renews the lease, reads
+the cancel flag, writes progress and the run's epoch records, each retried at its next
+tick: a short Redis outage delays the records but neither fails nor stalls the job. An
+outage longer than the lease's trusted part (``worker.lease.TRUST_FRACTION``) stops the run
+before its next batch; the reaper then puts the job back and it resumes from its checkpoint.
 
 A worker told to shut down (SIGTERM: ``shutdown`` is set) pauses the job at the next batch:
 the engine writes a mid-epoch checkpoint, the job goes back to the queue with its lease
@@ -17,25 +19,27 @@ released, and the next free worker carries on from that batch.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from model.checkpoint import atomic_write
 from model.config import TrainConfig
 from model.data import read_dataset
 from model.engine import Callbacks, FitResult, StepProgress, fit
-from worker.reaper import JOB_FILE, send_quietly
+from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason
+from worker.queue import send_quietly
+from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
+from worker.run_files import RunFolderBusy, keep_job_file
 from worker.settings import Settings
-from worker.store import ACTIVE, CANCELLED, FAILED, QUEUED, SUCCEEDED, Lease, Store
+from worker.store import REDIS_ERRORS, Store
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class _QuietLog:
@@ -65,10 +69,10 @@ class JobMonitor:
     """The bridge between a running ``fit`` and Redis, on a thread of its own.
 
     The training thread calls ``on_step``, ``on_epoch``, ``on_resume`` (which only queue
-    work) and ``should_stop`` (which only reads flags). The thread, every
+    work) and ``should_stop`` (which only reads flags and the clock). The thread, every
     ``cancel_interval`` seconds: reads the cancel flag, renews the lease every third of its
-    TTL, appends the pending epoch records in epoch order (each exactly once: the stream
-    refuses an epoch it has) and writes the newest progress at most every
+    TTL, makes the job's loss stream hold the run's history (appending new epochs, or
+    rewriting a stream Redis lost an entry of) and writes the newest progress at most every
     ``progress_interval`` seconds. Whatever fails is retried at the next tick.
     """
 
@@ -86,13 +90,13 @@ class JobMonitor:
         self.cancel_interval = cancel_interval
         self.progress_interval = progress_interval
         self.best_val_loss = best_val_loss
-        self.lost = threading.Event()
         self.cancelled = threading.Event()
         self.progress: dict[str, Any] | None = None
         self._progress_written = True
-        self._pending: list[dict[str, Any]] = []
-        self._lock = threading.Lock()  # guards _pending and the progress fields
-        self._flush_lock = threading.Lock()  # one flush at a time (the thread, or drain())
+        self._history: list[dict[str, Any]] = []  # the run's epoch records, epochs 1 to n
+        self._synced = 0  # how many of them Redis is known to hold
+        self._lock = threading.Lock()  # guards _history, _synced and the progress fields
+        self._sync_lock = threading.Lock()  # one sync at a time (the thread, or drain())
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._training_done = False
@@ -137,18 +141,20 @@ class JobMonitor:
 
     def on_epoch(self, record: dict[str, Any]) -> None:
         with self._lock:
-            self._pending.append(dict(record))
+            self._history.append(dict(record))
         self._wake.set()
 
     def on_resume(self, history: list[dict[str, Any]]) -> None:
-        """The resumed checkpoint's epochs: those the loss stream lacks are appended (a crash may
-        have come between the checkpoint and the stream entry)."""
+        """The resumed checkpoint's epochs: the loss stream gets those it lacks (a crash may have come
+        between the checkpoint and the stream entry, or Redis may have lost entries)."""
         with self._lock:
-            self._pending[:0] = [dict(record) for record in history]
+            self._history = [dict(record) for record in history]
+            self._synced = 0
         self._wake.set()
 
     def should_stop(self) -> bool:
-        return self.cancelled.is_set() or self.lost.is_set()
+        """Cancelled, or the lease is lost or no longer trusted: stop before the next batch."""
+        return self.cancelled.is_set() or not self.lease.trusted()
 
     # --- the thread -------------------------------------------------------------------------
 
@@ -160,22 +166,21 @@ class JobMonitor:
             now = time.monotonic()
             if now >= next_renew:
                 next_renew = now + (renew_every if self.renew() else min(renew_every, 1.0))
-                if self.lost.is_set():
-                    log.error("job %s is no longer this runner's (requeued or taken over): stopping", self.job_id)
-                    return
+            if self.lease.lost is not None:
+                log.error("job %s: %s; this run stops and writes nothing more", self.job_id, self.lease.lost.value)
+                return
             self._check_cancel()
-            self.flush()
+            self.sync()
             if not self._training_done and now >= next_progress and self._write_progress():
                 next_progress = now + self.progress_interval
             self._wake.wait(self.cancel_interval)
             self._wake.clear()
 
     def renew(self) -> bool:
-        """Renew (or take back) the lease; sets ``lost`` if another runner has it. False if Redis failed."""
+        """Renew (or take back) the lease; ``lease.lost`` is set if another run has it. False if Redis failed."""
         try:
-            if not self.store.renew_lease(self.lease):
-                self.lost.set()
-        except Exception as error:  # Redis away: the TTL decides, keep trying
+            self.store.leases.renew(self.lease)
+        except REDIS_ERRORS as error:  # Redis away: the lease's trusted time decides
             self._logs["lease"].failed(error)
             return False
         self._logs["lease"].worked()
@@ -187,7 +192,7 @@ class JobMonitor:
         try:
             if self.store.cancel_requested(self.job_id):
                 self.cancelled.set()
-        except Exception as error:
+        except REDIS_ERRORS as error:
             self._logs["cancel"].failed(error)
         else:
             self._logs["cancel"].worked()
@@ -199,60 +204,60 @@ class JobMonitor:
             progress = dict(self.progress)
             self._progress_written = True
         try:
-            self.store.update_job(self.job_id, epoch=progress["epoch"], progress=progress)
-        except Exception as error:  # best-effort: the next one will do
+            self.store.update_running(self.lease, epoch=progress["epoch"], progress=progress)
+        except REDIS_ERRORS as error:  # best-effort: the next one will do
             self._logs["records"].failed(error)
         return True
 
-    def flush(self) -> bool:
-        """Append the pending epoch records in order and update the job's epoch fields; True when none is left."""
-        with self._flush_lock:
+    def sync(self) -> bool:
+        """Make the job's loss stream and epoch fields hold the run's history; True when Redis has it all."""
+        with self._sync_lock:
             with self._lock:
-                records = list(self._pending)
-            if not records:
+                history, synced = list(self._history), self._synced
+            if synced == len(history):
                 return True
+            for record in history[synced:]:
+                val_loss = record.get("val_loss")
+                if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
+                    self.best_val_loss = float(val_loss)
+            newest = len(history)
             try:
-                last = self.store.last_epoch(self.job_id)
-                for record in records:
-                    if record["epoch"] > last:
-                        self.store.append_epoch(self.job_id, record)
-                        last = record["epoch"]
-                    val_loss = record.get("val_loss")
-                    if val_loss is not None and (self.best_val_loss is None or val_loss < self.best_val_loss):
-                        self.best_val_loss = float(val_loss)
-                newest = records[-1]["epoch"]
-                self.store.update_job(
-                    self.job_id, epoch=newest, epochs_completed=newest, best_val_loss=self.best_val_loss
+                written = self.store.sync_epochs(
+                    self.lease, history, epoch=newest, epochs_completed=newest, best_val_loss=self.best_val_loss
                 )
-            except Exception as error:
+            except REDIS_ERRORS as error:
                 self._logs["records"].failed(error)
                 return False
             self._logs["records"].worked()
+            if written is None:
+                self.lease.lost = self.lease.lost or LostReason.TAKEN
+                return False
             with self._lock:
-                del self._pending[: len(records)]
-                return not self._pending
+                if self._history[:newest] == history:
+                    self._synced = max(self._synced, newest)
+                return self._synced == len(self._history)
 
     def drain(self, timeout: float) -> bool:
-        """After training: no more progress; wait until every epoch record is in Redis, or ``timeout``."""
+        """After training: no more progress; wait until Redis holds every epoch record, or ``timeout``."""
         self._training_done = True
         deadline = time.monotonic() + timeout
         delay = 0.05
-        while not self.flush():
-            if time.monotonic() + delay > deadline or self.lost.is_set():
+        while not self.sync():
+            if time.monotonic() + delay > deadline or self.lease.lost is not None:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 2.0)
         return True
 
 
-def retry_redis(call: Callable[[], Any], timeout: float, what: str) -> Any:
-    """``call()``, retried with backoff on errors for up to ``timeout`` seconds (then its error)."""
+def retry_redis(call: Callable[[], T], timeout: float, what: str) -> T:
+    """``call()``, retried with backoff on Redis errors for up to ``timeout`` seconds (then its error)."""
     deadline = time.monotonic() + timeout
     delay = 0.1
     while True:
         try:
             return call()
-        except Exception as error:
+        except REDIS_ERRORS as error:
             if time.monotonic() + delay > deadline:
                 raise
             log.warning("%s failed, retrying in %.1fs: %s", what, delay, error)
@@ -260,24 +265,19 @@ def retry_redis(call: Callable[[], Any], timeout: float, what: str) -> Any:
             delay = min(delay * 2, 5.0)
 
 
-def training_config(job: dict[str, Any], settings: Settings) -> TrainConfig:
+def training_config(job: JobRecord, settings: Settings) -> TrainConfig:
     """The job's ``TrainConfig``; a job that leaves the device to the service gets ``SSD_DEVICE``."""
-    values = dict(job["config"])
+    values = dict(job.config)
     if values.get("device", "auto") == "auto":
         values["device"] = settings.device
     return TrainConfig.from_dict(values)
-
-
-def write_job_file(run_dir: Path, record: dict[str, Any]) -> None:
-    """The job's record as ``run_dir/job.json`` (atomic), from which ``worker.reaper`` rebuilds a lost one."""
-    data = json.dumps(record, indent=2, default=str).encode()
-    atomic_write(run_dir / JOB_FILE, lambda f: f.write(data))
 
 
 @dataclass
 class _Outcome:
     status: str  # succeeded, failed, cancelled, or paused (requeued to carry on elsewhere)
     fields: dict[str, Any] = field(default_factory=dict)
+    reason: str = ""  # why a paused job was put back
 
 
 def run_job(
@@ -289,7 +289,7 @@ def run_job(
     shutdown: threading.Event | None = None,
     task_id: str | None = None,
 ) -> str:
-    """Train job ``job_id`` if it is queued (or running with a free lease): to its end, or until paused.
+    """Train job ``job_id`` if it is queued and its lease is free: to its end, or until paused.
 
     Args:
         dispatch: sends the job's task again (after a pause); None leaves that to the reaper.
@@ -300,61 +300,70 @@ def run_job(
         What happened, for the task's log line: the final status or why nothing was done.
     """
     shutdown = shutdown or threading.Event()
-    grace = settings.lease_seconds
 
-    def take() -> dict[str, Any] | None:
+    def take() -> JobRecord | None:
         if task_id is not None:
             store.clear_dispatch(job_id, task_id)
         return store.get_job(job_id)
 
-    job = retry_redis(take, grace, f"reading job {job_id}")
+    job = retry_redis(take, settings.lease_seconds, f"reading job {job_id}")
     if job is None:
         log.warning("job %s does not exist; nothing to do", job_id)
         return "missing"
-    if job["status"] not in ACTIVE:
-        log.info("job %s is %s; not starting it", job_id, job["status"])
-        return f"skipped: {job['status']}"
-    token = f"{worker_name}/{secrets.token_hex(4)}"
-    lease = store.acquire_lease(job_id, token, settings.lease_seconds)
+    if job.status != QUEUED:  # a running job is its run's, or (run gone) the reaper's to put back
+        log.info("job %s is %s; not starting it", job_id, job.status)
+        return f"skipped: {job.status}"
+    lease = store.leases.acquire(job_id, f"{worker_name}/{secrets.token_hex(4)}", settings.lease_seconds)
     if lease is None:
-        log.info("job %s is leased by %s; not running it twice", job_id, store.lease_holder(job_id))
+        log.info("job %s is leased by %s; not running it twice", job_id, store.leases.holder(job_id))
         return "skipped: leased"
-    before = store.start_job(job_id, worker_name, token)
-    if before not in ACTIVE:
-        store.release_lease(lease)
-        return f"skipped: {before}"
-    job = store.get_job(job_id) or job
-    log.info("job %s: training on %s (it was %s, restarts %s)", job_id, worker_name, before, job.get("restarts", 0))
-    run_dir = settings.runs_dir / job_id
-    write_job_file(run_dir, job)
+    started = store.start_job(lease, worker_name)
+    if started is None or started[0] != QUEUED:
+        store.leases.release(lease)
+        return f"skipped: {started[0] if started else 'missing'}"
+    job = started[1]
+    run_dir = settings.layout.run_dir(job_id)
+    folder = FencedRunFolder(run_dir, lease)
+    try:
+        folder.claim()
+    except (LeaseLost, RunFolderBusy) as error:
+        reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
+        return _record(job, _Outcome("paused", reason=reason), store, lease, settings, dispatch)
+    keep_job_file(run_dir, job)
+    log.info("job %s: training on %s (restarts %s)", job_id, worker_name, job.restarts)
 
     monitor = JobMonitor(
-        store, lease, settings.cancel_check_seconds, settings.progress_interval_seconds, job.get("best_val_loss")
+        store, lease, settings.cancel_check_seconds, settings.progress_interval_seconds, job.best_val_loss
     )
     with monitor:
-        try:
-            result = _train(job, store, settings, run_dir, monitor.callbacks(shutdown.is_set))
-            outcome = _outcome(result, monitor, shutdown)
-        except Exception as error:
-            log.exception("job %s failed", job_id)
-            outcome = _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
-        if monitor.lost.is_set():
-            return "lease lost"  # someone else runs the job now: its record is theirs to write
-        if not monitor.drain(grace):
+        outcome = _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
+        if outcome is None or not lease.trusted():
+            return f"lease lost: {lease.lost.value if lease.lost else 'another run has the job'}"
+        if not monitor.drain(settings.lease_seconds):
             log.error("job %s: epoch records could not be written; the reaper will resume the job", job_id)
             return "unrecorded"
-    return _record(job, outcome, store, lease, settings, worker_name, dispatch, run_dir)
+    return _record(job, outcome, store, lease, settings, dispatch)
 
 
-def _train(job: dict[str, Any], store: Store, settings: Settings, run_dir: Path, callbacks: Callbacks) -> FitResult:
-    dataset = store.get_dataset(job["dataset_id"])
-    if dataset is None:
-        raise ValueError(f"dataset {job['dataset_id']} was deleted")
-    data = read_dataset(settings.datasets_dir / dataset["id"] / dataset["root"])
-    return fit(training_config(job, settings), data, run_dir, callbacks)
-
-
-def _outcome(result: FitResult, monitor: JobMonitor, shutdown: threading.Event) -> _Outcome:
+def _train_and_judge(
+    job: JobRecord,
+    store: Store,
+    settings: Settings,
+    folder: FencedRunFolder,
+    monitor: JobMonitor,
+    shutdown: threading.Event,
+    worker_name: str,
+) -> _Outcome | None:
+    """Run ``fit`` and say how the job ended; None if the run lost the job (it writes nothing more)."""
+    try:
+        result = _train(job, store, settings, folder, monitor.callbacks(shutdown.is_set))
+    except LeaseLost:
+        return None
+    except RunFolderBusy as error:
+        return _Outcome("paused", reason=f"{worker_name} could not write the run folder ({error}); the job resumes")
+    except Exception as error:  # a training error ends the job: retrying it would fail the same way
+        log.exception("job %s failed", job.id)
+        return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
     checkpoint = result.best_checkpoint or result.last_checkpoint
     fields: dict[str, Any] = {
         "epoch": result.epochs_completed,
@@ -369,52 +378,53 @@ def _outcome(result: FitResult, monitor: JobMonitor, shutdown: threading.Event) 
     if monitor.cancelled.is_set():
         return _Outcome(CANCELLED, fields)
     if result.status == "paused" or shutdown.is_set():
-        return _Outcome("paused", {"epochs_completed": result.epochs_completed, "paused_at": result.paused_at})
-    return _Outcome(CANCELLED, fields)
+        epoch, step = result.paused_at or (result.epochs_completed + 1, None)
+        where = f"epoch {epoch}" if step is None else f"epoch {epoch} after step {step}"
+        return _Outcome("paused", reason=f"{worker_name} was shut down in {where}; the job carries on from there")
+    return None  # stopped for its lease
+
+
+def _train(
+    job: JobRecord, store: Store, settings: Settings, folder: FencedRunFolder, callbacks: Callbacks
+) -> FitResult:
+    dataset = store.get_dataset(job.dataset_id)
+    if dataset is None:
+        raise ValueError(f"dataset {job.dataset_id} was deleted")
+    data = read_dataset(settings.layout.dataset_dir(dataset.id) / dataset.root)
+    return fit(training_config(job, settings), data, folder, callbacks)
 
 
 def _record(
-    job: dict[str, Any],
+    job: JobRecord,
     outcome: _Outcome,
     store: Store,
     lease: Lease,
     settings: Settings,
-    worker_name: str,
     dispatch: Callable[[str], None] | None,
-    run_dir: Path,
 ) -> str:
-    """Write the outcome to Redis (retried within the lease's TTL) and to the run folder's job.json."""
-    job_id = job["id"]
+    """Write the outcome to Redis (retried within the lease's TTL), then to the run folder's job.json."""
+    job_id = job.id
     if outcome.status == "paused":
-        epoch, step = outcome.fields["paused_at"] or (outcome.fields["epochs_completed"] + 1, None)
-        where = f"epoch {epoch}" if step is None else f"epoch {epoch} after step {step}"
-        reason = f"{worker_name} was shut down in {where}; the job carries on from there"
-        try:
-            requeued = retry_redis(lambda: store.requeue_job(job_id, reason, lease), settings.lease_seconds, "requeue")
-        except Exception as error:  # the lease expires and the reaper requeues the job
-            log.error("job %s could not be requeued (%s); the reaper will", job_id, error)
-            return "paused"
-        if not requeued:
-            return "lease lost"
-        write_job_file(run_dir, {**job, "status": QUEUED, "restart_reason": reason})
-        if dispatch is not None:
-            send_quietly(dispatch, job_id)
-        log.info("job %s paused and requeued: %s", job_id, reason)
-        return "paused"
 
-    def finish() -> bool:
-        return store.finish_job(job_id, outcome.status, lease=lease, **outcome.fields)
+        def write() -> JobRecord | None:
+            return store.requeue_job(job_id, outcome.reason, lease)
+
+    else:
+
+        def write() -> JobRecord | None:
+            return store.finish_job(lease, outcome.status, **outcome.fields)
 
     try:
-        written = retry_redis(finish, settings.lease_seconds, f"recording the end of job {job_id}")
-    except Exception as error:  # the lease expires; the reaper requeues the job and a resume records it
-        log.error("job %s ended %s but Redis could not record it: %s", job_id, outcome.status, error)
+        record = retry_redis(write, settings.lease_seconds, f"recording the end of job {job_id}'s run")
+    except REDIS_ERRORS as error:  # the lease expires; the reaper requeues the job and a resume records it
+        log.error("job %s: its run ended (%s) but Redis could not record it: %s", job_id, outcome.status, error)
         return "unrecorded"
-    if not written:
+    if record is None:
         return "lease lost"
-    record = {**job, **outcome.fields, "status": outcome.status}
-    try:
-        write_job_file(run_dir, record)
-    except OSError as error:
-        log.warning("could not update %s: %s", run_dir / JOB_FILE, error)
-    return outcome.status
+    keep_job_file(settings.layout.run_dir(job_id), record)
+    if outcome.status == "paused":
+        if record.status == QUEUED and dispatch is not None:
+            send_quietly(dispatch, job_id)
+        log.info("job %s put back (%s): %s", job_id, record.status, outcome.reason)
+        return "paused"
+    return record.status

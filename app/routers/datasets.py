@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Response, UploadFile
+from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 from starlette.concurrency import run_in_threadpool
 
 from app.dataset_import import (
     DatasetImportError,
-    ImportsBusy,
+    ImportPermit,
     ImportSlots,
     create_synthetic,
     import_archive,
@@ -18,6 +18,7 @@ from app.dataset_import import (
 )
 from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.schemas import Dataset, SyntheticDatasetRequest
+from worker.records import DatasetRecord
 from worker.settings import Settings
 from worker.store import Store
 
@@ -31,64 +32,71 @@ _ERRORS = {
 }
 
 
-async def _import(imports: ImportSlots, store: Store, settings: Settings, function, *args) -> dict:
+def _permit(request: Request) -> ImportPermit:
+    """The import slot ``app.dataset_import.ImportAdmission`` reserved for this request."""
+    return request.state.import_permit
+
+
+async def _import(
+    imports: ImportSlots, permit: ImportPermit, store: Store, settings: Settings, function, *args
+) -> Dataset:
     """Run an import on its own pool, then store the record (the files go if Redis refuses it).
 
     Shielded: a client that goes away mid-import does not leave files without a record.
     """
 
-    async def import_and_store() -> dict:
-        record = await imports.run(function, *args)
+    async def import_and_store() -> DatasetRecord:
+        record = await imports.run(permit, function, *args)
         try:
             await run_in_threadpool(store.put_dataset, record)
-        except Exception:
-            await run_in_threadpool(remove_dataset_files, record["id"], settings)
+        except BaseException:
+            await run_in_threadpool(remove_dataset_files, record.id, settings)
             raise
         return record
 
     try:
-        return await asyncio.shield(asyncio.ensure_future(import_and_store()))
-    except ImportsBusy as error:
-        raise HTTPException(503, str(error), {"Retry-After": "30"}) from error
+        return (await asyncio.shield(asyncio.ensure_future(import_and_store()))).public()
     except DatasetImportError as error:
         raise HTTPException(error.status_code, str(error)) from error
 
 
 @router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
 async def upload_dataset(
+    request: Request,
     file: Annotated[UploadFile, File(description="A .zip holding COCO (JSON + images) or Pascal VOC.")],
     store: StoreDep,
     settings: SettingsDep,
     imports: ImportsDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
-) -> dict:
+) -> Dataset:
     """Import a zip of a COCO detection dataset or a Pascal VOC one (recognised from its layout)."""
     filename = file.filename or "upload.zip"
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise HTTPException(413, f"{filename}: {file.size} bytes; the limit is {settings.max_upload_bytes} bytes")
-    return await _import(imports, store, settings, import_archive, file.file, filename, name, settings)
+    args = (import_archive, file.file, filename, name, settings)
+    return await _import(imports, _permit(request), store, settings, *args)
 
 
 @router.post("/synthetic", status_code=201, response_model=Dataset, responses=_BUSY)
 async def synthetic_dataset(
-    body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep, imports: ImportsDep
-) -> dict:
+    request: Request, body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep, imports: ImportsDep
+) -> Dataset:
     """Generate a dataset of coloured shapes (circle, square, triangle), for demos and tests."""
     if body.num_images > settings.max_synthetic_images:
         raise HTTPException(422, f"num_images must be at most {settings.max_synthetic_images}")
-    args = (body.num_images, body.seed, body.size_range(), body.name, settings)
-    return await _import(imports, store, settings, create_synthetic, *args)
+    args = (create_synthetic, body.num_images, body.seed, body.size_range(), body.name, settings)
+    return await _import(imports, _permit(request), store, settings, *args)
 
 
 @router.get("", response_model=list[Dataset])
-def list_datasets(store: StoreDep) -> list[dict]:
+def list_datasets(store: StoreDep) -> list[Dataset]:
     """Every dataset, newest first."""
-    return store.list_datasets()
+    return [dataset.public() for dataset in store.list_datasets()]
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})
-def get_dataset(dataset_id: str, store: StoreDep) -> dict:
-    return dataset_or_404(store, dataset_id)
+def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
+    return dataset_or_404(store, dataset_id).public()
 
 
 @router.delete(

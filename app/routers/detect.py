@@ -13,7 +13,7 @@ from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
 from app.inference import ACCEPTED_FORMATS, DeviceUnavailable, ImageRejected, annotated_png, decode_image
 from app.schemas import DetectResponse
 from worker.settings import Settings
-from worker.store import Store, has_model
+from worker.store import Store
 
 router = APIRouter(tags=["detection"])
 
@@ -63,9 +63,9 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
         if job_id is None:
             raise HTTPException(409, "no trained model yet: start a job with POST /train and wait until it succeeds")
     job = job_or_404(store, job_id)
-    if not has_model(job):
-        raise HTTPException(409, f"job {job_id} is {job['status']} and has no trained model to detect with")
-    checkpoint = settings.runs_dir / job_id / Path(job["checkpoint"]).name
+    if not job.model_ready:
+        raise HTTPException(409, f"job {job_id} is {job.status} and has no trained model to detect with")
+    checkpoint = settings.layout.run_dir(job_id) / Path(job.checkpoint).name
     if not checkpoint.is_file():
         raise HTTPException(409, f"job {job_id}'s checkpoint {checkpoint.name} is missing from its run folder")
     return job_id, checkpoint

@@ -1,19 +1,28 @@
-"""POST /train and /jobs: job records, progress, losses (JSON, SSE, PNG), cancel."""
+"""POST /train and /jobs: job records, progress, losses (JSON, SSE, PNG), cancel, delete.
+
+Every change a route makes to a job reaches the job's ``job.json`` too (``worker.run_files``),
+so a job survives Redis losing it from the moment POST /train answers.
+"""
 
 from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.deps import AsyncRedisDep, CeleryDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
-from app.schemas import Job, JobStatus, Losses, TrainRequest, public_job
+from app.deps import AsyncRedisDep, CeleryDep, EventStreamsDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
+from app.event_streams import CountedEventSourceResponse
+from app.schemas import Job, JobStatus, Losses, TrainRequest
+from model.layout import LOSS_PLOT
 from model.plots import plot_losses
-from worker.queue import dispatch
-from worker.store import FAILED, FINISHED, QueueFull, Store, decode_fields, epoch_stream_id, new_id, new_job
+from worker.queue import SEND_ERRORS, dispatch
+from worker.records import ACTIVE, FINISHED, JobRecord
+from worker.run_files import RunFolderBusy, keep_job_file, read_history, remove_run, save_job_file
+from worker.settings import Settings
+from worker.store import QueueFull, Store, epoch_stream_id, new_id
 
 router = APIRouter(tags=["jobs"])
 # The event stream also takes the API key as ?api_key= (browsers' EventSource sends no headers).
@@ -21,6 +30,7 @@ stream_router = APIRouter(tags=["jobs"])
 
 MAX_EPOCH = 2**53  # larger epochs cannot exist; bounding them keeps stream ids valid
 _NOT_FOUND = {404: {"description": "No such job."}}
+_BUSY_STREAMS = {503: {"description": "Too many event streams are open (SSD_MAX_EVENT_STREAMS), or Redis is away."}}
 
 
 @router.post(
@@ -33,26 +43,28 @@ _NOT_FOUND = {404: {"description": "No such job."}}
         429: {"description": "Too many jobs are waiting for a worker (SSD_MAX_QUEUED_JOBS)."},
     },
 )
-def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, celery: CeleryDep) -> dict:
+def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, celery: CeleryDep) -> Job:
     """Queue a training job on a dataset; a worker picks it up. Watch it at /jobs/{id}."""
     dataset = dataset_or_404(store, body.dataset_id)
     try:
         config = body.train_config()
     except ValueError as error:
         raise HTTPException(422, str(error)) from error
-    job = new_job(new_id(), dataset, config.to_dict())
     try:
-        created = store.create_job(job, max_queued=settings.max_queued_jobs)
+        job = store.create_job(JobRecord.new(new_id(), dataset, config.to_dict()), settings.max_queued_jobs)
     except QueueFull as error:
         raise HTTPException(429, f"{error}: try again when some have started", {"Retry-After": "60"}) from error
-    if not created:
+    if job is None:
         raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
+    run_dir = settings.layout.run_dir(job.id)
     try:
-        dispatch(celery, store, job["id"], settings.queue)
-    except Exception as error:
-        store.finish_job(job["id"], FAILED, error=f"could not queue the job: {error}")
-        raise HTTPException(503, f"could not queue the job: {error}") from error
-    return public_job(job)
+        save_job_file(run_dir, job)  # before the answer: a job the client was told about survives Redis
+        dispatch(celery, store, job.id, settings.queue)
+    except (OSError, RunFolderBusy, *SEND_ERRORS) as error:
+        problem = f"could not queue the job: {error}"
+        keep_job_file(run_dir, store.fail_queued_job(job.id, problem))
+        raise HTTPException(503, problem) from error
+    return job.public()
 
 
 @router.get("/jobs", response_model=list[Job])
@@ -67,37 +79,71 @@ def list_jobs(
         ids = store.list_job_ids(offset, limit)
     else:
         ids = store.list_job_ids_with_status(status, offset, limit)
-    return [public_job(job) for job in store.get_jobs(ids)]
+    return [job.public() for job in store.get_jobs(ids)]
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)
-def get_job(job_id: str, store: StoreDep) -> dict:
+def get_job(job_id: str, store: StoreDep) -> Job:
     """The job's record with its progress: epoch, step, steps per epoch and ETA in seconds."""
-    return public_job(job_or_404(store, job_id))
+    return job_or_404(store, job_id).public()
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=_NOT_FOUND)
-def cancel_job(job_id: str, store: StoreDep) -> dict:
+def cancel_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Job:
     """Cancel: a queued job never starts; a running one stops within a batch and keeps its last checkpoint.
     A job that has ended already is answered as it is (202, nothing changes)."""
-    if store.request_cancel(job_id) is None:
+    cancelled = store.request_cancel(job_id)
+    if cancelled is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
-    return public_job(job_or_404(store, job_id))
+    _, job = cancelled
+    keep_job_file(settings.layout.run_dir(job_id), job)
+    return job.public()
+
+
+@router.delete(
+    "/jobs/{job_id}",
+    status_code=204,
+    responses={**_NOT_FOUND, 409: {"description": "The job is queued or running: cancel it first."}},
+)
+def delete_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+    """Delete a job that has ended: its record, its losses and its run folder (checkpoints included)."""
+    job = job_or_404(store, job_id)
+    if job.status in ACTIVE:
+        raise HTTPException(409, f"job {job_id} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel)")
+    # An ended job stays ended, so its folder can go first: a crash then leaves a record without
+    # files (DELETE again removes it), never files that would bring a deleted job back.
+    remove_run(settings.layout, job_id)
+    if store.delete_job(job) == "missing":
+        raise HTTPException(404, f"no job with id {job_id!r}")
+    return Response(status_code=204)
+
+
+def losses_with_history(store: Store, settings: Settings, job_id: str, after: int) -> list[dict[str, Any]]:
+    """The job's epoch records after ``after`` from its loss stream, with any epoch the stream lost
+    (a hole before its newest one) taken from the run folder's history."""
+    records = store.losses(job_id, after)
+    if [r["epoch"] for r in records] == list(range(after + 1, after + 1 + len(records))):
+        return records
+    merged = {r["epoch"]: r for r in read_history(settings.layout.run_dir(job_id)) if r["epoch"] > after}
+    merged.update((r["epoch"], r) for r in records)
+    return [merged[epoch] for epoch in sorted(merged) if epoch <= records[-1]["epoch"]]
 
 
 @router.get("/jobs/{job_id}/losses", response_model=Losses, responses=_NOT_FOUND)
-def get_losses(job_id: str, store: StoreDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0) -> dict:
+def get_losses(
+    job_id: str, store: StoreDep, settings: SettingsDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0
+) -> dict:
     """One record per finished epoch, oldest first; ``after=N`` returns only epochs after N."""
     job = job_or_404(store, job_id)
-    return {"job_id": job_id, "status": job["status"], "losses": store.losses(job_id, after)}
+    return {"job_id": job_id, "status": job.status, "losses": losses_with_history(store, settings, job_id, after)}
 
 
 async def _loss_events(redis, store: Store, job_id: str, after: int, request: Request) -> AsyncIterator:
     """History, then live epochs (XREAD BLOCK), then one ``status`` event once the job has ended."""
     key, job_key, last = store.losses_key(job_id), store.job_key(job_id), after
     while not await request.is_disconnected():
-        raw_status = await redis.hget(job_key, "status")
-        ended = raw_status is None or json.loads(raw_status) in FINISHED
+        status = await redis.hget(job_key, "status")
+        ended = status is None or status in FINISHED
         # Epochs are appended before the final status is written: once the job has ended,
         # one non-blocking read drains what is left.
         reply = await redis.xread({key: epoch_stream_id(last)}, count=100, block=None if ended else 1000)
@@ -106,33 +152,39 @@ async def _loss_events(redis, store: Store, job_id: str, after: int, request: Re
             last = int(fields["epoch"])
             yield ServerSentEvent(data=fields["record"], event="epoch", id=str(last))
         if ended and not entries:
-            job = decode_fields(await redis.hgetall(job_key))
-            # The same fields GET /jobs/{id} shows: the model drops the store's internal ones.
-            shown = Job.model_validate(public_job(job)).model_dump(mode="json") if job else {"id": job_id}
-            yield ServerSentEvent(data=json.dumps(shown), event="status")
+            fields = await redis.hgetall(job_key)
+            shown = JobRecord.from_hash(fields).public().model_dump_json() if fields else json.dumps({"id": job_id})
+            yield ServerSentEvent(data=shown, event="status")
             return
 
 
 @stream_router.get(
     "/jobs/{job_id}/losses/stream",
-    responses={**_NOT_FOUND, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."}},
+    responses={
+        **_NOT_FOUND,
+        **_BUSY_STREAMS,
+        200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events."},
+    },
 )
 async def stream_losses(
     job_id: str,
     request: Request,
     store: StoreDep,
     redis: AsyncRedisDep,
+    streams: EventStreamsDep,
     after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0,
     last_event_id: Annotated[str | None, Header(max_length=100)] = None,
 ) -> EventSourceResponse:
     """Server-Sent Events: an ``epoch`` event per finished epoch (history first, then live), then a
     ``status`` event with the job record when the job ends. Reconnects resume after ``Last-Event-ID``.
-    With API keys on, a browser's EventSource may send the key as ``?api_key=``."""
+    With API keys on, a browser's EventSource may send the key as ``?api_key=``. At most
+    ``SSD_MAX_EVENT_STREAMS`` are open at once (each holds a Redis connection): past it, 503."""
     if not await redis.exists(store.job_key(job_id)):
         raise HTTPException(404, f"no job with id {job_id!r}")
     if last_event_id is not None and last_event_id.isascii() and last_event_id.isdigit():
         after = max(after, min(int(last_event_id), MAX_EPOCH))
-    return EventSourceResponse(_loss_events(redis, store, job_id, after, request), ping=15)
+    opened = streams.open()
+    return CountedEventSourceResponse(_loss_events(redis, store, job_id, after, request), opened, ping=15)
 
 
 @router.get(
@@ -143,10 +195,10 @@ async def stream_losses(
 def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     """The learning curve: train and validation loss per epoch."""
     job = job_or_404(store, job_id)
-    records = store.losses(job_id)
+    records = losses_with_history(store, settings, job_id, 0)
     if records:
         return Response(plot_losses(records), media_type="image/png")
-    saved = settings.runs_dir / job_id / "losses.png"
+    saved = settings.layout.run_dir(job_id) / LOSS_PLOT
     if saved.is_file():
         return Response(saved.read_bytes(), media_type="image/png")
-    raise HTTPException(404, f"job {job_id} ({job['status']}) has no finished epoch yet: no learning curve to draw")
+    raise HTTPException(404, f"job {job_id} ({job.status}) has no finished epoch yet: no learning curve to draw")

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import shutil
+import socket
 import stat
 import struct
 import time
 import zipfile
 
+import httpx
 import pytest
 
+from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
 from tests.service.helpers import coco_document, coco_zip, image_bytes, shapes, voc_zip, zip_entries, zip_folder
 
 
@@ -181,7 +182,8 @@ def test_upload_without_a_file_answers_422(client):
 
 
 def test_imports_run_on_their_own_bounded_pool():
-    """Two slots: a third import while both run is turned away at once (the route answers 503)."""
+    """Two slots: a third import while both are reserved is turned away at once; a slot comes back
+    when its import's thread is done."""
     import asyncio
     import threading
 
@@ -191,17 +193,20 @@ def test_imports_run_on_their_own_bounded_pool():
 
     async def scenario() -> list:
         slots = ImportSlots(2)
-        first = asyncio.ensure_future(slots.run(release.wait, 10))
-        second = asyncio.ensure_future(slots.run(release.wait, 10))
+        first = asyncio.ensure_future(slots.run(slots.reserve(), release.wait, 10))
+        second = asyncio.ensure_future(slots.run(slots.reserve(), release.wait, 10))
         await asyncio.sleep(0.05)
         try:
-            await slots.run(release.wait, 10)
-            third = "ran"
+            slots.reserve()
+            third = "reserved"
         except ImportsBusy as error:
             third = str(error)
         release.set()
         done = await asyncio.gather(first, second)
-        after = await slots.run(lambda: threading.current_thread().name)
+        after = await slots.run(slots.reserve(), lambda: threading.current_thread().name)
+        unused = slots.reserve()
+        unused.release()
+        unused.release()  # once only: the semaphore is bounded and would complain
         slots.close()
         return [third, done, after]
 
@@ -210,14 +215,48 @@ def test_imports_run_on_their_own_bounded_pool():
     assert thread.startswith("ssd-import")
 
 
-def test_leftovers_of_interrupted_imports_are_removed_at_start_up(settings):
-    from app.dataset_import import STALE_INCOMING_SECONDS, remove_leftovers
+def _raw_request(port: int, head: str, body: bytes = b"") -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(head.encode() + body)
+    return sock
 
-    old, fresh, trash = (settings.datasets_dir / name for name in (".incoming-old", ".incoming-new", ".trash-x-1"))
-    for folder in (old, fresh, trash):
-        (folder / "files").mkdir(parents=True)
-    past = time.time() - STALE_INCOMING_SECONDS - 60
-    os.utime(old, (past, past))
-    assert sorted(remove_leftovers(settings)) == [".incoming-old", ".trash-x-1"]
-    assert fresh.exists() and not old.exists() and not trash.exists()
-    shutil.rmtree(fresh)
+
+def _status_of(sock: socket.socket) -> tuple[int, str]:
+    """The status and text of a JSON answer (headers and body) read off a raw socket."""
+    reply = b""
+    while b'"}' not in reply:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        reply += chunk
+    text = reply.decode(errors="replace")
+    return int(text.split(" ", 2)[1]), text
+
+
+def test_an_upload_is_refused_before_its_body_when_every_import_slot_is_busy(env, tmp_path, log_dir):
+    port = free_port()
+    api_env = {**env, "SSD_PORT": str(port), "SSD_IMPORT_SLOTS": "1", "SSD_DATA_DIR": str(tmp_path)}
+    process = start_process(f"api-slots-{port}", [PYTHON, "-m", "app"], api_env, log_dir)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
+        head = (
+            "POST /datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+            "Content-Length: 2000000\r\n\r\n"
+        )
+        slow = _raw_request(port, head, b"--b\r\n")  # takes the one slot, then sends nothing more
+        time.sleep(0.5)
+        refused = _raw_request(port, head)  # headers only: the answer must not wait for the body
+        status, text = _status_of(refused)
+        assert status == 503 and "retry-after: 30" in text.lower() and "dataset imports" in text, text
+        refused.close()
+        slow.close()  # the slow upload goes away: its slot comes back
+        zipped = coco_zip(tmp_path / "coco", num_images=2)
+
+        def imported() -> httpx.Response | None:
+            response = httpx.post(f"http://127.0.0.1:{port}/datasets", files={"file": ("d.zip", zipped)}, timeout=30)
+            return response if response.status_code != 503 else None
+
+        response = wait_until(imported, 20, "the slot to come back")
+        assert response.status_code == 201, response.text
+    finally:
+        process.stop()

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tests.service.helpers import TINY, read_sse, shapes, wait_for_job, zip_folder
+from worker.run_files import read_job_file
 
 
 def test_coco_and_voc_uploads_agree(trained):
@@ -112,6 +113,9 @@ def test_cancel_a_queued_and_a_running_job(api, worker, client, tmp_path, settin
         assert time.monotonic() - start < 60, "no epoch finished"
         time.sleep(0.2)
     assert client.delete(f"/datasets/{dataset['id']}").status_code == 409
+    for active in (running, queued):
+        refused = client.delete(f"/jobs/{active['id']}")
+        assert refused.status_code == 409 and "cancel it first" in refused.json()["detail"], refused.text
 
     response = client.post(f"/jobs/{queued['id']}/cancel")
     assert response.status_code == 202 and response.json()["status"] == "cancelled"
@@ -130,10 +134,22 @@ def test_cancel_a_queued_and_a_running_job(api, worker, client, tmp_path, settin
     time.sleep(2)  # the queued job's task reaches the worker now, and must not start it
     never = client.get(f"/jobs/{queued['id']}").json()
     assert never["status"] == "cancelled" and never["started_at"] is None and not never["has_model"]
-    assert not (settings.runs_dir / queued["id"]).exists()
+    # Both cancels reached the run folders' job.json (a rebuild from disk keeps them cancelled).
+    for cancelled in (running, queued):
+        assert read_job_file(settings.runs_dir / cancelled["id"]).status == "cancelled"
+    assert sorted(p.name for p in (settings.runs_dir / queued["id"]).iterdir()) == [".lock", "job.json"]
     assert client.post(f"/jobs/{queued['id']}/cancel").status_code == 202  # idempotent
     detect = client.post("/detect", params={"job_id": queued["id"]}, files={"file": ("a.jpg", b"x")})
     assert detect.status_code == 409
+
+    # An ended job is deleted with its losses and its run folder, checkpoints included.
+    assert client.delete(f"/jobs/{running['id']}").status_code == 204
+    assert client.get(f"/jobs/{running['id']}").status_code == 404
+    assert client.get(f"/jobs/{running['id']}/losses").status_code == 404
+    assert not (settings.runs_dir / running["id"]).exists()
+    assert running["id"] not in [j["id"] for j in client.get("/jobs").json()]
+    assert client.delete(f"/jobs/{running['id']}").status_code == 404
+    assert client.delete(f"/jobs/{queued['id']}").status_code == 204
     assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
 
 

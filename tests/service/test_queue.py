@@ -12,8 +12,11 @@ import pytest
 
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
+from worker.records import DatasetRecord, JobRecord
 from worker.settings import Settings
-from worker.store import Store, new_job
+from worker.store import Store
+
+DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 
 
 class _Clock:
@@ -32,7 +35,7 @@ def broker(redis_server, tmp_path):
         redis_url=redis_server.url, key_prefix=prefix, data_dir=tmp_path, lease_seconds=2, worker_heartbeat_seconds=1
     )
     store = Store.from_url(redis_server.url, prefix=prefix)
-    store.put_dataset({"id": "d1", "name": "x", "root": "files", "classes": ["a"]})
+    store.put_dataset(DATASET)
     celery = make_celery(settings)
     yield store, settings, celery
     celery.close()
@@ -48,14 +51,14 @@ def _checking_reaper(store: Store, settings: Settings) -> tuple[Reaper, list[str
 
 
 def _queue(store: Store, job_id: str) -> None:
-    assert store.create_job(new_job(job_id, {"id": "d1", "name": "x", "classes": ["a"]}, {"epochs": 1}))
+    assert store.create_job(JobRecord.new(job_id, DATASET, {"epochs": 1}))
 
 
 def test_a_sent_message_is_found_while_it_waits_and_not_once_a_worker_took_it(broker):
     store, settings, celery = broker
     _queue(store, "j1")
     dispatch(celery, store, "j1", settings.queue)
-    task_id = store.get_job("j1")["dispatch_id"]
+    task_id = store.get_job("j1").dispatch_id
     assert task_id in task_ids_in_broker(store.redis, settings)
     assert uuid.uuid4().hex not in task_ids_in_broker(store.redis, settings)
 
@@ -78,7 +81,7 @@ def test_the_reaper_resends_a_recorded_message_that_never_reached_the_broker(bro
     assert reaper.run_once() == []  # missing once: a worker may just have taken it
     clock.now += 1
     assert reaper.run_once() == ["dispatched lost"] and sent == ["lost"]
-    assert store.get_job("lost")["dispatch_id"] is None  # the test's dispatch only collects ids
+    assert store.get_job("lost").dispatch_id is None  # the test's dispatch only collects ids
     clock.now += 1
     assert reaper.run_once() == [] and sent == ["lost"]  # the claim lasts a lease: nothing twice
 

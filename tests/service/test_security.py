@@ -132,17 +132,20 @@ def test_cancelling_an_ended_job_answers_202_with_its_record(trained, client):
 
 
 def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
+    from worker.records import DatasetRecord
     from worker.store import Store
 
     prefix = f"full-{uuid.uuid4().hex[:8]}"  # a queue no worker reads
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=prefix, max_queued_jobs=2)
     store = Store.from_url(redis_server.url, prefix)
-    store.put_dataset({"id": "d1", "name": "x", "root": "files", "classes": ["a"]})
+    store.put_dataset(
+        DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
+    )
     train = ("POST", "/train", {"json": {"dataset_id": "d1", "epochs": 1}})
     answers = run_requests(settings, [train, train, train])
     assert [r.status_code for r in answers] == [202, 202, 429], answers[-1].text
     assert "2 jobs are waiting" in answers[2].json()["detail"] and answers[2].headers["retry-after"] == "60"
-    assert store.get_job(answers[0].json()["id"])["dispatch_id"]  # its message is on its way
+    assert store.get_job(answers[0].json()["id"]).dispatch_id  # its message is on its way
     store.request_cancel(answers[0].json()["id"])  # a cancelled job leaves the queue: room for one more
     assert run_requests(settings, [train])[0].status_code == 202
     store.redis.close()

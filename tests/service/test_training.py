@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 import uuid
 
@@ -11,41 +10,57 @@ import pytest
 from model.engine import StepProgress
 from tests.service.conftest import wait_until
 from tests.service.helpers import TINY, wait_for_job
+from worker.lease import Lease
 from worker.reaper import Reaper
+from worker.records import DatasetRecord, JobRecord
+from worker.run_files import read_job_file
 from worker.settings import Settings
-from worker.store import Store, new_job
+from worker.store import Store
 from worker.training import JobMonitor, run_job
+
+DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 
 
 @pytest.fixture
 def fresh(redis_server):
     store = Store.from_url(redis_server.url, prefix=f"train-{uuid.uuid4().hex[:8]}")
-    store.put_dataset({"id": "d1", "name": "x", "root": "files", "classes": ["a"]})
+    store.put_dataset(DATASET)
     yield store
     store.redis.close()
 
 
-def _queue(store: Store, job_id: str = "j1", epochs: int = 2) -> dict:
-    record = new_job(job_id, {"id": "d1", "name": "x", "classes": ["a"]}, {"epochs": epochs})
-    assert store.create_job(record)
+def _queue(store: Store, job_id: str = "j1", epochs: int = 2) -> JobRecord:
+    record = store.create_job(JobRecord.new(job_id, DATASET, {"epochs": epochs}))
+    assert record is not None
     return record
+
+
+def _start(store: Store, job_id: str = "j1", ttl: float = 30, worker: str = "me") -> Lease:
+    _queue(store, job_id)
+    lease = store.leases.acquire(job_id, f"{worker}/tok", ttl_seconds=ttl)
+    assert lease is not None and store.start_job(lease, worker)[0] == "queued"
+    return lease
 
 
 def test_a_job_leased_by_another_worker_is_not_run_twice(fresh, tmp_path):
     _queue(fresh)
     fresh.mark_dispatch("j1", "message-1")
-    assert fresh.acquire_lease("j1", "another-worker", ttl_seconds=30)
+    assert fresh.leases.acquire("j1", "another-worker", ttl_seconds=30)
     assert run_job("j1", fresh, Settings(data_dir=tmp_path), "me", task_id="message-1") == "skipped: leased"
-    assert fresh.get_job("j1")["status"] == "queued" and fresh.lease_holder("j1") == "another-worker"
-    assert fresh.get_job("j1")["dispatch_id"] is None  # taken: the reaper knows no message is on its way
+    assert fresh.get_job("j1").status == "queued" and fresh.leases.holder("j1") == "another-worker"
+    assert fresh.get_job("j1").dispatch_id is None  # taken: the reaper knows no message is on its way
 
 
-def test_a_cancelled_job_never_starts(fresh, tmp_path):
+def test_a_cancelled_or_running_job_is_not_started(fresh, tmp_path):
     _queue(fresh)
     fresh.request_cancel("j1")
     assert run_job("j1", fresh, Settings(data_dir=tmp_path), "me") == "skipped: cancelled"
-    assert fresh.lease_holder("j1") is None and not (tmp_path / "runs" / "j1").exists()
+    assert fresh.leases.holder("j1") is None and not (tmp_path / "runs" / "j1").exists()
     assert run_job("no-such-job", fresh, Settings(data_dir=tmp_path), "me") == "missing"
+    lease = _start(fresh, "j2")
+    fresh.redis.delete(lease.key)  # its run is gone: the reaper puts it back, a delivery does not take it
+    assert run_job("j2", fresh, Settings(data_dir=tmp_path), "me") == "skipped: running"
+    assert fresh.get_job("j2").restarts == 0
 
 
 def _step(epoch: int, step: int) -> StepProgress:
@@ -53,22 +68,19 @@ def _step(epoch: int, step: int) -> StepProgress:
 
 
 def test_the_monitor_thread_writes_progress_cancels_and_appends_each_epoch_once(fresh):
-    _queue(fresh)
-    fresh.start_job("j1", "me", "tok")
-    lease = fresh.acquire_lease("j1", "tok", ttl_seconds=30)
+    lease = _start(fresh)
     with JobMonitor(fresh, lease, cancel_interval=0.02, progress_interval=10) as monitor:
         for step in range(1, 50):
             monitor.on_step(_step(1, step))
-        wait_until(lambda: (fresh.get_job("j1").get("progress") or {}).get("step"), 5, "progress")
+        wait_until(lambda: fresh.get_job("j1").progress or None, 5, "progress")
         for step in range(50, 60):
             monitor.on_step(_step(1, step))
         time.sleep(0.2)
-        assert fresh.get_job("j1")["progress"]["step"] < 50  # at most one write per progress interval
+        assert fresh.get_job("j1").progress.step < 50  # at most one write per progress interval
 
         # A resumed run: the checkpoint's history has epoch 1, which the stream lacks.
         monitor.on_resume([{"epoch": 1, "train_loss": 2.0, "val_loss": 1.5}])
         monitor.on_epoch({"epoch": 2, "train_loss": 1.0, "val_loss": 1.7})
-        monitor.on_epoch({"epoch": 2, "train_loss": 9.0, "val_loss": 9.0})  # a repeat is not appended again
         wait_until(lambda: len(fresh.losses("j1")) == 2, 5, "two epochs in the stream")
 
         assert not monitor.should_stop()
@@ -77,23 +89,21 @@ def test_the_monitor_thread_writes_progress_cancels_and_appends_each_epoch_once(
         assert monitor.drain(5)
     job = fresh.get_job("j1")
     assert [(r["epoch"], r["train_loss"]) for r in fresh.losses("j1")] == [(1, 2.0), (2, 1.0)]
-    assert job["best_val_loss"] == 1.5 and job["epochs_completed"] == 2
+    assert job.best_val_loss == 1.5 and job.epochs_completed == 2
 
 
 def test_epoch_records_wait_out_a_redis_outage_in_order(fresh):
-    _queue(fresh)
-    fresh.start_job("j1", "me", "tok")
-    lease = fresh.acquire_lease("j1", "tok", ttl_seconds=30)
+    lease = _start(fresh)
     monitor = JobMonitor(fresh, lease, cancel_interval=0.02, progress_interval=0.1)
-    real_append = fresh.append_epoch
+    real_sync = fresh.sync_epochs
     failing = {"on": True}
 
-    def append(job_id, record):
+    def sync(*args, **kwargs):
         if failing["on"]:
             raise ConnectionError("Redis is away")
-        return real_append(job_id, record)
+        return real_sync(*args, **kwargs)
 
-    fresh.append_epoch = append
+    fresh.sync_epochs = sync
     with monitor:
         monitor.on_epoch({"epoch": 1, "train_loss": 3.0})
         monitor.on_epoch({"epoch": 2, "train_loss": 2.0})
@@ -104,32 +114,37 @@ def test_epoch_records_wait_out_a_redis_outage_in_order(fresh):
     assert [r["epoch"] for r in fresh.losses("j1")] == [1, 2]
 
 
-def test_a_lapsed_lease_is_taken_back_only_if_the_job_is_still_this_runners(fresh):
-    _queue(fresh)
-    fresh.start_job("j1", "me", "tok")
-    lease = fresh.acquire_lease("j1", "tok", ttl_seconds=0.2)
-    time.sleep(0.3)  # lapsed (Redis was away longer than the TTL)
-    assert fresh.lease_holder("j1") is None
-    assert fresh.renew_lease(lease) and fresh.lease_holder("j1") == "tok"  # nobody else took it: taken back
-    fresh.redis.delete(fresh.lease_key("j1"))
-    assert fresh.requeue_job("j1", "its worker vanished")  # the reaper requeued it meanwhile
-    assert not fresh.renew_lease(lease)  # so the old runner must stop
-    job = fresh.get_job("j1")
-    assert job["status"] == "queued" and job["restarts"] == 1 and job["restart_reason"] == "its worker vanished"
+def test_a_run_that_cannot_renew_its_lease_stops_before_it_expires(fresh):
+    lease = _start(fresh, ttl=1.2)
+    renewals = {"fail": False}
+    real_renew = fresh.leases.renew
+
+    def renew(held):
+        if renewals["fail"]:
+            raise ConnectionError("cut off from Redis")
+        return real_renew(held)
+
+    fresh.leases.renew = renew
+    with JobMonitor(fresh, lease, cancel_interval=0.02, progress_interval=0.1) as monitor:
+        time.sleep(1.0)  # renewals keep it trusted beyond three quarters of a TTL
+        assert not monitor.should_stop()
+        renewals["fail"] = True
+        cut = time.monotonic()
+        wait_until(monitor.should_stop, 3, "the run to stop trusting its lease")
+        # It stops before the lease expires in Redis (it was renewed at most 0.4 s before the cut).
+        assert time.monotonic() - cut < 1.2
+        assert fresh.leases.holder("j1") == lease.token  # still held in Redis: nobody else took over yet
 
 
 def test_a_runner_that_lost_its_lease_cannot_record_the_end(fresh):
-    _queue(fresh)
-    fresh.start_job("j1", "me", "tok")
-    mine = fresh.acquire_lease("j1", "tok", ttl_seconds=30)
+    mine = _start(fresh)
     fresh.redis.set(fresh.lease_key("j1"), "someone-else")
-    assert not fresh.finish_job("j1", "succeeded", lease=mine)
-    assert not fresh.requeue_job("j1", "paused", lease=mine)
-    assert fresh.get_job("j1")["status"] == "running"
-    fresh.redis.set(fresh.lease_key("j1"), "tok")
-    assert fresh.finish_job("j1", "succeeded", lease=mine, epoch=2)
-    assert fresh.get_job("j1")["status"] == "succeeded" and fresh.lease_holder("j1") is None
-    assert fresh.active_jobs() == []
+    assert fresh.finish_job(mine, "succeeded") is None
+    assert fresh.requeue_job("j1", "paused", lease=mine) is None
+    assert fresh.get_job("j1").status == "running"
+    fresh.redis.set(fresh.lease_key("j1"), mine.token)
+    assert fresh.finish_job(mine, "succeeded", epoch=2).status == "succeeded"
+    assert fresh.leases.holder("j1") is None and fresh.active_jobs() == []
 
 
 class _Clock:
@@ -140,42 +155,66 @@ class _Clock:
         return self.now
 
 
+def _reaper(store: Store, settings: Settings, sent: list[str], clock=None) -> Reaper:
+    """A reaper that has made its first pass (the rebuild from an empty data folder)."""
+    reaper = Reaper(store, settings, sent.append, clock or time.monotonic)
+    reaper.run_once()
+    return reaper
+
+
 def test_the_reaper_requeues_a_running_job_whose_lease_is_gone(fresh, tmp_path):
     sent: list[str] = []
     clock = _Clock()
-    reaper = Reaper(
-        fresh, Settings(data_dir=tmp_path, lease_seconds=10, worker_heartbeat_seconds=1), sent.append, clock
-    )
-    _queue(fresh, "alive")
-    _queue(fresh, "dead")
-    for job_id in ("alive", "dead"):
-        fresh.start_job(job_id, "worker-a", "tok")
-    fresh.acquire_lease("alive", "tok", ttl_seconds=30)
-    reaper.run_once()
+    settings = Settings(data_dir=tmp_path, lease_seconds=10, worker_heartbeat_seconds=1)
+    _start(fresh, "alive", worker="worker-a")
+    dead = _start(fresh, "dead", worker="worker-a")
+    fresh.redis.delete(dead.key)
+    reaper = _reaper(fresh, settings, sent, clock)
     assert sent == []  # the lease of "dead" is missing, but not for long enough yet
     clock.now += 5
     assert reaper.run_once() == ["requeued dead"] and sent == ["dead"]
     job = fresh.get_job("dead")
-    assert job["status"] == "queued" and job["restarts"] == 1 and "worker-a" in job["restart_reason"]
-    assert fresh.get_job("alive")["status"] == "running"
-    assert fresh.get_job("dead")["dispatch_id"] is None  # the test's dispatch only collects ids
+    assert job.status == "queued" and job.restarts == 1 and job.crashes == 1 and "worker-a" in job.restart_reason
+    assert read_job_file(settings.layout.run_dir("dead")) == job  # the change reached job.json
+    assert fresh.get_job("alive").status == "running"
+    assert fresh.get_job("dead").dispatch_id is None  # the test's dispatch only collects ids
     fresh.mark_dispatch("dead", "message-2")
     clock.now += 5
     assert reaper.run_once() == []  # a message is on its way: nothing to do
 
 
+def test_the_reaper_fails_a_job_that_keeps_crashing_its_worker(fresh, tmp_path):
+    sent: list[str] = []
+    clock = _Clock()
+    settings = Settings(data_dir=tmp_path, lease_seconds=10, worker_heartbeat_seconds=1, max_job_restarts=1)
+    reaper = _reaper(fresh, settings, sent, clock)
+    outcomes = []
+    for _ in range(2):
+        lease = fresh.leases.acquire("j1", "w/tok", 10) if fresh.get_job("j1") else _start(fresh, worker="w")
+        if fresh.get_job("j1").status == "queued":
+            fresh.start_job(lease, "w")
+        fresh.redis.delete(lease.key)  # killed (out of memory) without a word
+        reaper.run_once()
+        clock.now += 6
+        outcomes += reaper.run_once()
+    assert outcomes == ["requeued j1", "failed j1"] and sent == ["j1"]
+    job = fresh.get_job("j1")
+    assert (
+        job.status == "failed" and job.crashes == 2 and "2 times" in job.error and "SSD_MAX_JOB_RESTARTS" in job.error
+    )
+    assert read_job_file(settings.layout.run_dir("j1")).status == "failed"
+
+
 def test_the_reaper_sends_a_queued_job_that_no_message_will_reach(fresh, tmp_path):
     sent: list[str] = []
     settings = Settings(data_dir=tmp_path, lease_seconds=2, worker_heartbeat_seconds=1)
-    reapers = [Reaper(fresh, settings, sent.append) for _ in range(2)]
+    reapers = [_reaper(fresh, settings, sent) for _ in range(2)]
     _queue(fresh, "waiting")
     fresh.mark_dispatch("waiting", "message-w")  # its message is in the queue
     _queue(fresh, "orphan")
     fresh.mark_dispatch("orphan", "message-o1")
     fresh.mark_dispatch("orphan", "message-o2")  # sent again (after a pause)
-    assert not fresh.clear_dispatch(
-        "orphan", "message-o1"
-    )  # a late redelivery of the old message: still one on its way
+    assert not fresh.clear_dispatch("orphan", "message-o1")  # a late redelivery of the old message
     assert fresh.clear_dispatch("orphan", "message-o2")  # taken by a worker that found it leased, and acked
     time.sleep(1.1)
     for reaper in reapers:  # two workers' reapers: one message
@@ -183,31 +222,68 @@ def test_the_reaper_sends_a_queued_job_that_no_message_will_reach(fresh, tmp_pat
     assert sent == ["orphan"]
 
 
+def _saved_run(settings: Settings, job: JobRecord, epochs: int) -> None:
+    run_dir = settings.layout.run_dir(job.id)
+    run_dir.mkdir(parents=True)
+    (run_dir / "job.json").write_text(job.model_dump_json())
+    lines = "".join(f'{{"epoch": {e}, "train_loss": 1.0}}\n' for e in range(1, epochs + 1))
+    (run_dir / "metrics.jsonl").write_text(lines)
+
+
 def test_records_redis_lost_are_rebuilt_from_the_data_folder(fresh, tmp_path):
     settings = Settings(data_dir=tmp_path)
-    dataset = {"id": "d9", "name": "lost", "root": "files", "classes": ["a"], "created_at": "2026-01-01T00:00:00Z"}
+    dataset = DATASET.model_copy(update={"id": "d9", "name": "lost", "created_at": "2026-01-01T00:00:00Z"})
     (settings.datasets_dir / "d9").mkdir(parents=True)
-    (settings.datasets_dir / "d9" / "dataset.json").write_text(json.dumps(dataset))
-    for job_id, status in (("done", "succeeded"), ("busy", "running")):
-        run_dir = settings.runs_dir / job_id
-        run_dir.mkdir(parents=True)
-        record = {**new_job(job_id, dataset, {"epochs": 3}), "status": status}
-        (run_dir / "job.json").write_text(json.dumps(record))
-        epochs = 3 if status == "succeeded" else 1
-        (run_dir / "metrics.jsonl").write_text(
-            "".join(json.dumps({"epoch": e, "train_loss": 1.0}) + "\n" for e in range(1, epochs + 1))
-        )
+    (settings.datasets_dir / "d9" / "dataset.json").write_text(dataset.model_dump_json())
+    job = JobRecord.new("x", dataset, {"epochs": 3}).model_copy(update={"revision": 7})
+    saved = {
+        "done": (
+            job.model_copy(update={"id": "done", "status": "succeeded", "finished_at": "2026-01-02T00:00:00Z"}),
+            3,
+        ),
+        "busy": (job.model_copy(update={"id": "busy", "status": "running", "lease_token": "w/1"}), 1),
+        "waiting": (job.model_copy(update={"id": "waiting"}), 0),
+        "stopping": (job.model_copy(update={"id": "stopping", "status": "running", "cancel_requested": True}), 2),
+        "dropped": (job.model_copy(update={"id": "dropped", "status": "cancelled", "cancel_requested": True}), 0),
+    }
+    for record, epochs in saved.values():
+        _saved_run(settings, record, epochs)
     sent: list[str] = []
     actions = Reaper(fresh, settings, sent.append).run_once()
-    assert sorted(actions) == ["restored dataset d9", "restored job busy", "restored job done"]
-    assert fresh.get_dataset("d9")["name"] == "lost"
-    assert fresh.get_job("done")["status"] == "succeeded" and len(fresh.losses("done")) == 3
+    assert sorted(actions) == [
+        "restored dataset d9",
+        "restored job busy (queued)",
+        "restored job done (succeeded)",
+        "restored job dropped (cancelled)",
+        "restored job stopping (cancelled)",
+        "restored job waiting (queued)",
+    ]
+    assert fresh.get_dataset("d9").name == "lost"
+    assert fresh.get_job("done").status == "succeeded" and len(fresh.losses("done")) == 3
     assert fresh.newest_succeeded_job() == "done"
     busy = fresh.get_job("busy")
-    assert busy["status"] == "queued" and busy["restarts"] == 1 and "rebuilt" in busy["restart_reason"]
-    assert [r["epoch"] for r in fresh.losses("busy")] == [1] and sent == ["busy"]
+    assert busy.status == "queued" and busy.restarts == 1 and "rebuilt" in busy.restart_reason
+    assert busy.lease_token is None and busy.epochs_completed == 1 and busy.revision == 8
+    assert [r["epoch"] for r in fresh.losses("busy")] == [1]
+    waiting = fresh.get_job("waiting")
+    assert waiting.status == "queued" and waiting.restarts == 0  # it never ran: it trains once, from the start
+    assert fresh.get_job("stopping").status == "cancelled"  # the cancel asked before Redis was lost holds
+    assert fresh.get_job("dropped").status == "cancelled"
+    assert sorted(sent) == ["busy", "waiting"]
+    assert read_job_file(settings.layout.run_dir("busy")) == busy  # and job.json follows
     assert Reaper(fresh, settings, sent.append).run_once() == []  # nothing twice
-    assert sent == ["busy"]
+    assert sorted(sent) == ["busy", "waiting"]
+
+
+def test_a_flushed_redis_is_noticed_by_a_running_reaper(fresh, tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    sent: list[str] = []
+    reaper = _reaper(fresh, settings, sent)
+    _saved_run(settings, JobRecord.new("j1", DATASET, {"epochs": 1}), 0)
+    assert reaper.run_once() == []  # Redis has lost nothing: the data folder is not read
+    fresh.redis.delete(*fresh.redis.keys(f"{fresh.prefix}:*"))  # what a FLUSHALL does to this store
+    fresh.put_dataset(DATASET)
+    assert reaper.run_once() == ["restored job j1 (queued)"] and sent == ["j1"]
 
 
 def test_a_job_that_cannot_run_ends_failed_with_the_reason(client, worker, settings):
