@@ -18,7 +18,12 @@ from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, jobs, ops, web
-from app.security import mask_keys_in_access_log, require_api_key, require_api_key_or_query
+from app.security import (
+    LocalOnlyMiddleware,
+    mask_keys_in_access_log,
+    require_api_key,
+    require_api_key_or_query,
+)
 from worker.queue import make_celery
 from worker.settings import Settings
 from worker.store import Store, quick_retry
@@ -94,7 +99,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
         default=settings.max_body_bytes,
     )
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if not settings.api_keys:  # with keys, the key protects every route whatever the Host or the sending page
+        app.add_middleware(LocalOnlyMiddleware, allowed_hosts=settings.allowed_hosts.split(","))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
