@@ -18,20 +18,19 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from collections.abc import Iterable
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Security
+from fastapi import Depends, HTTPException, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
 from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import SettingsDep
+from worker.settings import Settings
 
-api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY (when it is set)."
-)
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY.")
 api_key_query = APIKeyQuery(
     name="api_key", auto_error=False, description="Only for the event stream: browsers cannot set its headers."
 )
@@ -83,6 +82,17 @@ async def require_api_key_or_query(
     query: Annotated[str | None, Security(api_key_query)],
 ) -> None:
     check_api_key(settings.api_keys, header or query)
+
+
+def key_check(settings: Settings, check: Callable[..., Awaitable[None]]) -> dict[str, Any]:
+    """``include_router`` arguments that put ``check`` on a router's routes when keys are set, else none.
+
+    Without keys no route depends on a Security scheme, so the OpenAPI document declares no key
+    that the server would ignore (generated clients would ask for one, scanners see a key not checked).
+    """
+    if not settings.api_keys:
+        return {}
+    return {"dependencies": [Depends(check)], "responses": {401: {"description": "No API key, or a wrong one."}}}
 
 
 # A Host header: a name or a bracketed IPv6 address, maybe a port.

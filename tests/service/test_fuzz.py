@@ -58,4 +58,6 @@ def test_no_operation_answers_a_server_error(fuzzed_api, mode):
             no_server_error()
         except Unsatisfiable:  # nothing invalid to send (no parameters, no body): e.g. GET /healthz
             assert mode == GenerationMode.NEGATIVE
-    assert len(statuses) >= (14 if mode == GenerationMode.POSITIVE else 8), statuses
+    # Negative cases exist only for the 7 operations with a body or a bounded parameter (without keys no
+    # X-API-Key is declared, so no operation gets one just for the header).
+    assert len(statuses) >= (14 if mode == GenerationMode.POSITIVE else 7), statuses

@@ -84,7 +84,7 @@ def test_open_routes_and_the_stream_key_in_the_query(keyed_settings):
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "One of the keys in SSD_API_KEY (when it is set).",
+        "description": "One of the keys in SSD_API_KEY.",
     }
 
 
