@@ -8,7 +8,7 @@ from functools import partial
 
 import redis
 import redis.asyncio
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry as AsyncRetry
 from starlette.concurrency import run_in_threadpool
@@ -19,7 +19,13 @@ from app.inference import DetectionService, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, jobs, ops, web
-from app.security import mask_keys_in_access_log, require_api_key, require_api_key_or_query
+from app.security import (
+    LocalOnlyMiddleware,
+    key_check,
+    mask_keys_in_access_log,
+    require_api_key,
+    require_api_key_or_query,
+)
 from worker.leftovers import hold_owner_lock, remove_leftovers
 from worker.queue import make_celery
 from worker.settings import Settings
@@ -97,10 +103,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.detection = detection
     app.state.imports = imports
 
-    keyed = [Depends(require_api_key)]
     for router in (datasets.router, jobs.router, detect.router, ops.router):
-        app.include_router(router, dependencies=keyed)
-    app.include_router(jobs.stream_router, dependencies=[Depends(require_api_key_or_query)])
+        app.include_router(router, **key_check(settings, require_api_key))
+    app.include_router(jobs.stream_router, **key_check(settings, require_api_key_or_query))
     app.include_router(ops.health_router)
     app.include_router(web.router)
     web.mount_static(app)
@@ -110,7 +115,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default=settings.max_body_bytes,
     )
     app.add_middleware(ImportAdmission, slots=imports)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    if not settings.api_keys:  # with keys, the key protects every route whatever the Host or the sending page
+        app.add_middleware(LocalOnlyMiddleware, allowed_hosts=settings.allowed_hosts.split(","))
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
 
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)

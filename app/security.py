@@ -1,4 +1,6 @@
-"""API keys: with ``SSD_API_KEY`` set, every route but /healthz needs one (401 otherwise).
+"""Access: API keys when ``SSD_API_KEY`` is set, else requests from this machine only.
+
+With keys, every route but /healthz needs one (401 otherwise).
 
 The key travels in the ``X-API-Key`` header; only the Server-Sent Events route also takes
 ``?api_key=``, because a browser's ``EventSource`` cannot send headers. Keys are compared in
@@ -6,6 +8,9 @@ constant time, each of them, so the answer's timing says nothing about how close
 was or which key it matched. The web page (``/``, ``/static``) and the OpenAPI docs are no
 data and stay open: the page asks for the key itself. A key given in the query is masked in
 uvicorn's access log, which would otherwise record it with the path.
+
+Without keys the API is for the local machine, and ``LocalOnlyMiddleware`` keeps the web
+pages that machine's browser opens from using it (see there).
 """
 
 from __future__ import annotations
@@ -13,16 +18,19 @@ from __future__ import annotations
 import hmac
 import logging
 import re
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Security
+from fastapi import Depends, HTTPException, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
+from starlette.datastructures import Headers
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import SettingsDep
+from worker.settings import Settings
 
-api_key_header = APIKeyHeader(
-    name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY (when it is set)."
-)
+api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY.")
 api_key_query = APIKeyQuery(
     name="api_key", auto_error=False, description="Only for the event stream: browsers cannot set its headers."
 )
@@ -74,3 +82,81 @@ async def require_api_key_or_query(
     query: Annotated[str | None, Security(api_key_query)],
 ) -> None:
     check_api_key(settings.api_keys, header or query)
+
+
+def key_check(settings: Settings, check: Callable[..., Awaitable[None]]) -> dict[str, Any]:
+    """``include_router`` arguments that put ``check`` on a router's routes when keys are set, else none.
+
+    Without keys no route depends on a Security scheme, so the OpenAPI document declares no key
+    that the server would ignore (generated clients would ask for one, scanners see a key not checked).
+    """
+    if not settings.api_keys:
+        return {}
+    return {"dependencies": [Depends(check)], "responses": {401: {"description": "No API key, or a wrong one."}}}
+
+
+# A Host header: a name or a bracketed IPv6 address, maybe a port.
+_AUTHORITY = re.compile(r"(?P<host>[a-z0-9.-]+|\[[0-9a-f:.]+\])(?::[0-9]{1,5})?")
+_UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Sec-Fetch-Site of what the user did (none: typed the address) or of this server's own page.
+_OWN_SITE = frozenset({"same-origin", "none"})
+_REMEDY = (
+    "open the API by one of those names, add the name to SSD_ALLOWED_HOSTS, "
+    "or set SSD_API_KEY (then the key protects it and any name is answered)"
+)
+
+
+class LocalOnlyMiddleware:
+    """Without API keys: answers only requests for this machine's names, and refuses cross-site writes.
+
+    Any web page the user opens may post a form to ``127.0.0.1:8000`` (no CORS preflight needed)
+    or point a name of its own at 127.0.0.1 and then read the answers as its own (DNS rebinding).
+    Rebinding shows in the Host header, which names the page's host; a cross-site post shows in
+    the ``Sec-Fetch-Site`` and ``Origin`` headers that browsers add. Other clients (curl,
+    scripts) send neither of those, and pass. /healthz stays open to probes by any name: it
+    tells nothing. A host not in the list gets 403, not 400 as for a Host header that names no
+    host: the request is well formed, this server refuses it to that sender, and the remedy is
+    in its settings (the message names them), not in the request's syntax.
+    """
+
+    def __init__(self, app: ASGIApp, allowed_hosts: Iterable[str]):
+        self.app = app
+        self.allowed_hosts = tuple(dict.fromkeys(host.strip().lower() for host in allowed_hosts))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] != "/healthz":
+            refusal = self._refusal(Headers(scope=scope), scope["method"])
+            if refusal is not None:
+                status, detail = refusal
+                await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, headers: Headers, method: str) -> tuple[int, str] | None:
+        """The status and message that refuse a request with these headers, or None to let it in."""
+        host = headers.get("host", "").lower()
+        match = _AUTHORITY.fullmatch(host)
+        if match is None:
+            return 400, f"the Host header {host!r} names no host"
+        if match["host"] not in self.allowed_hosts:
+            return 403, (
+                "without API keys this server answers only for the hosts in SSD_ALLOWED_HOSTS "
+                f"({', '.join(self.allowed_hosts)}), and this request is for {host!r}: {_REMEDY}"
+            )
+        if method in _UNSAFE_METHODS:
+            return self._cross_site_refusal(headers, host, method)
+        return None
+
+    @staticmethod
+    def _cross_site_refusal(headers: Headers, host: str, method: str) -> tuple[int, str] | None:
+        site = headers.get("sec-fetch-site", "same-origin").lower()  # absent: not a browser, or an old one
+        origin = headers.get("origin")
+        # A page's Origin is scheme://host[:port] as its address bar shows it, the same as Host if it is ours.
+        if site in _OWN_SITE and (origin is None or origin.lower().partition("://")[2] == host):
+            return None
+        sender = f"the web page at {origin!r}" if origin else f"another web page (Sec-Fetch-Site: {site})"
+        return 403, (
+            f"without API keys this server refuses {method} requests from {sender}: any page the browser "
+            f"opens could send them. Use the page this server serves at http://{host}/, or a client that is "
+            "not a browser (curl, scripts)"
+        )

@@ -54,6 +54,16 @@ class Settings(BaseSettings):
             "web page and the docs needs one in the X-API-Key header; unset: no authentication (local use)."
         ),
     )
+    allowed_hosts: str = Field(
+        "localhost,127.0.0.1,[::1]",
+        # Names and bracketed IPv6 addresses, comma-separated: the forms a Host header can carry.
+        pattern=r"^ *([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]) *(, *([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\]) *)*$",
+        description=(
+            "Without SSD_API_KEY, the API answers only requests whose Host header names one of these hosts "
+            "(comma-separated, any port, IPv6 in brackets), so that other web sites cannot reach it through "
+            "DNS rebinding; it also refuses their form posts. Not checked when keys are set."
+        ),
+    )
 
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto",

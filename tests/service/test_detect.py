@@ -21,7 +21,7 @@ def in_process(settings: Settings, method: str, path: str, **kwargs) -> httpx.Re
 
     async def send() -> httpx.Response:
         transport = httpx.ASGITransport(app=create_app(settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             return await client.request(method, path, **kwargs)
 
     return asyncio.run(send())

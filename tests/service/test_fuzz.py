@@ -1,39 +1,66 @@
-"""Schemathesis fuzzes every operation of the OpenAPI schema against a real API process: no 5xx.
+"""Schemathesis fuzzes every operation of the OpenAPI schema against real API processes.
 
-The API runs with a key prefix of its own (so nothing it queues reaches the session's
-worker) and small limits, so generated datasets stay tiny.
+First for server errors only, with many examples; then with every check schemathesis has
+(the schema's status codes and shapes, auth declared and enforced...), with few examples,
+against a server without keys and one with. Each API runs with a key prefix of its own (so
+nothing it queues reaches the session's worker) and small limits, so generated datasets
+stay tiny.
 """
 
 from __future__ import annotations
 
 import os
 
+import httpx
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from schemathesis.checks import not_a_server_error
+from schemathesis.checks import (
+    negative_data_rejection,
+    not_a_server_error,
+    positive_data_acceptance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+from schemathesis.config import SchemathesisConfig
 
 from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http
 
 EXAMPLES = int(os.environ.get("SSD_FUZZ_EXAMPLES", "12"))  # per operation and mode; more for a longer hunt
+ALL_CHECKS_EXAMPLES = int(os.environ.get("SSD_FUZZ_ALL_CHECKS_EXAMPLES", "6"))  # every check: a few each
+KEY = "fuzz-key-" + "f" * 16
+
+
+def serve(name: str, redis_server, tmp_path_factory, log_dir, **settings_env: str):
+    """``python -m app`` (as Compose runs it) with its own key prefix and data folder; its process and base URL."""
+    port = free_port()
+    env = service_env(
+        redis_server.url,
+        tmp_path_factory.mktemp(name),
+        SSD_PORT=str(port),
+        SSD_KEY_PREFIX=f"{name}-{os.getpid()}",
+        SSD_MAX_SYNTHETIC_IMAGES="2",
+        SSD_MAX_QUEUED_JOBS="5",
+        **settings_env,
+    )
+    process = start_process(f"{name}-api", [PYTHON, "-m", "app"], env, log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{base_url}/healthz", process)
+    return process, base_url
 
 
 @pytest.fixture(scope="module")
 def fuzzed_api(redis_server, tmp_path_factory, log_dir):
-    port = free_port()
-    env = service_env(
-        redis_server.url,
-        tmp_path_factory.mktemp("fuzz"),
-        SSD_PORT=str(port),
-        SSD_KEY_PREFIX=f"fuzz-{os.getpid()}",
-        SSD_MAX_SYNTHETIC_IMAGES="2",
-        SSD_MAX_QUEUED_JOBS="5",
-    )
-    process = start_process("fuzz-api", [PYTHON, "-m", "app"], env, log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{base_url}/healthz", process)
+    process, base_url = serve("fuzz", redis_server, tmp_path_factory, log_dir)
+    yield base_url
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def keyed_fuzzed_api(redis_server, tmp_path_factory, log_dir):
+    process, base_url = serve("fuzz-keyed", redis_server, tmp_path_factory, log_dir, SSD_API_KEY=KEY)
     yield base_url
     process.stop()
 
@@ -58,4 +85,80 @@ def test_no_operation_answers_a_server_error(fuzzed_api, mode):
             no_server_error()
         except Unsatisfiable:  # nothing invalid to send (no parameters, no body): e.g. GET /healthz
             assert mode == GenerationMode.NEGATIVE
-    assert len(statuses) >= (14 if mode == GenerationMode.POSITIVE else 8), statuses
+    # Negative cases exist only for the 7 operations with a body or a bounded parameter (without keys no
+    # X-API-Key is declared, so no operation gets one just for the header).
+    assert len(statuses) >= (14 if mode == GenerationMode.POSITIVE else 7), statuses
+
+
+# Checks left out for one operation, each for a gap between the document and the API that a
+# request cannot close. The first is in the nature of uploads; the others are reported defects
+# of the routes and schemas, to be fixed there (and removed here).
+NOT_CHECKED = {
+    # The document says "a binary file": no schema says "a zip of a COCO or VOC dataset", so most
+    # schema-valid uploads are rightly refused with 400.
+    "POST /datasets": [positive_data_acceptance],
+    "POST /datasets/synthetic": [
+        # num_images over SSD_MAX_SYNTHETIC_IMAGES answers 422 with a string detail, where the
+        # document declares 422 as FastAPI's validation error (detail: a list); that limit and
+        # image_size's bounds (16-2048) are missing from the request schema, so schema-valid
+        # bodies are refused.
+        response_schema_conformance,
+        positive_data_acceptance,
+        # A body that is not UTF-8 gets FastAPI's 400 "There was an error parsing the body",
+        # which no operation with a JSON body documents.
+        status_code_conformance,
+        # {"num_images": true} creates a dataset of one image: the model takes a boolean for an
+        # integer (pydantic's lax mode), where the document says integer.
+        negative_data_rejection,
+    ],
+    "POST /train": [status_code_conformance],  # the same undocumented 400 for a body that is not UTF-8
+}
+
+
+@pytest.mark.parametrize("keyed", [False, True], ids=["without-keys", "with-keys"])
+def test_every_check_passes_with_and_without_keys(request, keyed):
+    """Schemathesis's every check, ignored_auth included: the document declares the keys this server asks for."""
+    base_url = request.getfixturevalue("keyed_fuzzed_api" if keyed else "fuzzed_api")
+    # The key as schemathesis's auth for the document's scheme (not a plain header): its negative
+    # cases then leave it out where they mean to, and ignored_auth probes without it and with a wrong one.
+    auth = {"auth": {"openapi": {"APIKeyHeader": {"api_key": KEY}}}} if keyed else {}
+    schema = schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=SchemathesisConfig.from_dict(auth))
+    failures: list[str] = []
+    for operation in [result.ok() for result in schema.get_all_operations()]:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(
+                max_examples=ALL_CHECKS_EXAMPLES, deadline=None, suppress_health_check=list(HealthCheck), database=None
+            )
+            def every_check(case) -> None:
+                excluded = NOT_CHECKED.get(case.operation.label, [])
+                case.call_and_validate(excluded_checks=excluded, timeout=20)
+
+            try:
+                every_check()
+            except Unsatisfiable:  # nothing invalid to send, e.g. GET /healthz
+                assert mode == GenerationMode.NEGATIVE
+            except Exception as error:  # keep going: one report of every operation that fails
+                failures.append(f"{operation.label} ({mode.value}): {error}")
+    assert not failures, "\n\n".join(failures)
+
+
+def test_the_document_declares_keys_only_when_the_server_has_them(fuzzed_api, keyed_fuzzed_api):
+    open_schema = httpx.get(f"{fuzzed_api}/openapi.json", timeout=10).json()
+    assert "securitySchemes" not in open_schema.get("components", {})
+    assert not [path for path, methods in open_schema["paths"].items() for o in methods.values() if "security" in o]
+
+    keyed_schema = httpx.get(f"{keyed_fuzzed_api}/openapi.json", timeout=10).json()
+    assert set(keyed_schema["components"]["securitySchemes"]) == {"APIKeyHeader", "APIKeyQuery"}
+    assert "/" not in keyed_schema["paths"] and not any(
+        p.startswith(("/static", "/docs")) for p in keyed_schema["paths"]
+    )
+    operations = {(m.upper(), p): o for p, methods in keyed_schema["paths"].items() for m, o in methods.items()}
+    assert len(operations) >= 14 and "security" not in operations[("GET", "/healthz")]
+    stream = operations.pop(("GET", "/jobs/{job_id}/losses/stream"))
+    assert stream["security"] == [{"APIKeyHeader": []}, {"APIKeyQuery": []}]  # either one
+    del operations[("GET", "/healthz")]
+    for (method, path), operation in operations.items():
+        assert operation["security"] == [{"APIKeyHeader": []}], (method, path)
+        assert "401" in operation["responses"], (method, path)

@@ -1,8 +1,9 @@
-"""API keys on every route (walked from the OpenAPI schema), request limits, bounded parameters."""
+"""API keys on every route (walked from the OpenAPI schema), local mode without keys, request limits, bounds."""
 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 
 import httpx
@@ -10,7 +11,9 @@ import pytest
 
 from app.main import create_app
 from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
+from tests.service.helpers import coco_zip
 from worker.settings import Settings
+from worker.store import Store
 
 KEY = "k" * 20
 OTHER_KEY = "o" * 24
@@ -27,7 +30,7 @@ def run_requests(settings: Settings, requests: list[tuple[str, str, dict]]) -> l
 
     async def send() -> list[httpx.Response]:
         transport = httpx.ASGITransport(app=create_app(settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=30) as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1", timeout=30) as client:
             return [await client.request(method, path, **kwargs) for method, path, kwargs in requests]
 
     return asyncio.run(send())
@@ -81,7 +84,7 @@ def test_open_routes_and_the_stream_key_in_the_query(keyed_settings):
         "type": "apiKey",
         "in": "header",
         "name": "X-API-Key",
-        "description": "One of the keys in SSD_API_KEY (when it is set).",
+        "description": "One of the keys in SSD_API_KEY.",
     }
 
 
@@ -91,6 +94,131 @@ def test_without_keys_nothing_is_asked_for(redis_server, tmp_path):
         200,
         200,
     ]
+
+
+@pytest.fixture
+def local_settings(redis_server, tmp_path) -> Settings:
+    """No API keys: the API answers only for the hosts in ``allowed_hosts`` (the default list)."""
+    return Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=f"local-{uuid.uuid4().hex[:8]}")
+
+
+def _host(host: str) -> dict:
+    return {"headers": {"Host": host}}
+
+
+def test_without_keys_only_this_machines_names_are_answered(local_settings):
+    local = ["localhost:8000", "127.0.0.1:1234", "[::1]:8000", "localhost", "LocalHost:80"]
+    # evil.example and the rest are names a web page can point at 127.0.0.1 (DNS rebinding).
+    foreign = ["evil.example", "evil.example:8000", "localhost.evil.example:8000", "127.0.0.1.nip.io", "[::2]:8000"]
+    requests = [("GET", "/jobs", _host(host)) for host in local + foreign]
+    requests += [("GET", "/", _host("evil.example")), ("GET", "/healthz", _host("evil.example:8000"))]
+    requests += [("GET", "/jobs", _host("evil.example@localhost")), ("GET", "/jobs", _host("::1"))]
+    answers = run_requests(local_settings, requests)
+    statuses = [r.status_code for r in answers]
+    assert statuses == [200] * len(local) + [403] * len(foreign) + [403, 200, 400, 400], statuses
+    detail = answers[len(local)].json()["detail"]
+    assert "'evil.example'" in detail and "SSD_ALLOWED_HOSTS" in detail and "SSD_API_KEY" in detail, detail
+    assert "localhost, 127.0.0.1, [::1]" in detail  # what is allowed, in the setting's order
+
+
+def test_the_allowed_hosts_come_from_the_setting(local_settings):
+    settings = local_settings.model_copy(update={"allowed_hosts": "gpu-box.lan, [FD00::1]"})
+    hosts = ["gpu-box.lan:8000", "GPU-BOX.LAN", "[fd00::1]:8000", "localhost:8000", "127.0.0.1:8000"]
+    answers = run_requests(settings, [("GET", "/jobs", _host(host)) for host in hosts])
+    assert [r.status_code for r in answers] == [200, 200, 200, 403, 403]
+
+
+@pytest.mark.parametrize("hosts", ["", "http://localhost", "localhost:8000", "::1", "*.example", "a,,b"])
+def test_allowed_hosts_that_no_host_header_could_match_are_refused(hosts):
+    with pytest.raises(ValueError, match="allowed_hosts"):
+        Settings(allowed_hosts=hosts)
+
+
+def _cross_site(origin: str | None, site: str | None, host: str = "127.0.0.1:8000") -> dict:
+    headers = {"Host": host}
+    headers.update({"Origin": origin} if origin else {})
+    headers.update({"Sec-Fetch-Site": site} if site else {})
+    return headers
+
+
+# What browsers send with a page's requests to 127.0.0.1:8000 that is not the server's own page.
+CROSS_SITE = [
+    _cross_site("http://evil.example", "cross-site"),  # a form on another site
+    _cross_site("http://evil.example", None),  # the same, from a browser without Sec-Fetch-* headers
+    _cross_site(None, "cross-site"),  # no Origin (some navigations), still marked cross-site
+    _cross_site("http://localhost:3000", "same-site"),  # another program's page on this machine
+    _cross_site("http://127.0.0.1:3000", "same-origin"),  # Origin names another port than Host
+    _cross_site("null", "cross-site"),  # a sandboxed frame or a local file
+]
+
+
+def test_cross_site_posts_are_refused_before_anything_is_created(local_settings, tmp_path_factory):
+    store = Store.from_url(local_settings.redis_url, local_settings.key_prefix)
+    record = {"format": "coco", "num_images": 1, "num_boxes": 1}
+    store.put_dataset({"id": "d1", "name": "x", "root": "files", "classes": ["a"], **record})
+    # Each request would succeed from curl: a valid archive, a known dataset, a deletable one.
+    archive = {"file": ("shapes.zip", coco_zip(tmp_path_factory.mktemp("coco"), 2), "application/zip")}
+    requests = []
+    for headers in CROSS_SITE:
+        requests.append(("POST", "/datasets", {"headers": headers, "files": archive, "data": {"name": "x"}}))
+        requests.append(("POST", "/datasets/synthetic", {"headers": headers, "json": {"num_images": 1}}))
+        requests.append(("POST", "/train", {"headers": headers, "json": {"dataset_id": "d1", "epochs": 1}}))
+        requests.append(("DELETE", "/datasets/d1", {"headers": headers}))
+    requests += [("GET", "/datasets", {}), ("GET", "/jobs", {})]
+    answers = run_requests(local_settings, requests)
+    for (method, path, kwargs), answer in zip(requests[:-2], answers, strict=False):
+        assert answer.status_code == 403, (method, path, kwargs["headers"], answer.text)
+        assert "curl" in answer.json()["detail"] and method in answer.json()["detail"]
+    assert "'http://evil.example'" in answers[0].json()["detail"]
+    assert [d["id"] for d in answers[-2].json()] == ["d1"] and answers[-1].json() == []  # nothing made or queued
+    assert not local_settings.datasets_dir.exists()  # no upload was even spooled to disk
+    store.redis.close()
+
+
+def test_same_origin_and_curl_posts_are_accepted(local_settings):
+    synthetic = {"json": {"num_images": 1, "seed": 0}}
+    own_page = _cross_site("http://localhost:8000", "same-origin", host="localhost:8000")
+    typed = _cross_site(None, "none", host="[::1]:8000")  # the user's own action: Sec-Fetch-Site none
+    curl = {"Host": "127.0.0.1:8000", "User-Agent": "curl/8.5.0"}  # no Origin, no Sec-Fetch-Site
+    requests = [
+        ("POST", "/datasets/synthetic", {"headers": headers, **synthetic}) for headers in (own_page, typed, curl)
+    ]
+    requests.append(("GET", "/jobs", {"headers": _cross_site("http://evil.example", "cross-site")}))  # reads nothing
+    answers = run_requests(local_settings, requests)
+    assert [r.status_code for r in answers] == [201, 201, 201, 200], [r.text for r in answers]
+
+
+def test_with_keys_any_host_and_page_is_answered_for_the_key(keyed_settings):
+    cross_site = {"Host": "evil.example:8000", "Origin": "http://evil.example", "Sec-Fetch-Site": "cross-site"}
+    answers = run_requests(
+        keyed_settings,
+        [
+            ("GET", "/jobs", _host("evil.example")),
+            ("GET", "/jobs", {"headers": {"Host": "evil.example", "X-API-Key": KEY}}),
+            ("POST", "/datasets/synthetic", {"headers": cross_site, "json": {"num_images": 1, "seed": 0}}),
+        ],
+    )
+    assert [r.status_code for r in answers] == [401, 200, 401]  # the key is checked, not the host
+    assert "X-API-Key" in answers[0].json()["detail"]
+
+
+def test_a_real_server_without_keys_refuses_other_sites(api, client, tmp_path):
+    """The session's keyless uvicorn: Host and cross-site refusals, the page's own posts, Docker's probe."""
+    assert client.get("/jobs", headers={"Host": "evil.example:8000"}).status_code == 403
+    archive = coco_zip(tmp_path / "coco", num_images=2, seed=3)
+    files = {"file": ("coco.zip", archive, "application/zip")}
+    evil = _cross_site("http://evil.example", "cross-site", host=api.removeprefix("http://"))
+    refused = client.post("/datasets", files=files, data={"name": "from-evil"}, headers=evil)
+    assert refused.status_code == 403 and "evil.example" in refused.json()["detail"], refused.text
+    own = _cross_site(api, "same-origin", host=api.removeprefix("http://"))
+    created = client.post("/datasets", files=files, data={"name": "from-the-page"}, headers=own)
+    assert created.status_code == 201, created.text
+    names = [d["name"] for d in client.get("/datasets").json()]
+    assert "from-the-page" in names and "from-evil" not in names
+    assert client.delete(f"/datasets/{created.json()['id']}").status_code == 204  # a bare curl-like DELETE
+    # docker-compose.yml's healthcheck, as it runs inside the container.
+    with urllib.request.urlopen(f"{api}/healthz", timeout=10) as answer:
+        assert answer.status == 200
 
 
 @pytest.mark.parametrize("keys", ["short", "a" * 20 + ",tiny"])
@@ -133,7 +261,6 @@ def test_cancelling_an_ended_job_answers_202_with_its_record(trained, client):
 
 def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
     from worker.records import DatasetRecord
-    from worker.store import Store
 
     prefix = f"full-{uuid.uuid4().hex[:8]}"  # a queue no worker reads
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=prefix, max_queued_jobs=2)
