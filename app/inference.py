@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +105,13 @@ def load_detector(checkpoint: Path, device: str) -> Detector:
 
 
 class DetectorCache:
-    """The last ``size`` loaded detectors by key (LRU); concurrent requests for one key load it once."""
+    """The last ``size`` loaded detectors by key (LRU); each key is loaded once at a time.
+
+    A load belongs to the cache, not to the request that started it: it runs to its end
+    however its requesters fare (timed out, cancelled, gone), and its detector is then
+    cached. A failed load is not cached: its error reaches every request waiting for it,
+    and the next request loads again.
+    """
 
     def __init__(self, load: Callable[[Path], Any], size: int):
         self._load = load
@@ -116,19 +123,23 @@ class DetectorCache:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if key in self._loading:
-            return await asyncio.shield(self._loading[key])
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._load, checkpoint)
-        self._loading[key] = future
-        try:
-            detector = await asyncio.shield(future)
-        finally:
-            self._loading.pop(key, None)
-        self._cache[key] = detector
+        future = self._loading.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(None, self._load, checkpoint)
+            self._loading[key] = future
+            # Added before any waiter's: the detector is cached before a waiter wakes up.
+            future.add_done_callback(partial(self._loaded, key))
+        # A waiter that is cancelled leaves the load running for the others and the cache.
+        return await asyncio.shield(future)
+
+    def _loaded(self, key: str, future: asyncio.Future) -> None:
+        del self._loading[key]
+        if future.cancelled() or future.exception() is not None:  # also marks the error as seen
+            return
+        self._cache[key] = future.result()
+        self._cache.move_to_end(key)
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return detector
 
     def __contains__(self, key: str) -> bool:
         return key in self._cache
