@@ -16,6 +16,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
+# Anything else a client sends is counted as "other": the label takes no unbounded client input.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
 
 class JobsByStatus:
     """A custom collector: ``ssd_jobs{status=...}``, counted in Redis at scrape time."""
@@ -92,5 +95,7 @@ class MetricsMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
+        if method not in STANDARD_METHODS:
+            method = "other"
         self.metrics.requests.labels(method, template, str(status)).inc()
         self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

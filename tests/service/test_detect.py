@@ -221,6 +221,21 @@ def test_operations_endpoints(trained, client, worker):
     assert schema["components"]["schemas"]["TrainRequest"]["examples"]
 
 
+def test_made_up_methods_share_one_metrics_label(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix="made-up-methods", device="cpu")
+
+    async def requests() -> tuple[list[int], str]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            sent = [await client.request(method, "/healthz") for method in ("BREW", "X-ANYTHING-12345")]
+            return [r.status_code for r in sent], (await client.get("/metrics")).text
+
+    statuses, metrics = asyncio.run(requests())
+    assert statuses == [405, 405]
+    assert re.search(r'^ssd_http_requests_total\{method="other",route="/healthz",status="405"\} 2\.0$', metrics, re.M)
+    assert 'method="BREW"' not in metrics and "X-ANYTHING" not in metrics
+
+
 def test_readyz_answers_503_when_redis_is_unreachable(tmp_path):
     from tests.service.conftest import free_port
 
