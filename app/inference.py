@@ -6,6 +6,11 @@ that gathers requests for the same model for up to ``batch_max_wait_ms`` (or unt
 ``batch_max_size`` are waiting) and answers all of them from one batched forward. Each
 model has one lane that runs one batch at a time, so more threads only let different
 models' batches run at once.
+
+Before any of that, a request is admitted: at most ``max_pending_detections`` are between
+admission and answer, and the others are refused before their image is decoded. Decoding
+and drawing run in a small pool of their own (``image_threads``), apart from the pool
+that serves every other route.
 """
 
 from __future__ import annotations
@@ -14,8 +19,9 @@ import asyncio
 import io
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -246,8 +252,20 @@ class MicroBatcher:
                 self._lanes.pop(key, None)
 
 
+class DetectionsBusy(RuntimeError):
+    """``max_pending`` detections are already admitted and unanswered: the client should retry later."""
+
+
 class DetectionService:
-    """The API's inference: a detector cache and a micro-batcher over one thread pool."""
+    """The API's inference: admission, an image pool, a detector cache and a micro-batcher.
+
+    At most ``max_pending`` requests are admitted at once, from admission to answer; each
+    holds an upload and a decoded image, so this bounds their memory. Images are decoded
+    (and drawn on) in a pool of ``image_threads`` of their own, forward passes run in one
+    of ``threads``. Only the event loop admits and releases, so the count needs no lock. A
+    request that gives up (its timeout) releases its place at once; a decode or forward it
+    started still ends in its pool, whose size bounds such leftovers.
+    """
 
     def __init__(
         self,
@@ -256,11 +274,51 @@ class DetectionService:
         threads: int,
         max_batch: int,
         max_wait_ms: float,
+        max_pending: int,
+        image_threads: int,
         on_batch: Callable[[int], None] | None = None,
+        on_pending: Callable[[int], None] | None = None,
     ):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssd-inference")
+        self.image_executor = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="ssd-image")
         self.cache = DetectorCache(load, cache_size)
         self.batcher = MicroBatcher(self.executor, max_batch, max_wait_ms / 1000, on_batch)
+        self.max_pending = max_pending
+        self.pending = 0
+        self.on_pending = on_pending
+
+    def admit(self) -> AbstractContextManager[None]:
+        """Takes one of the ``max_pending`` places; leaving the returned context gives it back.
+
+        Raises:
+            DetectionsBusy: every place is taken.
+        """
+        if self.pending >= self.max_pending:
+            raise DetectionsBusy(
+                f"{self.max_pending} detections are already waiting or running (the limit): try again shortly"
+            )
+        self._count(1)
+        return self._admitted()
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        self.pending += change
+        if self.on_pending is not None:
+            self.on_pending(self.pending)
+
+    async def decode(self, data: bytes, max_pixels: int) -> Image.Image:
+        """``decode_image`` in the image pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.image_executor, decode_image, data, max_pixels)
+
+    async def draw(self, image: Image.Image, detections: Detections) -> bytes:
+        """``annotated_png`` in the image pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.image_executor, annotated_png, image, detections)
 
     async def detect(
         self, key: str, checkpoint: Path, image: Image.Image, score_threshold: float, max_detections: int
@@ -270,3 +328,4 @@ class DetectionService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.image_executor.shutdown(wait=False, cancel_futures=True)

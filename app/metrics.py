@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes.
+"""Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes and pending detections.
 
 Each app gets its own ``CollectorRegistry``, so several apps in one process (tests) do not
 collide. Jobs by status are read from Redis when /metrics is scraped.
@@ -10,7 +10,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -58,6 +58,11 @@ class Metrics:
             "ssd_detect_batch_size",
             "Images per batched forward pass of /detect.",
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
+            registry=self.registry,
+        )
+        self.detect_pending = Gauge(
+            "ssd_detect_pending",
+            "/detect requests admitted and not yet answered (decoding, waiting or running).",
             registry=self.registry,
         )
         self.registry.register(JobsByStatus(count_jobs))
