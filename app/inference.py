@@ -6,6 +6,11 @@ that gathers requests for the same model for up to ``batch_max_wait_ms`` (or unt
 ``batch_max_size`` are waiting) and answers all of them from one batched forward. Each
 model has one lane that runs one batch at a time, so more threads only let different
 models' batches run at once.
+
+Before any of that, a request is admitted: at most ``max_pending_detections`` are between
+admission and answer, and the others are refused before their image is decoded. Decoding
+and drawing run in a small pool of their own (``image_threads``), apart from the pool
+that serves every other route.
 """
 
 from __future__ import annotations
@@ -14,9 +19,11 @@ import asyncio
 import io
 import warnings
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +111,13 @@ def load_detector(checkpoint: Path, device: str) -> Detector:
 
 
 class DetectorCache:
-    """The last ``size`` loaded detectors by key (LRU); concurrent requests for one key load it once."""
+    """The last ``size`` loaded detectors by key (LRU); each key is loaded once at a time.
+
+    A load belongs to the cache, not to the request that started it: it runs to its end
+    however its requesters fare (timed out, cancelled, gone), and its detector is then
+    cached. A failed load is not cached: its error reaches every request waiting for it,
+    and the next request loads again.
+    """
 
     def __init__(self, load: Callable[[Path], Any], size: int):
         self._load = load
@@ -116,19 +129,23 @@ class DetectorCache:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
-        if key in self._loading:
-            return await asyncio.shield(self._loading[key])
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(None, self._load, checkpoint)
-        self._loading[key] = future
-        try:
-            detector = await asyncio.shield(future)
-        finally:
-            self._loading.pop(key, None)
-        self._cache[key] = detector
+        future = self._loading.get(key)
+        if future is None:
+            future = asyncio.get_running_loop().run_in_executor(None, self._load, checkpoint)
+            self._loading[key] = future
+            # Added before any waiter's: the detector is cached before a waiter wakes up.
+            future.add_done_callback(partial(self._loaded, key))
+        # A waiter that is cancelled leaves the load running for the others and the cache.
+        return await asyncio.shield(future)
+
+    def _loaded(self, key: str, future: asyncio.Future) -> None:
+        del self._loading[key]
+        if future.cancelled() or future.exception() is not None:  # also marks the error as seen
+            return
+        self._cache[key] = future.result()
+        self._cache.move_to_end(key)
         while len(self._cache) > self.size:
             self._cache.popitem(last=False)
-        return detector
 
     def __contains__(self, key: str) -> bool:
         return key in self._cache
@@ -235,8 +252,20 @@ class MicroBatcher:
                 self._lanes.pop(key, None)
 
 
+class DetectionsBusy(RuntimeError):
+    """``max_pending`` detections are already admitted and unanswered: the client should retry later."""
+
+
 class DetectionService:
-    """The API's inference: a detector cache and a micro-batcher over one thread pool."""
+    """The API's inference: admission, an image pool, a detector cache and a micro-batcher.
+
+    At most ``max_pending`` requests are admitted at once, from admission to answer; each
+    holds an upload and a decoded image, so this bounds their memory. Images are decoded
+    (and drawn on) in a pool of ``image_threads`` of their own, forward passes run in one
+    of ``threads``. Only the event loop admits and releases, so the count needs no lock. A
+    request that gives up (its timeout) releases its place at once; a decode or forward it
+    started still ends in its pool, whose size bounds such leftovers.
+    """
 
     def __init__(
         self,
@@ -245,11 +274,51 @@ class DetectionService:
         threads: int,
         max_batch: int,
         max_wait_ms: float,
+        max_pending: int,
+        image_threads: int,
         on_batch: Callable[[int], None] | None = None,
+        on_pending: Callable[[int], None] | None = None,
     ):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssd-inference")
+        self.image_executor = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="ssd-image")
         self.cache = DetectorCache(load, cache_size)
         self.batcher = MicroBatcher(self.executor, max_batch, max_wait_ms / 1000, on_batch)
+        self.max_pending = max_pending
+        self.pending = 0
+        self.on_pending = on_pending
+
+    def admit(self) -> AbstractContextManager[None]:
+        """Takes one of the ``max_pending`` places; leaving the returned context gives it back.
+
+        Raises:
+            DetectionsBusy: every place is taken.
+        """
+        if self.pending >= self.max_pending:
+            raise DetectionsBusy(
+                f"{self.max_pending} detections are already waiting or running (the limit): try again shortly"
+            )
+        self._count(1)
+        return self._admitted()
+
+    @contextmanager
+    def _admitted(self) -> Iterator[None]:
+        try:
+            yield
+        finally:
+            self._count(-1)
+
+    def _count(self, change: int) -> None:
+        self.pending += change
+        if self.on_pending is not None:
+            self.on_pending(self.pending)
+
+    async def decode(self, data: bytes, max_pixels: int) -> Image.Image:
+        """``decode_image`` in the image pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.image_executor, decode_image, data, max_pixels)
+
+    async def draw(self, image: Image.Image, detections: Detections) -> bytes:
+        """``annotated_png`` in the image pool."""
+        return await asyncio.get_running_loop().run_in_executor(self.image_executor, annotated_png, image, detections)
 
     async def detect(
         self, key: str, checkpoint: Path, image: Image.Image, score_threshold: float, max_detections: int
@@ -259,3 +328,4 @@ class DetectionService:
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.image_executor.shutdown(wait=False, cancel_futures=True)

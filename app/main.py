@@ -65,7 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         threads=settings.inference_threads,
         max_batch=settings.batch_max_size,
         max_wait_ms=settings.batch_max_wait_ms,
+        max_pending=settings.max_pending_detections,
+        image_threads=settings.image_threads,
         on_batch=metrics.detect_batch_size.observe,
+        on_pending=metrics.detect_pending.set,
     )
 
     imports = ImportSlots(settings.import_slots)

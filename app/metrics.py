@@ -1,4 +1,4 @@
-"""Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes.
+"""Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes and pending detections.
 
 Each app gets its own ``CollectorRegistry``, so several apps in one process (tests) do not
 collide. Jobs by status are read from Redis when /metrics is scraped.
@@ -10,11 +10,14 @@ import logging
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
+
+# Anything else a client sends is counted as "other": the label takes no unbounded client input.
+STANDARD_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 
 
 class JobsByStatus:
@@ -57,6 +60,11 @@ class Metrics:
             buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64),
             registry=self.registry,
         )
+        self.detect_pending = Gauge(
+            "ssd_detect_pending",
+            "/detect requests admitted and not yet answered (decoding, waiting or running).",
+            registry=self.registry,
+        )
         self.registry.register(JobsByStatus(count_jobs))
 
 
@@ -92,5 +100,7 @@ class MetricsMiddleware:
         route = scope.get("route")
         template = getattr(route, "path", None) or "unmatched"
         method = scope.get("method", "")
+        if method not in STANDARD_METHODS:
+            method = "other"
         self.metrics.requests.labels(method, template, str(status)).inc()
         self.metrics.latency.labels(method, template).observe(time.perf_counter() - start)

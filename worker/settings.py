@@ -97,6 +97,25 @@ class Settings(BaseSettings):
     detect_timeout_seconds: float = Field(
         60.0, gt=0, description="Longest a /detect request waits for its model and forward pass (then 503)."
     )
+    max_pending_detections: int = Field(
+        32,
+        ge=1,
+        description=(
+            "Most /detect requests admitted and not yet answered (decoding, waiting for the model or a batch, "
+            "running); more answer 503 with Retry-After before their image is decoded. It bounds the memory their "
+            "images hold. The default, four batches of the default SSD_BATCH_MAX_SIZE, lets one batch run while "
+            "the next ones gather: a request past that would wait several forward passes anyway."
+        ),
+    )
+    image_threads: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description=(
+            "Threads that decode /detect images and draw ?format=png answers: a pool apart from the one every "
+            "other route uses. Two keep decoding ahead of the forward passes without taking their cores."
+        ),
+    )
 
     # Inference: the micro-batcher and the detector cache.
     batch_max_size: int = Field(8, ge=1, le=256, description="Most images in one batched forward pass.")

@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, Header, HTTPException, Query, Response, Upl
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
-from app.inference import ACCEPTED_FORMATS, DeviceUnavailable, ImageRejected, annotated_png, decode_image
+from app.inference import ACCEPTED_FORMATS, DetectionsBusy, DeviceUnavailable, ImageRejected
 from app.schemas import DetectResponse
 from worker.settings import Settings
 from worker.store import Store
@@ -81,7 +81,12 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
         409: {"description": "No trained model yet (or the job has none)."},
         413: {"description": "The upload or its pixel count is over the limit."},
         415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
-        503: {"description": "The model's device is missing, or detection took too long (server busy)."},
+        503: {
+            "description": (
+                "Too many detections already waiting (with Retry-After), detection took too long (server busy), "
+                "or the model's device is missing."
+            )
+        },
     },
 )
 async def detect(
@@ -97,30 +102,36 @@ async def detect(
 ):
     """Detect objects in an image. Boxes are ``[x1, y1, x2, y2]`` in the uploaded image's pixels
     (after its EXIF orientation), sorted by score."""
-    job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
-    if file.size is not None and file.size > settings.max_image_bytes:
-        raise HTTPException(413, f"the image is {file.size} bytes; the limit is {settings.max_image_bytes} bytes")
-    data = await file.read()
     try:
-        image = await run_in_threadpool(decode_image, data, settings.max_image_pixels)
-    except ImageRejected as error:
-        raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
-    try:
-        detections = await asyncio.wait_for(
-            detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
-            settings.detect_timeout_seconds,
-        )
-    except asyncio.TimeoutError as error:
-        raise HTTPException(
-            503,
-            f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
-            {"Retry-After": "5"},
-        ) from error
-    except DeviceUnavailable as error:
-        raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
-    except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
-        raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
-    if format == "png" or (format is None and wants_png(accept)):
-        png = await run_in_threadpool(annotated_png, image, detections)
-        return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
-    return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}
+        admission = detection.admit()  # before the image is decoded: a refusal costs next to nothing
+    except DetectionsBusy as error:
+        raise HTTPException(503, str(error), {"Retry-After": "2"}) from error
+    with admission:
+        job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
+        if file.size is not None and file.size > settings.max_image_bytes:
+            detail = f"the image is {file.size} bytes; the limit is {settings.max_image_bytes} bytes"
+            raise HTTPException(413, detail)
+        data = await file.read()
+        try:
+            image = await detection.decode(data, settings.max_image_pixels)
+        except ImageRejected as error:
+            raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
+        try:
+            detections = await asyncio.wait_for(
+                detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
+                settings.detect_timeout_seconds,
+            )
+        except asyncio.TimeoutError as error:
+            raise HTTPException(
+                503,
+                f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
+                {"Retry-After": "5"},
+            ) from error
+        except DeviceUnavailable as error:
+            raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
+        except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
+            raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
+        if format == "png" or (format is None and wants_png(accept)):
+            png = await detection.draw(image, detections)
+            return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
+        return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}

@@ -1,14 +1,16 @@
-"""The micro-batcher with a stand-in detector: who shares a forward pass, and what each gets back."""
+"""The micro-batcher with a stand-in detector: who shares a forward pass, and what each gets back.
+The detector cache with a stand-in load: how often a model is loaded, whatever its requesters do."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 
-from app.inference import MicroBatcher
+from app.inference import DetectorCache, MicroBatcher
 
 
 class CountingDetector:
@@ -73,3 +75,82 @@ def test_a_failed_forward_fails_its_requests_only(executor):
     results = run(batcher, CountingDetector(fail=True), [(1, 0.5, 10), (2, 0.5, 10)])
     assert all(isinstance(r, RuntimeError) for r in results)
     assert run(batcher, CountingDetector(), [(1, 0.5, 10)])[0][0]["score"] == 0.9  # the batcher still serves
+
+
+class SlowLoad:
+    """A stand-in for ``load_detector``: blocks until ``release`` is set, counts its calls, fails ``failures`` times."""
+
+    def __init__(self, failures: int = 0):
+        self.calls: list[Path] = []
+        self.failures = failures
+        self.release = threading.Event()
+
+    def __call__(self, checkpoint: Path) -> object:
+        self.calls.append(checkpoint)
+        assert self.release.wait(30), "the test never released the load"
+        if len(self.calls) <= self.failures:
+            raise ValueError(f"{checkpoint} is not a checkpoint")
+        return object()
+
+
+async def loading(load: SlowLoad) -> None:
+    """Returns once ``load`` has been called (it runs in a thread), yielding to the event loop meanwhile."""
+    while not load.calls:
+        await asyncio.sleep(0.001)
+
+
+def test_a_load_is_cached_after_its_first_requester_timed_out():
+    load, checkpoint = SlowLoad(), Path("job/model.pt")
+    cache = DetectorCache(load, size=2)
+
+    async def main():
+        first = asyncio.create_task(asyncio.wait_for(cache.get("job", checkpoint), 0.05))
+        await loading(load)
+        with pytest.raises(asyncio.TimeoutError):
+            await first  # the load is still blocked: the first requester gives up
+        second = asyncio.create_task(cache.get("job", checkpoint))
+        cancelled = asyncio.create_task(cache.get("job", checkpoint))
+        await asyncio.sleep(0.01)
+        cancelled.cancel()
+        load.release.set()
+        detector = await second
+        assert cancelled.cancelled() and "job" in cache
+        assert await cache.get("job", checkpoint) is detector  # a later requester: from the cache
+
+    asyncio.run(main())
+    assert load.calls == [checkpoint]
+
+
+def test_a_failed_load_reaches_every_waiter_and_is_tried_again():
+    load, checkpoint = SlowLoad(failures=1), Path("job/model.pt")
+    cache = DetectorCache(load, size=2)
+
+    async def main():
+        waiters = [asyncio.create_task(cache.get("job", checkpoint)) for _ in range(3)]
+        await loading(load)
+        load.release.set()
+        results = await asyncio.gather(*waiters, return_exceptions=True)
+        assert all(isinstance(r, ValueError) and "not a checkpoint" in str(r) for r in results), results
+        assert "job" not in cache
+        detector = await cache.get("job", checkpoint)
+        assert await cache.get("job", checkpoint) is detector
+
+    asyncio.run(main())
+    assert load.calls == [checkpoint, checkpoint]
+
+
+def test_the_cache_keeps_the_most_recently_used_models():
+    load = SlowLoad()
+    load.release.set()
+    cache = DetectorCache(load, size=2)
+
+    async def main():
+        a = await cache.get("a", Path("a"))
+        await cache.get("b", Path("b"))
+        assert await cache.get("a", Path("a")) is a  # a is now the most recently used
+        await cache.get("c", Path("c"))
+        assert "a" in cache and "b" not in cache and "c" in cache
+        await cache.get("b", Path("b"))
+
+    asyncio.run(main())
+    assert load.calls == [Path("a"), Path("b"), Path("c"), Path("b")]

@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import io
 import re
+import socket
 import threading
+from collections.abc import Iterator
 
 import httpx
 import pytest
 from PIL import Image
 
 from app.main import create_app
+from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http, wait_until
 from tests.service.helpers import image_bytes
 from worker.settings import Settings
 
@@ -221,6 +224,21 @@ def test_operations_endpoints(trained, client, worker):
     assert schema["components"]["schemas"]["TrainRequest"]["examples"]
 
 
+def test_made_up_methods_share_one_metrics_label(redis_server, tmp_path):
+    settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix="made-up-methods", device="cpu")
+
+    async def requests() -> tuple[list[int], str]:
+        transport = httpx.ASGITransport(app=create_app(settings))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            sent = [await client.request(method, "/healthz") for method in ("BREW", "X-ANYTHING-12345")]
+            return [r.status_code for r in sent], (await client.get("/metrics")).text
+
+    statuses, metrics = asyncio.run(requests())
+    assert statuses == [405, 405]
+    assert re.search(r'^ssd_http_requests_total\{method="other",route="/healthz",status="405"\} 2\.0$', metrics, re.M)
+    assert 'method="BREW"' not in metrics and "X-ANYTHING" not in metrics
+
+
 def test_readyz_answers_503_when_redis_is_unreachable(tmp_path):
     from tests.service.conftest import free_port
 
@@ -238,3 +256,87 @@ def test_a_detection_that_takes_too_long_answers_503(trained, settings):
     response = in_process(hurried, "POST", "/detect", params={"job_id": trained["job"]["id"]}, files=image)
     assert response.status_code == 503 and "took longer" in response.json()["detail"], response.text
     assert response.headers["retry-after"] == "5"
+
+
+@pytest.fixture(scope="module")
+def capped_api(trained, redis_server, data_dir, log_dir) -> Iterator[str]:
+    """An API of its own (the same Redis and models) that admits 2 detections at once; each waits up to
+    1 s for a batch to fill, so the first two stay admitted while more arrive."""
+    port = free_port()
+    env = service_env(
+        redis_server.url,
+        data_dir,
+        SSD_MAX_PENDING_DETECTIONS="2",
+        SSD_BATCH_MAX_SIZE="256",
+        SSD_BATCH_MAX_WAIT_MS="1000",
+    )
+    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process("capped-api", args, env, log_dir)
+    base_url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{base_url}/healthz", process)
+    yield base_url
+    process.stop()
+
+
+def _pending(client: httpx.Client) -> float:
+    return _metric(client.get("/metrics").text, "ssd_detect_pending")
+
+
+def _in_threads(count: int, send) -> tuple[list[threading.Thread], list]:
+    answers: list = []
+    threads = [threading.Thread(target=lambda: answers.append(send())) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, answers
+
+
+def test_detections_past_the_cap_answer_503_with_retry_after(trained, capped_api):
+    job_id, content = trained["job"]["id"], image_bytes(160, 120)
+    with httpx.Client(base_url=capped_api, timeout=60) as client:
+        held_threads, held = _in_threads(2, lambda: post_image(client, content, job_id=job_id))
+        wait_until(lambda: _pending(client) == 2, 30, "two admitted detections")
+        burst_threads, burst = _in_threads(6, lambda: post_image(client, content, job_id=job_id))
+        for thread in held_threads + burst_threads:
+            thread.join()
+        assert [r.status_code for r in held] == [200, 200], [r.text for r in held]
+        statuses = sorted(r.status_code for r in burst)
+        assert set(statuses) <= {200, 503} and 503 in statuses, statuses
+        for refused in (r for r in burst if r.status_code == 503):
+            assert refused.headers["retry-after"] == "2"
+            assert "2 detections are already waiting or running" in refused.json()["detail"]
+        wait_until(lambda: _pending(client) == 0, 30, "every admission to be given back")
+        assert post_image(client, content, job_id=job_id).status_code == 200
+
+
+def _send_without_reading(base_url: str, request: httpx.Request) -> socket.socket:
+    """Sends ``request`` over a socket of its own and returns the socket, the answer unread."""
+    url = httpx.URL(base_url)
+    head = f"{request.method} {request.url.raw_path.decode()} HTTP/1.1\r\n"
+    head += "".join(f"{name}: {value}\r\n" for name, value in request.headers.items()) + "\r\n"
+    sock = socket.create_connection((url.host, url.port))
+    sock.sendall(head.encode() + request.read())
+    return sock
+
+
+def test_errors_and_disconnects_give_their_admission_back(trained, capped_api, settings):
+    job_id, content = trained["job"]["id"], image_bytes(160, 120)
+    too_many_pixels, too_many_bytes = image_bytes(2100, 2000, "PNG"), bytes(settings.max_image_bytes + 1000)
+    with httpx.Client(base_url=capped_api, timeout=60) as client:
+        for _ in range(3):  # one round past the cap of 2: a leaked admission would make it answer 503
+            assert post_image(client, b"not an image", job_id=job_id).status_code == 415
+            assert post_image(client, _truncated_jpeg(), job_id=job_id).status_code == 400
+            assert post_image(client, too_many_pixels, job_id=job_id).status_code == 413
+            over = post_image(client, too_many_bytes, job_id=job_id)  # within the body limit's slack: the route's
+            assert over.status_code == 413 and "the image is" in over.json()["detail"], over.text
+            assert post_image(client, content, job_id="no-such-job").status_code == 404
+        assert _pending(client) == 0
+
+        request = client.build_request(
+            "POST", "/detect", params={"job_id": job_id}, files={"file": ("a.jpg", content, "image/jpeg")}
+        )
+        hung_up = [_send_without_reading(capped_api, request) for _ in range(2)]
+        wait_until(lambda: _pending(client) == 2, 30, "the two requests to be admitted")
+        for sock in hung_up:
+            sock.close()  # the clients go away while their detections wait for a batch
+        wait_until(lambda: _pending(client) == 0, 30, "the disconnected requests' admissions to be given back")
+        assert [post_image(client, content, job_id=job_id).status_code for _ in range(3)] == [200, 200, 200]
