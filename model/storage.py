@@ -20,10 +20,14 @@ from .layout import TEMP_SUFFIX, temp_prefix
 Writer = Callable[[IO[bytes]], None]
 
 
-def write_temp(path: Path, write: Writer) -> Path:
-    """Call ``write(file)`` on a fresh temporary file beside ``path``, flushed and fsynced; its path."""
+def write_temp(path: Path, write: Writer, make_folder: bool = True) -> Path:
+    """Call ``write(file)`` on a fresh temporary file beside ``path``, flushed and fsynced; its path.
+
+    ``make_folder``: create ``path``'s folder if it is missing (else FileNotFoundError).
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if make_folder:
+        path.parent.mkdir(parents=True, exist_ok=True)
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "wb") as file:
@@ -73,8 +77,10 @@ class RunFolder:
 
     ``commit`` is the moment a new file takes its target's place; a subclass may refuse it
     there (by raising) when this run may no longer write the folder. The refused temporary
-    file is removed.
+    file is removed. ``make_folder``: whether a write creates the folder if it is missing.
     """
+
+    make_folder = True
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -85,7 +91,7 @@ class RunFolder:
     def replace(self, name: str, write: Writer) -> None:
         """Replace the file ``name`` with what ``write(file)`` writes."""
         target = self.file(name)
-        temp = write_temp(target, write)
+        temp = write_temp(target, write, self.make_folder)
         try:
             self.commit(temp, target)
         finally:

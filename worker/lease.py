@@ -33,7 +33,7 @@ from pathlib import Path
 import redis
 
 from model.layout import FENCE_FILE
-from model.storage import RunFolder, atomic_write, commit_temp
+from model.storage import RunFolder, Writer, atomic_write, commit_temp
 from worker.run_files import LOCK_TIMEOUT_SECONDS, run_lock
 from worker.scripts import register
 
@@ -134,7 +134,10 @@ def fence_holder(run_dir: Path) -> str | None:
 class FencedRunFolder(RunFolder):
     """The run folder of the run holding ``lease``: ``fit`` writes it through ``commit``, which
     renames a file into place only under the folder's lock, while the fence names this run and
-    its lease is trusted (else LeaseLost, and the file is thrown away)."""
+    its lease is trusted (else LeaseLost, and the file is thrown away). A write never creates
+    the folder: a run whose job was deleted under it must not bring the folder back."""
+
+    make_folder = False
 
     def __init__(self, path: Path, lease: Lease, lock_timeout: float = LOCK_TIMEOUT_SECONDS):
         super().__init__(path)
@@ -161,11 +164,14 @@ class FencedRunFolder(RunFolder):
             self.lease.lost = LostReason.FENCED
             raise LeaseLost(LostReason.FENCED)
 
-    def commit(self, temp: Path, target: Path) -> None:
+    def replace(self, name: str, write: Writer) -> None:
         try:
-            with run_lock(self.path, self.lock_timeout):
-                self.check()
-                commit_temp(temp, target)
+            super().replace(name, write)
         except FileNotFoundError:  # the run folder was deleted under this run
             self.lease.lost = LostReason.FENCED
             raise LeaseLost(LostReason.FENCED) from None
+
+    def commit(self, temp: Path, target: Path) -> None:
+        with run_lock(self.path, self.lock_timeout):
+            self.check()
+            commit_temp(temp, target)

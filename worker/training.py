@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 from model.config import TrainConfig
 from model.data import read_dataset
 from model.engine import Callbacks, FitResult, StepProgress, fit
+from model.layout import BEST_CHECKPOINT
 from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
 from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
@@ -167,8 +168,7 @@ class JobMonitor:
             if now >= next_renew:
                 next_renew = now + (renew_every if self.renew() else min(renew_every, 1.0))
             if self.lease.lost is not None:
-                log.error("job %s: %s; this run stops and writes nothing more", self.job_id, self.lease.lost.value)
-                return
+                return  # the training thread sees it before its next batch (should_stop)
             self._check_cancel()
             self.sync()
             if not self._training_done and now >= next_progress and self._write_progress():
@@ -222,8 +222,15 @@ class JobMonitor:
                     self.best_val_loss = float(val_loss)
             newest = len(history)
             try:
+                # Each finished epoch's checkpoint is on disk before its record: a job that ends without
+                # its run (cancelled while its worker was dead) can still serve /detect.
                 written = self.store.sync_epochs(
-                    self.lease, history, epoch=newest, epochs_completed=newest, best_val_loss=self.best_val_loss
+                    self.lease,
+                    history,
+                    epoch=newest,
+                    epochs_completed=newest,
+                    best_val_loss=self.best_val_loss,
+                    checkpoint=BEST_CHECKPOINT if newest else None,
                 )
             except REDIS_ERRORS as error:
                 self._logs["records"].failed(error)
@@ -338,7 +345,9 @@ def run_job(
     with monitor:
         outcome = _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
         if outcome is None or not lease.trusted():
-            return f"lease lost: {lease.lost.value if lease.lost else 'another run has the job'}"
+            why = lease.lost.value if lease.lost else "another run has the job"
+            log.error("job %s: %s; this run stops and writes nothing more", job_id, why)
+            return f"lease lost: {why}"
         if not monitor.drain(settings.lease_seconds):
             log.error("job %s: epoch records could not be written; the reaper will resume the job", job_id)
             return "unrecorded"

@@ -229,7 +229,7 @@ def test_made_up_methods_share_one_metrics_label(redis_server, tmp_path):
 
     async def requests() -> tuple[list[int], str]:
         transport = httpx.ASGITransport(app=create_app(settings))
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
             sent = [await client.request(method, "/healthz") for method in ("BREW", "X-ANYTHING-12345")]
             return [r.status_code for r in sent], (await client.get("/metrics")).text
 

@@ -1,7 +1,9 @@
-"""Fault injection with real processes: a worker SIGKILLed or SIGTERMed mid-epoch, two workers
-racing for one job past Celery's visibility timeout, and Redis stopped and restarted (AOF) while
-a job runs. The scenarios share a Redis of their own (AOF on, in a temporary folder) and an API;
-each starts its own workers, with short leases, so recovery takes seconds, not minutes.
+"""Fault injection with real processes: a worker SIGKILLed, SIGTERMed, frozen (SIGSTOP) or cut off
+from Redis mid-epoch, a job that keeps killing its worker, two workers racing for one job past
+Celery's visibility timeout, Redis stopped and restarted (AOF), emptied, or losing an entry.
+The scenarios share a Redis of their own (AOF on, in a temporary folder) and an API (see
+``tests.service.faults``); each starts its own workers, with short leases, so recovery takes
+seconds, not minutes.
 """
 
 from __future__ import annotations
@@ -11,87 +13,32 @@ import os
 import signal
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.service.conftest import (
-    PYTHON,
-    Process,
-    RedisServer,
-    free_port,
-    service_env,
-    start_process,
-    start_redis,
-    wait_for_http,
-    wait_for_worker,
-    wait_until,
-    worker_args,
+from tests.service.conftest import start_redis, wait_until
+from tests.service.faults import (
+    JOB,
+    CuttableProxy,
+    Service,
+    epochs,
+    into_epoch_two,
+    metrics_epochs,
+    start_service,
+    stop_service,
+    train_into_epoch_two,
 )
-from tests.service.helpers import TINY, shapes, wait_for_job, zip_folder
-from worker.store import Store
-
-# Leases of 3 s renewed every second; Celery redelivers unacked messages after 2 s.
-FAULT_LIMITS = {
-    "SSD_LEASE_SECONDS": "3",
-    "SSD_WORKER_HEARTBEAT_SECONDS": "1",
-    "SSD_VISIBILITY_TIMEOUT_SECONDS": "2",
-    "SSD_PROGRESS_INTERVAL_SECONDS": "0.2",
-}
-# 16 images in batches of 2: 8 steps, about 1.5 s an epoch on a small CPU.
-JOB = {"epochs": 3, "val_fraction": 0.0, **TINY, "batch_size": 2}
-
-
-@dataclass
-class Service:
-    redis: RedisServer
-    api: Process
-    base_url: str
-    env: dict[str, str]
-    data_dir: Path
-    log_dir: Path
-    store: Store
-    dataset_id: str
-    workers: list[Process]
-
-    def start_worker(self, name: str) -> Process:
-        process = start_process(name, worker_args(name), self.env, self.log_dir)
-        self.workers.append(process)
-        wait_for_worker(self.store, process, name)
-        return process
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.base_url, timeout=30)
-
-    def worker_logs(self) -> str:
-        return "\n".join(p.log.read_text(errors="replace") for p in self.workers if p.log.exists())
+from tests.service.helpers import wait_for_job
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory, log_dir) -> Iterator[Service]:
-    """A Redis with AOF (fsync always), an API on it and a 16-image dataset; workers are up to each test."""
-    folder = tmp_path_factory.mktemp("faults")
-    redis = start_redis(folder / "redis", log_dir, "--appendonly", "yes", "--appendfsync", "always")
-    data_dir = folder / "data"
-    port = free_port()
-    env = service_env(redis.url, data_dir, SSD_PORT=str(port), **FAULT_LIMITS)
-    api = start_process(f"api-{port}", [PYTHON, "-m", "app"], env, log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    store = Store.from_url(redis.url, "ssd")
+    """One service for the module; workers are up to each test."""
+    service = start_service(tmp_path_factory.mktemp("faults"), log_dir)
     try:
-        wait_for_http(f"{base_url}/healthz", api)
-        shapes(folder / "images", num_images=16, seed=3)
-        with httpx.Client(base_url=base_url, timeout=30) as client:
-            response = client.post("/datasets", files={"file": ("faults.zip", zip_folder(folder / "images"))})
-        assert response.status_code == 201, response.text
-        service = Service(redis, api, base_url, env, data_dir, log_dir, store, response.json()["id"], [])
         yield service
     finally:
-        api.stop()
-        store.redis.close()
-        redis.process.stop()
+        stop_service(service)
 
 
 @pytest.fixture
@@ -103,38 +50,17 @@ def faults(service) -> Iterator[Service]:
     service.workers.clear()
 
 
-def _into_epoch_two(client: httpx.Client, job_id: str, timeout: float = 90) -> dict:
-    """Wait until epoch 1's record is in (epoch 2 has just begun: it takes over a second here); the job."""
-
-    def second_epoch() -> dict | None:
-        job = client.get(f"/jobs/{job_id}").json()
-        return job if job["status"] == "running" and job["epochs_completed"] >= 1 else None
-
-    return wait_until(second_epoch, timeout, f"job {job_id} to finish its first epoch", interval=0.05)
-
-
-def _train_into_epoch_two(client: httpx.Client, dataset_id: str) -> dict:
-    """Post a ``JOB`` and wait until it has begun its second epoch; the job as POST /train answered."""
-    job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
-    _into_epoch_two(client, job["id"])
-    return job
-
-
-def _epochs(client: httpx.Client, job_id: str) -> list[int]:
-    return [r["epoch"] for r in client.get(f"/jobs/{job_id}/losses").json()["losses"]]
-
-
 def test_a_sigkilled_worker_is_replaced_and_the_job_resumes(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     first = service.start_worker("doomed")
     with service.client() as client:
-        job = _train_into_epoch_two(client, dataset_id)
+        job = train_into_epoch_two(client, dataset_id)
         os.kill(first.popen.pid, signal.SIGKILL)  # no goodbye: the lease just stops being renewed
         first.popen.wait(10)
         service.start_worker("heir")
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded", (done, service.worker_logs()[-3000:])
-        assert _epochs(client, job["id"]) == [1, 2, 3]  # no gap, no repeat
+        assert epochs(client, job["id"]) == [1, 2, 3]  # no gap, no repeat
         assert done["restarts"] >= 1 and "expired" in done["restart_reason"], done
         assert done["epochs_completed"] == 3 and done["worker"].startswith("heir@")
 
@@ -163,7 +89,7 @@ def test_two_workers_past_the_visibility_timeout_train_a_job_once(faults, tmp_pa
         job = client.post("/train", json={"dataset_id": dataset_id, **JOB, "epochs": 4}).json()
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded" and done["restarts"] == 0, done
-        assert _epochs(client, job["id"]) == [1, 2, 3, 4]
+        assert epochs(client, job["id"]) == [1, 2, 3, 4]
     logs = service.worker_logs()
     assert logs.count(f"job {job['id']}: training on") == 1, logs[-3000:]
     # The message was delivered again while the job ran (longer than the 3 s visibility timeout),
@@ -175,14 +101,14 @@ def test_sigterm_pauses_the_job_which_another_worker_finishes(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     first = service.start_worker("leaving")
     with service.client() as client:
-        job = _train_into_epoch_two(client, dataset_id)
+        job = train_into_epoch_two(client, dataset_id)
         stopped = time.monotonic()
         first.popen.send_signal(signal.SIGTERM)
         assert first.popen.wait(30) == 0, first.tail()
         assert time.monotonic() - stopped < 15  # one batch and a checkpoint, not the whole job
         paused = client.get(f"/jobs/{job['id']}").json()
         assert paused["status"] == "queued" and paused["restarts"] == 1, paused
-        finished = _epochs(client, job["id"])
+        finished = epochs(client, job["id"])
         assert finished == list(range(1, len(finished) + 1)) and 1 <= len(finished) < JOB["epochs"]
         assert f"shut down in epoch {len(finished) + 1}" in paused["restart_reason"], paused
         assert paused["epoch"] == len(finished) and paused["epochs_completed"] == len(finished)
@@ -191,7 +117,7 @@ def test_sigterm_pauses_the_job_which_another_worker_finishes(faults, tmp_path):
         service.start_worker("arriving")
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded" and done["restarts"] == 1, done
-        assert _epochs(client, job["id"]) == [1, 2, 3]
+        assert epochs(client, job["id"]) == [1, 2, 3]
         assert done["started_at"] == paused["started_at"]
 
 
@@ -201,7 +127,7 @@ def test_a_redis_restart_loses_nothing_and_the_api_recovers(faults, tmp_path):
     with service.client() as client:
         job = client.post("/train", json={"dataset_id": dataset_id, **JOB}).json()
         queued = client.post("/train", json={"dataset_id": dataset_id, **JOB, "epochs": 1}).json()
-        _into_epoch_two(client, job["id"])
+        into_epoch_two(client, job["id"])
 
         service.redis.process.stop(signal.SIGTERM)  # writes out its AOF and exits
         down = client.get(f"/jobs/{job['id']}")
@@ -223,9 +149,9 @@ def test_a_redis_restart_loses_nothing_and_the_api_recovers(faults, tmp_path):
         wait_until(lambda: client.get(f"/jobs/{job['id']}").status_code == 200, 30, "the API to recover")
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded", (done, service.worker_logs()[-3000:])
-        assert _epochs(client, job["id"]) == [1, 2, 3]
+        assert epochs(client, job["id"]) == [1, 2, 3]
         second = wait_for_job(client, queued["id"], ("succeeded", "failed", "cancelled"), timeout=120)
-        assert second["status"] == "succeeded" and _epochs(client, queued["id"]) == [1]
+        assert second["status"] == "succeeded" and epochs(client, queued["id"]) == [1]
         assert client.get("/readyz").status_code == 200
 
 
@@ -233,7 +159,7 @@ def test_records_redis_lost_are_rebuilt_from_the_data_folder(faults, tmp_path):
     service, dataset_id = faults, faults.dataset_id
     service.start_worker("rebuilder")
     with service.client() as client:
-        job = _train_into_epoch_two(client, dataset_id)
+        job = train_into_epoch_two(client, dataset_id)
 
         # Redis comes back from a different, empty folder: every record and queued message is gone.
         service.redis.process.stop(signal.SIGKILL)
@@ -246,4 +172,131 @@ def test_records_redis_lost_are_rebuilt_from_the_data_folder(faults, tmp_path):
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded", (done, service.worker_logs()[-3000:])
         assert "rebuilt from its run folder" in done["restart_reason"] and done["restarts"] >= 1
-        assert _epochs(client, job["id"]) == [1, 2, 3]
+        assert epochs(client, job["id"]) == [1, 2, 3]
+
+
+def _stale_run_changes_nothing(service: Service, stale, job: dict, resume) -> None:
+    """Let a second worker finish ``job`` while ``stale`` is out of the way, then ``resume`` the stale
+    one: the job's record, losses and run files stay exactly what the second worker left."""
+    service.start_worker("heir")
+    with service.client() as client:
+        done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded" and done["worker"].startswith("heir@"), done
+        left = (client.get(f"/jobs/{job['id']}").json(), epochs(client, job["id"]), service.run_files(job["id"]))
+        resume()
+        wait_until(lambda: "writes nothing more" in stale.log.read_text(), 30, "the stale run to give up")
+        time.sleep(3)  # time for any late write it would still make (an epoch is about 1.5 s here)
+        now = (client.get(f"/jobs/{job['id']}").json(), epochs(client, job["id"]), service.run_files(job["id"]))
+    assert now == left
+    every_epoch = list(range(1, job["epochs"] + 1))
+    assert left[1] == every_epoch and metrics_epochs(service.run_dir(job["id"])) == every_epoch
+    assert stale.alive(), stale.tail()  # it stopped the job's run, not itself
+
+
+def test_a_frozen_worker_past_its_lease_writes_nothing_when_it_thaws(faults):
+    service = faults
+    frozen = service.start_worker("frozen")
+    with service.client() as client:
+        job = train_into_epoch_two(client, service.dataset_id)
+    os.kill(frozen.popen.pid, signal.SIGSTOP)  # a GC pause, swap, a debugger: mid-epoch, for longer than the lease
+    try:
+        _stale_run_changes_nothing(service, frozen, job, lambda: os.kill(frozen.popen.pid, signal.SIGCONT))
+    finally:
+        os.kill(frozen.popen.pid, signal.SIGCONT)
+
+
+def test_a_worker_cut_off_from_redis_stops_and_writes_nothing_when_it_reconnects(faults):
+    service = faults
+    proxy = CuttableProxy(service.redis.port)
+    try:
+        cut_off = service.start_worker("cut-off", SSD_REDIS_URL=proxy.url)
+        with service.client() as client:
+            # Longer than the lease's trusted part: the run cannot simply finish before it stops trusting it.
+            job = train_into_epoch_two(client, service.dataset_id, epochs=6)
+        proxy.cut()  # the worker's machine loses the network; its process trains on
+        wait_until(lambda: "writes nothing more" in cut_off.log.read_text(), 10, "the cut-off run to stop")
+        _stale_run_changes_nothing(service, cut_off, job, proxy.restore)
+    finally:
+        proxy.close()
+
+
+def test_a_job_that_keeps_killing_its_worker_fails_saying_so(faults):
+    """Each worker that takes the job dies under it (as the kernel's out-of-memory killer would kill
+    it); with SSD_MAX_JOB_RESTARTS=1, the second such death ends the job."""
+    service = faults
+    limit = {"SSD_MAX_JOB_RESTARTS": "1"}
+    workers = [service.start_worker(f"victim-{n}", **limit) for n in range(2)]
+    with service.client() as client:
+        job = client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 50}).json()
+        for death in range(2):
+
+            def taken(restarts: int = death) -> dict | None:
+                found = client.get(f"/jobs/{job['id']}").json()
+                return found if found["status"] == "running" and found["restarts"] == restarts else None
+
+            running = wait_until(taken, 60, f"a worker to take the job after {death} deaths")
+            victim = next(w for w in workers if running["worker"].startswith(f"{w.name}@"))
+            os.kill(victim.popen.pid, signal.SIGKILL)
+            workers.remove(victim)
+            workers.append(service.start_worker(f"victim-{death + 2}", **limit))  # reapers stay alive
+        failed = wait_for_job(client, job["id"], ("failed", "succeeded", "cancelled"), timeout=60)
+    assert failed["status"] == "failed" and failed["crashes"] == 2 and failed["restarts"] == 1, failed
+    assert "2 times" in failed["error"] and "SSD_MAX_JOB_RESTARTS is 1" in failed["error"], failed
+    assert json.loads((service.run_dir(job["id"]) / "job.json").read_text())["status"] == "failed"
+
+
+def test_a_cancel_asked_while_the_worker_is_dead_ends_the_job_cancelled(faults):
+    service = faults
+    doomed = service.start_worker("doomed")
+    with service.client() as client:
+        job = train_into_epoch_two(client, service.dataset_id)
+        os.kill(doomed.popen.pid, signal.SIGKILL)
+        doomed.popen.wait(10)
+        asked = client.post(f"/jobs/{job['id']}/cancel").json()
+        assert asked["status"] == "running" and asked["cancel_requested"]
+        service.start_worker("reaper")
+        done = wait_for_job(client, job["id"], ("cancelled", "succeeded", "failed"), timeout=60)
+        assert done["status"] == "cancelled" and done["has_model"], done  # epoch 1's checkpoint stays
+        time.sleep(2)
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "cancelled"  # and it never ran again
+    assert json.loads((service.run_dir(job["id"]) / "job.json").read_text())["status"] == "cancelled"
+    assert service.worker_logs().count(f"job {job['id']}: training on") == 1
+
+
+def test_an_epoch_redis_lost_comes_back(faults):
+    service = faults
+    service.start_worker("steady")
+    with service.client() as client:
+        job = train_into_epoch_two(client, service.dataset_id)
+        # Epoch 1's entry lost as with the last second of an everysec append-only file: later epochs
+        # could never be written before it again.
+        service.store.redis.xdel(service.store.losses_key(job["id"]), "1-0")
+        done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded", done
+        assert epochs(client, job["id"]) == [1, 2, 3]  # the run wrote it again before its next epoch
+        # Lost after the job ended: the losses still have no hole while the run folder has the epoch.
+        service.store.redis.xdel(service.store.losses_key(job["id"]), "2-0")
+        losses = client.get(f"/jobs/{job['id']}/losses").json()["losses"]
+        assert [r["epoch"] for r in losses] == [1, 2, 3] and losses[1]["train_loss"] > 0
+        assert [r["epoch"] for r in client.get(f"/jobs/{job['id']}/losses?after=1").json()["losses"]] == [2, 3]
+
+
+def test_an_accepted_job_survives_redis_losing_everything_before_a_worker_starts(faults):
+    service = faults
+    with service.client() as client:
+        waiting = client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 1}).json()
+        dropped = client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 1}).json()
+        assert client.post(f"/jobs/{dropped['id']}/cancel").json()["status"] == "cancelled"
+        service.store.redis.flushall()  # every record and every task message gone
+        assert client.get(f"/jobs/{waiting['id']}").status_code == 404
+
+        service.start_worker("after-the-flood")  # it finds a Redis without the store's marker: rebuilds
+        done = wait_for_job(client, waiting["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded" and done["restarts"] == 0, done
+        assert epochs(client, waiting["id"]) == [1]
+        assert client.get(f"/jobs/{dropped['id']}").json()["status"] == "cancelled"
+        assert client.get(f"/datasets/{service.dataset_id}").status_code == 200
+        time.sleep(2)
+    logs = service.worker_logs()
+    assert logs.count(f"job {waiting['id']}: training on") == 1, logs[-3000:]  # exactly once
+    assert f"job {dropped['id']}: training on" not in logs

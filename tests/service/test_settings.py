@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from pydantic import ValidationError
 
@@ -27,12 +31,23 @@ def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
         {"max_upload_bytes": -1},
         {"port": 70000},
         {"lease_seconds": 4, "worker_heartbeat_seconds": 5},
+        {"lease_seconds": 6, "worker_heartbeat_seconds": 1, "cancel_check_seconds": 2.5},  # renewals come too late
+        {"max_job_restarts": -1},
+        {"max_event_streams": 0},
         {"key_prefix": "a b"},
     ],
 )
 def test_unsafe_settings_are_refused(values):
     with pytest.raises(ValidationError):
         Settings(**values)
+
+
+@pytest.mark.parametrize("command", [["-m", "app"], ["-m", "celery", "-A", "worker.celery_app", "worker"]])
+def test_a_setting_that_lets_a_lease_lapse_stops_the_process_at_start_up(command, tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SSD_")}
+    env.update(SSD_LEASE_SECONDS="20", SSD_CANCEL_CHECK_SECONDS="8", SSD_DATA_DIR=str(tmp_path))
+    done = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "cancel_check_seconds must be at most a third of lease_seconds" in done.stderr
 
 
 def test_settings_table_lists_every_variable():

@@ -205,8 +205,10 @@ def test_an_epoch_redis_lost_is_written_again_before_the_next_one(fresh):
     assert _epochs(fresh, "j1") == [1, 3]
     assert fresh.sync_epochs(lease, _history(4)) == 4  # the hole makes it rewrite the stream whole
     assert _epochs(fresh, "j1") == [1, 2, 3, 4] and fresh.losses("j1")[1] == _history(4)[1]
+    fresh.redis.xdel(fresh.losses_key("j1"), "4-0")  # the newest lost: the stream still refuses id 4-0
+    assert fresh.sync_epochs(lease, _history(5)) == 5 and _epochs(fresh, "j1") == [1, 2, 3, 4, 5]
     fresh.redis.delete(fresh.losses_key("j1"))  # a new Redis, or a FLUSHALL
-    assert fresh.sync_epochs(lease, _history(4)) == 4 and _epochs(fresh, "j1") == [1, 2, 3, 4]
+    assert fresh.sync_epochs(lease, _history(5)) == 5 and _epochs(fresh, "j1") == [1, 2, 3, 4, 5]
 
 
 def test_datasets_cannot_vanish_under_active_jobs(fresh):
