@@ -14,6 +14,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from worker.store import REDIS_ERRORS
+
 log = logging.getLogger(__name__)
 
 # Anything else a client sends is counted as "other": the label takes no unbounded client input.
@@ -30,7 +32,7 @@ class JobsByStatus:
         family = GaugeMetricFamily("ssd_jobs", "Training jobs by status.", labels=["status"])
         try:
             counts = self._count()
-        except Exception as error:  # Redis away: report nothing rather than fail the scrape
+        except REDIS_ERRORS as error:  # Redis away: report nothing rather than fail the scrape
             log.warning("could not count jobs for /metrics: %s", error)
             return
         for status, count in counts.items():

@@ -42,7 +42,7 @@ from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector
-from model.layout import BEST_CHECKPOINT, DATASET_FILES_DIR
+from model.layout import BEST_CHECKPOINT, DATASET_FILES_DIR, DataLayout
 from model.network import SSD300
 from worker.records import SUCCEEDED, DatasetRecord, JobRecord, now_iso
 from worker.store import Store
@@ -203,8 +203,9 @@ def main() -> None:
         redis_url, redis_process = start_redis(data_dir / "redis")
         try:
             store = Store.from_url(redis_url, "bench")
-            job_id = write_job(store, data_dir / "runs")
-            checkpoint = data_dir / "runs" / job_id / "best.pt"
+            layout = DataLayout(data_dir)
+            job_id = write_job(store, layout.runs_dir)
+            checkpoint = layout.run_dir(job_id) / BEST_CHECKPOINT
             single: dict[str, list[float]] = {}
             concurrent: list[tuple[str, int, float, list[float]]] = []
             for label, max_batch in (("off (max 1)", 1), ("on (max 8, 5 ms)", 8)):

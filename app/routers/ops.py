@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import MetricsDep, SettingsDep, StoreDep
 from app.schemas import Health, Ready
+from worker.store import REDIS_ERRORS
 
 router = APIRouter(tags=["operations"])
 health_router = APIRouter(tags=["operations"])  # open even with API keys on: for load balancers
@@ -25,7 +26,7 @@ def readyz(store: StoreDep, settings: SettingsDep):
     try:
         store.ping()
         workers = store.workers_seen(within_seconds=3 * settings.worker_heartbeat_seconds)
-    except Exception as error:
+    except REDIS_ERRORS as error:
         body = {"status": "unavailable", "redis": f"unreachable: {error}", "workers": []}
         return JSONResponse(body, status_code=503)
     return {"status": "ready", "redis": "ok", "workers": workers}

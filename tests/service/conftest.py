@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -227,16 +228,24 @@ def wait_for_http(url: str, process: Process, timeout: float = 60) -> None:
         raise AssertionError(f"{error}\n{process.tail()}") from None
 
 
+@contextmanager
+def api_process(env: dict[str, str], log_dir: Path, name: str = "api", **overrides: str) -> Iterator[str]:
+    """The API as a real uvicorn process on a free port, with ``env`` and ``SSD_*`` overrides; yields its base URL."""
+    port = free_port()
+    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    process = start_process(f"{name}-{port}", args, {**env, **overrides}, log_dir)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.stop()
+
+
 @pytest.fixture(scope="session")
 def api(env, log_dir) -> Iterator[str]:
     """The API as a real uvicorn process; yields its base URL."""
-    port = free_port()
-    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    process = start_process("api", args, env, log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{base_url}/healthz", process)
-    yield base_url
-    process.stop()
+    with api_process(env, log_dir) as base_url:
+        yield base_url
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import zipfile
 import httpx
 import pytest
 
-from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
+from tests.service.conftest import api_process, wait_until
 from tests.service.helpers import coco_document, coco_zip, image_bytes, shapes, voc_zip, zip_entries, zip_folder
 
 
@@ -234,11 +234,8 @@ def _status_of(sock: socket.socket) -> tuple[int, str]:
 
 
 def test_an_upload_is_refused_before_its_body_when_every_import_slot_is_busy(env, tmp_path, log_dir):
-    port = free_port()
-    api_env = {**env, "SSD_PORT": str(port), "SSD_IMPORT_SLOTS": "1", "SSD_DATA_DIR": str(tmp_path)}
-    process = start_process(f"api-slots-{port}", [PYTHON, "-m", "app"], api_env, log_dir)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", process)
+    with api_process(env, log_dir, "api-slots", SSD_IMPORT_SLOTS="1", SSD_DATA_DIR=str(tmp_path)) as base:
+        port = int(base.rsplit(":", 1)[1])
         head = (
             "POST /datasets HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
             "Content-Length: 2000000\r\n\r\n"
@@ -253,10 +250,8 @@ def test_an_upload_is_refused_before_its_body_when_every_import_slot_is_busy(env
         zipped = coco_zip(tmp_path / "coco", num_images=2)
 
         def imported() -> httpx.Response | None:
-            response = httpx.post(f"http://127.0.0.1:{port}/datasets", files={"file": ("d.zip", zipped)}, timeout=30)
+            response = httpx.post(f"{base}/datasets", files={"file": ("d.zip", zipped)}, timeout=30)
             return response if response.status_code != 503 else None
 
         response = wait_until(imported, 20, "the slot to come back")
         assert response.status_code == 201, response.text
-    finally:
-        process.stop()

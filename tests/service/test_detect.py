@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from app.main import create_app
-from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http, wait_until
+from tests.service.conftest import api_process, free_port, service_env, wait_until
 from tests.service.helpers import image_bytes
 from worker.settings import Settings
 
@@ -240,7 +240,6 @@ def test_made_up_methods_share_one_metrics_label(redis_server, tmp_path):
 
 
 def test_readyz_answers_503_when_redis_is_unreachable(tmp_path):
-    from tests.service.conftest import free_port
 
     settings = Settings(redis_url=f"redis://127.0.0.1:{free_port()}/0", data_dir=tmp_path)
     assert in_process(settings, "GET", "/healthz").status_code == 200
@@ -262,20 +261,10 @@ def test_a_detection_that_takes_too_long_answers_503(trained, settings):
 def capped_api(trained, redis_server, data_dir, log_dir) -> Iterator[str]:
     """An API of its own (the same Redis and models) that admits 2 detections at once; each waits up to
     1 s for a batch to fill, so the first two stay admitted while more arrive."""
-    port = free_port()
-    env = service_env(
-        redis_server.url,
-        data_dir,
-        SSD_MAX_PENDING_DETECTIONS="2",
-        SSD_BATCH_MAX_SIZE="256",
-        SSD_BATCH_MAX_WAIT_MS="1000",
-    )
-    args = [PYTHON, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    process = start_process("capped-api", args, env, log_dir)
-    base_url = f"http://127.0.0.1:{port}"
-    wait_for_http(f"{base_url}/healthz", process)
-    yield base_url
-    process.stop()
+    env = service_env(redis_server.url, data_dir)
+    limits = {"SSD_MAX_PENDING_DETECTIONS": "2", "SSD_BATCH_MAX_SIZE": "256", "SSD_BATCH_MAX_WAIT_MS": "1000"}
+    with api_process(env, log_dir, "capped-api", **limits) as base_url:
+        yield base_url
 
 
 def _pending(client: httpx.Client) -> float:

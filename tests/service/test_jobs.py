@@ -12,7 +12,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
+from tests.service.conftest import api_process, wait_until
 from tests.service.helpers import TINY, read_sse, shapes, wait_for_job, zip_folder
 from worker.run_files import read_job_file
 
@@ -202,18 +202,12 @@ def test_unknown_job_answers_404(client, method, path):
 
 def test_event_streams_are_capped_and_a_closed_one_frees_its_place(env, tmp_path, log_dir):
     """Each stream holds a Redis connection: past SSD_MAX_EVENT_STREAMS the route answers 503."""
-    port = free_port()
-    api_env = {
-        **env,
-        "SSD_PORT": str(port),
+    overrides = {
         "SSD_MAX_EVENT_STREAMS": "2",
         "SSD_KEY_PREFIX": f"streams-{uuid.uuid4().hex[:8]}",  # a queue no worker reads: the job stays queued
         "SSD_DATA_DIR": str(tmp_path),
     }
-    process = start_process(f"api-streams-{port}", [PYTHON, "-m", "app"], api_env, log_dir)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_for_http(f"{base}/healthz", process)
+    with api_process(env, log_dir, "api-streams", **overrides) as base:
         with httpx.Client(base_url=base, timeout=30) as client:
             dataset = client.post("/datasets/synthetic", json={"num_images": 2, "image_size": 64}).json()
             job = client.post("/train", json={"dataset_id": dataset["id"], **TINY}).json()
@@ -232,5 +226,3 @@ def test_event_streams_are_capped_and_a_closed_one_frees_its_place(env, tmp_path
                     return again.status_code == 200
 
             wait_until(reopened, 20, "a place freed by the closed streams")
-    finally:
-        process.stop()
