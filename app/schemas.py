@@ -8,8 +8,9 @@ checks, so a bad value answers 422 before a job exists.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Any, Literal
 
+from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from model.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig
@@ -25,6 +26,9 @@ _DEFAULTS = TrainConfig()
 JobStatus = Status
 
 
+Side = Annotated[int, Field(ge=16, le=2048, strict=True)]
+
+
 class SyntheticDatasetRequest(BaseModel):
     """A generated dataset of circles, squares and triangles on textured backgrounds."""
 
@@ -32,9 +36,10 @@ class SyntheticDatasetRequest(BaseModel):
         extra="forbid", json_schema_extra={"examples": [{"num_images": 64, "seed": 0, "image_size": [240, 400]}]}
     )
 
-    num_images: int = Field(64, ge=1, description="Images to draw (at most SSD_MAX_SYNTHETIC_IMAGES).")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="The same seed draws the same dataset.")
-    image_size: int | tuple[int, int] | None = Field(
+    # Strict: a JSON true is not one image.
+    num_images: int = Field(64, ge=1, strict=True, description="Images to draw (at most SSD_MAX_SYNTHETIC_IMAGES).")
+    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="The same seed draws the same dataset.")
+    image_size: Side | tuple[Side, Side] | None = Field(
         None, description="Image side in pixels, or [min, max] to draw each side from; default [240, 400]."
     )
     name: str | None = Field(None, max_length=200)
@@ -169,3 +174,10 @@ class Ready(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
+
+
+def invalid_body(field: str | None, message: str, value: Any = None) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own validation errors (what the OpenAPI document declares), for
+    checks that only the running server can make (its limits, ``TrainConfig``'s own checks)."""
+    where = ("body", field) if field else ("body",)
+    return RequestValidationError([{"type": "value_error", "loc": where, "msg": message, "input": value}])

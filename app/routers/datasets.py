@@ -17,7 +17,7 @@ from app.dataset_import import (
     remove_dataset_files,
 )
 from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
-from app.schemas import Dataset, SyntheticDatasetRequest
+from app.schemas import Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
 from worker.settings import Settings
 from worker.store import Store
@@ -83,7 +83,8 @@ async def synthetic_dataset(
 ) -> Dataset:
     """Generate a dataset of coloured shapes (circle, square, triangle), for demos and tests."""
     if body.num_images > settings.max_synthetic_images:
-        raise HTTPException(422, f"num_images must be at most {settings.max_synthetic_images}")
+        limit = f"num_images must be at most {settings.max_synthetic_images} (SSD_MAX_SYNTHETIC_IMAGES)"
+        raise invalid_body("num_images", limit, body.num_images)
     args = (create_synthetic, body.num_images, body.seed, body.size_range(), body.name, settings)
     return await _import(imports, _permit(request), store, settings, *args)
 

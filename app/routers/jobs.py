@@ -15,7 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.deps import AsyncRedisDep, CeleryDep, EventStreamsDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
 from app.event_streams import CountedEventSourceResponse
-from app.schemas import Job, JobStatus, Losses, TrainRequest
+from app.schemas import Job, JobStatus, Losses, TrainRequest, invalid_body
 from model.layout import LOSS_PLOT
 from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
@@ -49,7 +49,7 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
     try:
         config = body.train_config()
     except ValueError as error:
-        raise HTTPException(422, str(error)) from error
+        raise invalid_body(None, str(error)) from error
     try:
         job = store.create_job(JobRecord.new(new_id(), dataset, config.to_dict()), settings.max_queued_jobs)
     except QueueFull as error:
