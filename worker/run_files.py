@@ -76,14 +76,20 @@ def read_job_file(run_dir: Path) -> JobRecord | None:
         return None
 
 
-def save_job_file(run_dir: Path, record: JobRecord, timeout: float = LOCK_TIMEOUT_SECONDS) -> bool:
+def save_job_file(
+    run_dir: Path, record: JobRecord, create: bool = False, timeout: float = LOCK_TIMEOUT_SECONDS
+) -> bool:
     """Write ``record`` as ``run_dir/job.json`` unless the file holds the same or a later revision.
+
+    ``create``: make the run folder (a new job's); otherwise a missing folder is an error, so a
+    late write never brings back the folder of a job deleted meanwhile.
 
     Returns:
         Whether it was written.
     """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)  # a job with a record in Redis has a run folder
+    if create:
+        run_dir.mkdir(parents=True, exist_ok=True)
     with run_lock(run_dir, timeout):
         current = read_job_file(run_dir)
         if current is not None and current.id == record.id and current.revision >= record.revision:

@@ -58,7 +58,7 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
         raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
     run_dir = settings.layout.run_dir(job.id)
     try:
-        save_job_file(run_dir, job)  # before the answer: a job the client was told about survives Redis
+        save_job_file(run_dir, job, create=True)  # before the answer: the job then survives Redis
         dispatch(celery, store, job.id, settings.queue)
     except (OSError, RunFolderBusy, *SEND_ERRORS) as error:
         problem = f"could not queue the job: {error}"
@@ -95,8 +95,9 @@ def cancel_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Job:
     cancelled = store.request_cancel(job_id)
     if cancelled is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
-    _, job = cancelled
-    keep_job_file(settings.layout.run_dir(job_id), job)
+    before, job = cancelled
+    if before in ACTIVE:  # an ended job is unchanged (and may be deleted meanwhile: no file for it)
+        keep_job_file(settings.layout.run_dir(job_id), job)
     return job.public()
 
 

@@ -13,7 +13,7 @@ import pytest
 from model.layout import TEMP_SUFFIX
 from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason, fence_holder
 from worker.records import DatasetRecord, JobRecord
-from worker.run_files import RunFolderBusy, read_job_file, remove_run, run_lock, save_job_file
+from worker.run_files import RunFolderBusy, keep_job_file, read_job_file, remove_run, run_lock, save_job_file
 from worker.settings import Settings
 
 DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
@@ -103,3 +103,14 @@ def test_job_json_only_moves_forward(tmp_path):
     assert not save_job_file(tmp_path, job.model_copy(update={"status": "running", "revision": 4}))  # late
     assert not save_job_file(tmp_path, cancelled)  # the same revision again: nothing to do
     assert read_job_file(tmp_path) == cancelled
+
+
+def test_a_late_record_does_not_bring_back_a_deleted_run(tmp_path):
+    settings = Settings(data_dir=tmp_path)
+    job = JobRecord.new("j1", DATASET, {"epochs": 1})
+    assert save_job_file(settings.layout.run_dir("j1"), job, create=True)
+    remove_run(settings.layout, "j1")
+    with pytest.raises(FileNotFoundError):
+        save_job_file(settings.layout.run_dir("j1"), job.model_copy(update={"revision": 9}))
+    keep_job_file(settings.layout.run_dir("j1"), job.model_copy(update={"revision": 9}))  # logged, not raised
+    assert not settings.layout.run_dir("j1").exists()

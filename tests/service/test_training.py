@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -13,7 +14,7 @@ from tests.service.helpers import TINY, wait_for_job
 from worker.lease import Lease
 from worker.reaper import Reaper
 from worker.records import DatasetRecord, JobRecord
-from worker.run_files import read_job_file
+from worker.run_files import read_job_file, save_job_file
 from worker.settings import Settings
 from worker.store import Store
 from worker.training import JobMonitor, run_job
@@ -29,14 +30,19 @@ def fresh(redis_server):
     store.redis.close()
 
 
-def _queue(store: Store, job_id: str = "j1", epochs: int = 2) -> JobRecord:
+def _queue(store: Store, job_id: str = "j1", epochs: int = 2, data_dir: Path | None = None) -> JobRecord:
+    """A queued job, with its run folder under ``data_dir`` when given (as POST /train makes it)."""
     record = store.create_job(JobRecord.new(job_id, DATASET, {"epochs": epochs}))
     assert record is not None
+    if data_dir is not None:
+        save_job_file(Settings(data_dir=data_dir).layout.run_dir(job_id), record, create=True)
     return record
 
 
-def _start(store: Store, job_id: str = "j1", ttl: float = 30, worker: str = "me") -> Lease:
-    _queue(store, job_id)
+def _start(
+    store: Store, job_id: str = "j1", ttl: float = 30, worker: str = "me", data_dir: Path | None = None
+) -> Lease:
+    _queue(store, job_id, data_dir=data_dir)
     lease = store.leases.acquire(job_id, f"{worker}/tok", ttl_seconds=ttl)
     assert lease is not None and store.start_job(lease, worker)[0] == "queued"
     return lease
@@ -166,8 +172,8 @@ def test_the_reaper_requeues_a_running_job_whose_lease_is_gone(fresh, tmp_path):
     sent: list[str] = []
     clock = _Clock()
     settings = Settings(data_dir=tmp_path, lease_seconds=10, worker_heartbeat_seconds=1)
-    _start(fresh, "alive", worker="worker-a")
-    dead = _start(fresh, "dead", worker="worker-a")
+    _start(fresh, "alive", worker="worker-a", data_dir=tmp_path)
+    dead = _start(fresh, "dead", worker="worker-a", data_dir=tmp_path)
     fresh.redis.delete(dead.key)
     reaper = _reaper(fresh, settings, sent, clock)
     assert sent == []  # the lease of "dead" is missing, but not for long enough yet
@@ -188,11 +194,12 @@ def test_the_reaper_fails_a_job_that_keeps_crashing_its_worker(fresh, tmp_path):
     clock = _Clock()
     settings = Settings(data_dir=tmp_path, lease_seconds=10, worker_heartbeat_seconds=1, max_job_restarts=1)
     reaper = _reaper(fresh, settings, sent, clock)
+    lease = _start(fresh, worker="w", data_dir=tmp_path)
     outcomes = []
-    for _ in range(2):
-        lease = fresh.leases.acquire("j1", "w/tok", 10) if fresh.get_job("j1") else _start(fresh, worker="w")
-        if fresh.get_job("j1").status == "queued":
-            fresh.start_job(lease, "w")
+    for attempt in range(2):
+        if attempt:  # the requeued job, taken by the next worker
+            lease = fresh.leases.acquire("j1", f"w/{attempt}", 10)
+            assert fresh.start_job(lease, "w")[0] == "queued"
         fresh.redis.delete(lease.key)  # killed (out of memory) without a word
         reaper.run_once()
         clock.now += 6
