@@ -21,9 +21,8 @@ at once or a message turns up late: a second runner cannot take a held lease.
   more than ``SSD_MAX_JOB_RESTARTS`` times (each one killed its worker: out of memory, a
   setting that crashes the process) fails, saying so, instead of going round forever.
 - **Running, no lease, cancel asked** (while its worker was dead): it ends cancelled.
-- **Redis lost records** (at worker start, when Redis is a new server, and when the store's
-  marker key is gone: a FLUSHALL, an empty data folder): ``worker.rebuild`` restores them
-  from the data folder.
+- **Redis lost records** (it is a new or emptied server, or it restarted and may have lost its
+  last second): ``worker.rebuild`` restores them from the data folder.
 
 Every change the reaper makes to a job also reaches the job's ``job.json``.
 """
@@ -31,7 +30,6 @@ Every change the reaper makes to a job also reaches the job's ``job.json``.
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from collections.abc import Callable
 
@@ -81,7 +79,6 @@ class Reaper:
         # queued job's message missing from the queue.
         self._seen: dict[tuple[str, ...], float] = {}
         self._seen_before: dict[tuple[str, ...], float] = {}
-        self._server: str | None = None
 
     def run_once(self) -> list[str]:
         """One pass; what it did, e.g. ``["requeued 1a2b3c", "dispatched 4d5e6f"]``."""
@@ -101,17 +98,17 @@ class Reaper:
         return actions
 
     def _rebuild_if_redis_lost(self) -> list[str]:
-        """At the first pass, and whenever Redis is a new server or has lost the store's marker, put
-        back from the data folder what Redis lacks (one reaper at a time)."""
+        """Put back from the data folder what Redis lacks (one reaper at a time), whenever Redis is not
+        the server the last rebuild saw: a new or emptied one (the marker is gone), or one that
+        restarted (it may have lost its last second). A worker starting against the same Redis
+        reads nothing from the data folder."""
         server = self.store.server_run_id()
-        if server == self._server and self.store.has_marker():
+        if self.store.marker() == server:
             return []
-        self.store.index_active_jobs()
         if not self.store.try_lock("rebuild", 60):
             return []  # another reaper rebuilds; this one looks again at its next pass
         actions = rebuild_from_disk(self.store, self.settings, self.dispatch)
-        self.store.set_marker(secrets.token_hex(8))
-        self._server = server
+        self.store.set_marker(server)
         return actions
 
     def _seen_for(self, problem: tuple[str, ...], now: float) -> float:

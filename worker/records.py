@@ -4,7 +4,7 @@ A job's HTTP answer (``Job``) is its stored record (``JobRecord``) less the fiel
 service reads; a dataset's (``Dataset``) is its ``DatasetRecord`` less the folder it reads.
 
 In Redis a job is a hash with one field per record field (``JobRecord.to_hash``): the
-fields Lua scripts compare (``PLAIN_FIELDS``: the status, the lease token, the dispatch id)
+fields Lua scripts read (``PLAIN_FIELDS``: the status, the dataset, the lease token, the dispatch id)
 are plain strings, every other value is JSON, and a field that is None is absent. The
 scripts therefore never parse JSON, and an empty ARGV value tells them to delete a field.
 """
@@ -25,7 +25,7 @@ STATUSES: tuple[Status, ...] = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 ACTIVE = (QUEUED, RUNNING)
 FINISHED = (SUCCEEDED, FAILED, CANCELLED)  # final: nothing changes a job's status once it is one of these
 
-PLAIN_FIELDS = frozenset({"status", "lease_token", "dispatch_id"})
+PLAIN_FIELDS = frozenset({"status", "dataset_id", "lease_token", "dispatch_id"})
 
 
 def now_iso() -> str:
@@ -167,6 +167,8 @@ def encode_fields(fields: Mapping[str, Any]) -> list[str]:
     unknown = set(fields) - set(JobRecord.model_fields)
     if unknown:
         raise ValueError(f"not job record fields: {sorted(unknown)}")
+    if "status" in fields:  # a status moves only with its indexes, in the scripts that change it
+        raise ValueError("a job's status is set by the store's transitions, not as a field")
     return [item for name, value in fields.items() for item in (name, encode_value(name, value))]
 
 

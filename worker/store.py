@@ -2,14 +2,17 @@
 
 Keys (``p`` is ``Settings.key_prefix``):
 
-- ``p:dataset:<id>`` (string, the ``DatasetRecord`` as JSON) and ``p:datasets`` (sorted set,
-  by creation time); ``p:dataset:<id>:jobs`` (set): the jobs that trained on it, so a delete
-  can refuse while one of them is queued or running.
+- ``p:dataset:<id>`` (string, the ``DatasetRecord`` as JSON) and ``p:datasets`` (sorted set, by
+  creation time).
 - ``p:job:<id>`` (hash): the ``JobRecord``, one field per record field (``worker.records``),
-  so the API and the worker update fields without read-modify-write races; ``p:jobs``
-  (sorted set, by creation time), ``p:jobs:succeeded`` (sorted set, by finish time) and
-  ``p:jobs:active`` (set): the queued and running jobs, all that the reaper
-  (``worker.reaper``) and the queue limit look at.
+  so the API and the worker update fields without read-modify-write races.
+- Indexes of the jobs, each a sorted set by creation time, kept by the scripts that change a
+  job's status (``worker/lua/prelude.lua``): ``p:jobs`` (every job), ``p:status:<status>``,
+  ``p:dataset:<id>:jobs`` and ``p:dataset:<id>:status:<status>``. Every listing pages through
+  one of them newest first, and the reaper, the queue limit, a dataset's delete and the job
+  counts of /metrics read only the queued and running ones or the sets' sizes: nothing grows
+  with the number of jobs that have ended. ``p:jobs:succeeded`` (sorted set, by finish time):
+  the newest succeeded job serves /detect by default.
 - ``p:job:<id>:losses`` (stream): one entry per finished epoch whose stream id is
   ``<epoch>-0``, so an epoch is there at most once and epochs stay in order.
 - ``p:job:<id>:lease`` (string, a run's token, with expiry): whoever holds it trains the job
@@ -17,6 +20,7 @@ Keys (``p`` is ``Settings.key_prefix``):
 - ``p:job:<id>:redispatch`` (string, with expiry): a reaper is sending the job's task again.
 - ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds); an entry older
   than ``WORKER_ENTRY_SECONDS`` is dropped.
+- ``p:marker`` (string): the Redis run id at the last rebuild from the data folder (``worker.rebuild``).
 
 succeeded, failed and cancelled are final: no script changes a job's status once it is one
 of them. The scripts that change a record return it, with its ``revision`` counted, so the
@@ -26,11 +30,12 @@ caller can write the same record to the job's ``job.json`` (``worker.run_files``
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -50,6 +55,7 @@ from worker.records import (
 )
 from worker.scripts import register
 
+T = TypeVar("T")
 POOL_WAIT_SECONDS = 5.0  # how long a call waits for a free connection of a capped pool
 WORKER_ENTRY_SECONDS = 3600.0  # a worker not heard of for this long is forgotten
 # What a call to Redis raises while Redis is away or restarting: worth retrying later.
@@ -97,8 +103,38 @@ class Crashes:
     error: tuple[str, str]  # the failed job's error, before and after its crash count
 
 
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a listing, and the cursor of the next one (None on the last page)."""
+
+    items: list[T]
+    next: str | None
+
+
+# What ``make_cursor`` makes: the last member of a page (an id: letters and digits) and its score.
+CURSOR_PATTERN = r"^[0-9A-Za-z]+\.[0-9]+(\.[0-9]+)?(e[-+]?[0-9]+)?$"
+
+
+def make_cursor(member: str, score: float) -> str:
+    """An opaque cursor: the last member of a page and its score (a creation time, never negative)."""
+    return f"{member}.{score!r}"
+
+
+def parse_cursor(cursor: str) -> tuple[str, float]:
+    """Raises ValueError for a cursor ``make_cursor`` did not make."""
+    if not re.fullmatch(CURSOR_PATTERN, cursor):
+        raise ValueError(f"not a cursor of this listing: {cursor!r}")
+    member, _, score = cursor.partition(".")
+    return member, float(score)
+
+
 def _record(reply: Sequence[str] | None) -> JobRecord | None:
     return JobRecord.from_flat(reply) if reply else None
+
+
+def _fields_but_status(record: JobRecord) -> list[str]:
+    """The record's hash as flat field/value pairs, its status left to the scripts (and the indexes)."""
+    return [item for name, value in record.to_hash().items() if name != "status" for item in (name, value)]
 
 
 class Store:
@@ -162,8 +198,11 @@ class Store:
     def lease_key(self, job_id: str) -> str:
         return self._key("job", job_id, "lease")
 
-    def _active_key(self) -> str:
-        return self._key("jobs", "active")
+    def _status_key(self, status: str, dataset_id: str | None = None) -> str:
+        return self._key("dataset", dataset_id, "status", status) if dataset_id else self._key("status", status)
+
+    def _jobs_key(self, dataset_id: str | None = None) -> str:
+        return self._key("dataset", dataset_id, "jobs") if dataset_id else self._key("jobs")
 
     # --- datasets ---------------------------------------------------------------------------
 
@@ -182,13 +221,11 @@ class Store:
         """The ids among ``dataset_ids`` that have no record."""
         return self._missing(dataset_ids, lambda dataset_id: self._key("dataset", dataset_id))
 
-    def list_datasets(self) -> list[DatasetRecord]:
-        """Every dataset record, newest first."""
-        ids = self.redis.zrevrange(self._key("datasets"), 0, -1)
-        if not ids:
-            return []
-        values = self.redis.mget([self._key("dataset", i) for i in ids])
-        return [DatasetRecord.model_validate_json(v) for v in values if v is not None]
+    def list_datasets(self, limit: int = 100, cursor: str | None = None) -> Page[DatasetRecord]:
+        """A page of dataset records, newest first, after ``cursor`` (a page's ``next``)."""
+        ids, next_cursor = self._page(self._key("datasets"), limit, cursor)
+        values = self.redis.mget([self._key("dataset", i) for i in ids]) if ids else []
+        return Page([DatasetRecord.model_validate_json(v) for v in values if v is not None], next_cursor)
 
     def delete_dataset(self, dataset_id: str) -> tuple[str, str | None]:
         """Delete a dataset's record unless a queued or running job uses it.
@@ -196,8 +233,8 @@ class Store:
         Returns:
             ``("deleted", None)``, ``("missing", None)`` or ``("busy", job_id)``.
         """
-        keys = [self._key("dataset", dataset_id), self._key("datasets"), self._key("dataset", dataset_id, "jobs")]
-        result = self._run("delete_dataset", keys, [dataset_id, self._key("job", "")])
+        keys = [self._key("dataset", dataset_id), self._key("datasets")]
+        result = self._run("delete_dataset", keys, [dataset_id])
         return result[0], (result[1] if len(result) > 1 else None)
 
     # --- jobs -------------------------------------------------------------------------------
@@ -211,33 +248,19 @@ class Store:
         Raises:
             QueueFull: ``max_queued`` jobs are queued already (nothing is stored).
         """
-        keys = [
-            self._key("dataset", record.dataset_id),
-            self.job_key(record.id),
-            self._key("jobs"),
-            self._key("dataset", record.dataset_id, "jobs"),
-            self._active_key(),
-        ]
+        keys = [self._key("dataset", record.dataset_id), self.job_key(record.id)]
         limit = max_queued if max_queued is not None else 2**62
-        flat = [item for pair in record.to_hash().items() for item in pair]
-        outcome = self._run("create_job", keys, [record.id, time.time(), limit, self._key("job", ""), *flat])
+        outcome = self._run("create_job", keys, [time.time(), limit, *_fields_but_status(record)])
         if outcome == -1:
             raise QueueFull(f"{max_queued} jobs are waiting for a worker already (the limit)")
         return None if outcome == 0 else _record(outcome)
 
     def restore_job(self, record: JobRecord, created: float, finished: float | None = None) -> bool:
         """Store a job record rebuilt from its run folder, unless the job has one. True if stored."""
-        keys = [
-            self.job_key(record.id),
-            self._key("jobs"),
-            self._active_key(),
-            self._key("jobs", "succeeded"),
-            self._key("dataset", record.dataset_id, "jobs"),
-        ]
-        active = "1" if record.status in ACTIVE else "0"
+        keys = [self.job_key(record.id), self._key("jobs", "succeeded")]
         succeeded = str(finished or created) if record.status == SUCCEEDED else ""
-        flat = [item for pair in record.to_hash().items() for item in pair]
-        return bool(self._run("restore_job", keys, [record.id, created, active, succeeded, *flat]))
+        args = [created, succeeded, record.status, *_fields_but_status(record)]
+        return bool(self._run("restore_job", keys, args))
 
     def get_job(self, job_id: str) -> JobRecord | None:
         fields = self.redis.hgetall(self.job_key(job_id))
@@ -259,22 +282,34 @@ class Store:
                 pipe.exists(key_of(record_id))
             return [i for i, found in zip(ids, pipe.execute(), strict=True) if not found]
 
-    def _statuses(self, job_ids: list[str]) -> list[str | None]:
-        """Each job's status, None where its record is gone (one pipelined round trip)."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in job_ids:
-                pipe.hget(self.job_key(job_id), "status")
-            return pipe.execute()
+    def list_jobs(
+        self, status: str | None = None, dataset_id: str | None = None, limit: int = 100, cursor: str | None = None
+    ) -> Page[JobRecord]:
+        """A page of job records, newest first, in ``status`` and of ``dataset_id`` if given, after
+        ``cursor`` (a page's ``next``): read through an index, whatever the number of jobs."""
+        key = self._status_key(status, dataset_id) if status else self._jobs_key(dataset_id)
+        ids, next_cursor = self._page(key, limit, cursor)
+        return Page(self.get_jobs(ids), next_cursor)
 
-    def list_job_ids(self, offset: int = 0, limit: int = 100) -> list[str]:
-        """Job ids, newest first."""
-        return self.redis.zrevrange(self._key("jobs"), offset, offset + limit - 1)
+    def _page(self, key: str, limit: int, cursor: str | None) -> tuple[list[str], str | None]:
+        """Up to ``limit`` members of the sorted set ``key``, highest score first, after the member the
+        cursor names (or, if it is gone, after its score); the cursor of the next page, if any.
 
-    def list_job_ids_with_status(self, status: str, offset: int = 0, limit: int = 100) -> list[str]:
-        """Ids of the jobs in ``status``, newest first: two round trips, however many jobs there are."""
-        ids = self.redis.zrevrange(self._key("jobs"), 0, -1)
-        matching = [job_id for job_id, found in zip(ids, self._statuses(ids), strict=True) if found == status]
-        return matching[offset : offset + limit]
+        Raises:
+            ValueError: a cursor this listing did not make.
+        """
+        start = 0
+        if cursor is not None:
+            after, score = parse_cursor(cursor)
+            with self.redis.pipeline() as pipe:  # one transaction: no insert shifts the rank in between
+                pipe.zrevrank(key, after)
+                pipe.zcount(key, f"({score!r}", "+inf")
+                rank, newer = pipe.execute()
+            start = rank + 1 if rank is not None else newer
+        found = self.redis.zrevrange(key, start, start + limit, withscores=True)
+        more = len(found) > limit
+        found = found[:limit]
+        return [member for member, _ in found], make_cursor(*found[-1]) if more else None
 
     def newest_succeeded_job(self) -> str | None:
         """The id of the job that succeeded last, or None if none has."""
@@ -282,12 +317,11 @@ class Store:
         return ids[0] if ids else None
 
     def status_counts(self) -> dict[str, int]:
-        """How many jobs are in each status (one pipelined round trip for the statuses)."""
-        counts = dict.fromkeys(STATUSES, 0)
-        for status in self._statuses(self.redis.zrange(self._key("jobs"), 0, -1)):
-            if status is not None:
-                counts[status] = counts.get(status, 0) + 1
-        return counts
+        """How many jobs are in each status: the sizes of the status indexes, one round trip."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for status in STATUSES:
+                pipe.zcard(self._status_key(status))
+            return dict(zip(STATUSES, pipe.execute(), strict=True))
 
     def request_cancel(self, job_id: str) -> tuple[str, JobRecord] | None:
         """Cancel a job: a queued one is cancelled at once, a running one is asked to stop.
@@ -295,8 +329,7 @@ class Store:
         Returns:
             The status the job had and its record now, or None if there is no such job.
         """
-        finished_at = encode_value("finished_at", now_iso())
-        reply = self._run("cancel", [self.job_key(job_id), self._active_key()], [job_id, finished_at])
+        reply = self._run("cancel", [self.job_key(job_id)], [encode_value("finished_at", now_iso())])
         return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 
     def cancel_requested(self, job_id: str) -> bool:
@@ -327,11 +360,10 @@ class Store:
             The record after (queued, cancelled or failed), or None if nothing was done. The
             caller sends a queued job's task again.
         """
-        keys = [self.job_key(job_id), self.lease_key(job_id), self._active_key()]
+        keys = [self.job_key(job_id), self.lease_key(job_id)]
         crash = crashes or Crashes(2**62, ("", ""))
         args = [
             lease.token if lease else "",
-            job_id,
             encode_value("restart_reason", reason),
             encode_value("enqueued_at", time.time()),
             encode_value("finished_at", now_iso()),
@@ -350,23 +382,22 @@ class Store:
         """
         if status not in FINISHED:
             raise ValueError(f"a finished job's status must be one of {FINISHED}, got {status!r}")
-        job_id = lease.job_id
-        keys = [self.job_key(job_id), self._active_key(), self._key("jobs", "succeeded"), lease.key]
+        keys = [self.job_key(lease.job_id), self._key("jobs", "succeeded"), lease.key]
         score = str(time.time()) if status == SUCCEEDED else ""
-        flat = encode_fields({**fields, "status": status, "finished_at": now_iso()})
-        return _record(self._run("finish", keys, [lease.token, job_id, score, *flat]))
+        flat = encode_fields({**fields, "finished_at": now_iso()})
+        return _record(self._run("finish", keys, [lease.token, status, score, *flat]))
 
     def fail_queued_job(self, job_id: str, error: str) -> JobRecord | None:
         """Fail a job that is still queued (its task could not be sent). The record after, or None."""
-        flat = encode_fields({"status": "failed", "error": error, "finished_at": now_iso()})
-        return _record(self._run("fail_queued", [self.job_key(job_id), self._active_key()], [job_id, *flat]))
+        flat = encode_fields({"error": error, "finished_at": now_iso()})
+        return _record(self._run("fail_queued", [self.job_key(job_id)], flat))
 
     def update_running(self, lease: Lease, **fields: Any) -> bool:
         """Set fields (progress) of the running job whose lease the caller holds. False if not written."""
         keys = [self.job_key(lease.job_id), lease.key]
         return bool(self._run("update_running", keys, [lease.token, *encode_fields(fields)]))
 
-    def update_job(self, job_id: str, **fields: Any) -> bool:
+    def update_job(self, job_id: str, **fields: Any) -> bool:  # never a status: only scripts move a job
         """Set fields of an existing job, unchecked (never a stub record for a job Redis lost). False if none."""
         return bool(self._run("update_job", [self.job_key(job_id)], encode_fields(fields)))
 
@@ -382,12 +413,9 @@ class Store:
             self.losses_key(job_id),
             self.lease_key(job_id),
             self._key("job", job_id, "redispatch"),
-            self._key("jobs"),
             self._key("jobs", "succeeded"),
-            self._active_key(),
-            self._key("dataset", job.dataset_id, "jobs"),
         ]
-        return self._run("delete_job", keys, [job_id])
+        return self._run("delete_job", keys, [])
 
     # --- task messages on their way (see worker.reaper) ---------------------------------------
 
@@ -406,7 +434,10 @@ class Store:
 
     def active_jobs(self) -> list[ActiveJob]:
         """The queued and running jobs, with whether their lease is held."""
-        ids = sorted(self.redis.smembers(self._active_key()))
+        with self.redis.pipeline(transaction=False) as pipe:
+            for status in ACTIVE:
+                pipe.zrange(self._status_key(status), 0, -1)
+            ids = sorted({job_id for found in pipe.execute() for job_id in found})
         fields = ("status", "worker", "dispatch_id", "enqueued_at")
         with self.redis.pipeline(transaction=False) as pipe:
             for job_id in ids:
@@ -423,21 +454,13 @@ class Store:
             jobs.append(ActiveJob(job_id, status, worker, dispatch_id or None, enqueued, bool(leased)))
         return jobs
 
-    def index_active_jobs(self) -> int:
-        """Add every queued or running job to the active set (records written before it existed)."""
-        ids = self.redis.zrange(self._key("jobs"), 0, -1)
-        active = [i for i, status in zip(ids, self._statuses(ids), strict=True) if status in ACTIVE]
-        if active:
-            self.redis.sadd(self._active_key(), *active)
-        return len(active)
-
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""
         return str(self.redis.info("server").get("run_id", ""))
 
-    def has_marker(self) -> bool:
-        """Whether Redis holds the store's marker (``set_marker``): a FLUSHALL or an empty new server has not."""
-        return bool(self.redis.exists(self._key("marker")))
+    def marker(self) -> str | None:
+        """The store's marker (``set_marker``): gone after a FLUSHALL or on an empty new server."""
+        return self.redis.get(self._key("marker"))
 
     def set_marker(self, value: str) -> None:
         self.redis.set(self._key("marker"), value)

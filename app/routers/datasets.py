@@ -17,6 +17,7 @@ from app.dataset_import import (
     remove_dataset_files,
 )
 from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
+from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
 from worker.settings import Settings
@@ -90,9 +91,13 @@ async def synthetic_dataset(
 
 
 @router.get("", response_model=list[Dataset])
-def list_datasets(store: StoreDep) -> list[Dataset]:
-    """Every dataset, newest first."""
-    return [dataset.public() for dataset in store.list_datasets()]
+def list_datasets(
+    request: Request, response: Response, store: StoreDep, limit: Limit = 100, cursor: Cursor = None
+) -> list[Dataset]:
+    """Datasets, newest first, ``limit`` at a time; the next page is named in the ``Link`` header."""
+    page = read_page(lambda: store.list_datasets(limit, cursor))
+    link_next(request, response, page)
+    return [dataset.public() for dataset in page.items]
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})

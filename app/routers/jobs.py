@@ -15,6 +15,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from app.deps import AsyncRedisDep, CeleryDep, EventStreamsDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
 from app.event_streams import CountedEventSourceResponse
+from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import Job, JobStatus, Losses, TrainRequest, invalid_body
 from model.layout import LOSS_PLOT
 from model.plots import plot_losses
@@ -69,17 +70,19 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
 
 @router.get("/jobs", response_model=list[Job])
 def list_jobs(
+    request: Request,
+    response: Response,
     store: StoreDep,
     status: JobStatus | None = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10**9)] = 0,
-) -> list[dict]:
-    """Jobs, newest first; ``status`` keeps only jobs in that status."""
-    if status is None:
-        ids = store.list_job_ids(offset, limit)
-    else:
-        ids = store.list_job_ids_with_status(status, offset, limit)
-    return [job.public() for job in store.get_jobs(ids)]
+    dataset_id: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    limit: Limit = 100,
+    cursor: Cursor = None,
+) -> list[Job]:
+    """Jobs, newest first, ``limit`` at a time; ``status`` and ``dataset_id`` keep only those jobs. The
+    next page is named in the ``Link`` header (``rel="next"``), absent on the last page."""
+    page = read_page(lambda: store.list_jobs(status, dataset_id, limit, cursor))
+    link_next(request, response, page)
+    return [job.public() for job in page.items]
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)

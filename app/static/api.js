@@ -83,13 +83,27 @@ async function parse(response) {
 /** A JSON request: `json` is sent as the body; `body` (FormData) as is. */
 export function request(path, { method = "GET", json, body } = {}) {
   return withKey(async (key) => {
-    const headers = {};
-    if (json !== undefined) headers["Content-Type"] = "application/json";
-    if (key) headers["X-API-Key"] = key;
-    const payload = json !== undefined ? JSON.stringify(json) : body;
-    const response = await fetch(path, { method, headers, body: payload });
+    const response = await send(path, key, { method, json, body });
     return { status: response.status, data: await parse(response) };
   });
+}
+
+/** One page of a listing: `{items, next}`, `next` the path of the following page (its Link header) or null. */
+export function requestPage(path) {
+  return withKey(async (key) => {
+    const response = await send(path, key, {});
+    const data = await parse(response);
+    const link = /<([^>]+)>;\s*rel="next"/.exec(response.headers.get("link") || "");
+    return { status: response.status, data: response.ok ? { items: data, next: link ? link[1] : null } : data };
+  });
+}
+
+function send(path, key, { method = "GET", json, body }) {
+  const headers = {};
+  if (json !== undefined) headers["Content-Type"] = "application/json";
+  if (key) headers["X-API-Key"] = key;
+  const payload = json !== undefined ? JSON.stringify(json) : body;
+  return fetch(path, { method, headers, body: payload });
 }
 
 /** POST a FormData with XMLHttpRequest, for its upload progress: `onProgress(fraction)`. */

@@ -1,7 +1,7 @@
 // The page: four views chosen by the URL's hash (#datasets, #training, #curves/<job>, #detect/<job>),
 // the datasets and jobs lists they share, and polling while a job is queued or running.
 
-import { askForKey, request } from "./api.js";
+import { askForKey, request, requestPage } from "./api.js";
 import { CurvesView } from "./curves.js";
 import { DatasetsView } from "./datasets.js";
 import { DetectView } from "./detect.js";
@@ -12,7 +12,9 @@ const FAST_POLL_MS = 1000; // while a job is queued or running
 const SLOW_POLL_MS = 5000;
 
 const $ = (selector) => document.querySelector(selector);
-const state = { datasets: [], jobs: [] };
+// jobs: the newest page, polled; older: the pages after it that "Show older jobs" loaded; next:
+// the path of the page after those (null: there is none).
+const state = { datasets: [], jobs: [], older: [], next: null };
 
 const datasets = new DatasetsView($("#view-datasets"), (createdId) => refreshDatasets(createdId));
 const training = new TrainingView($("#view-training"), {
@@ -40,7 +42,7 @@ function route() {
     else link.removeAttribute("aria-current");
   }
   if (view === "curves") curves.show(arg);
-  if (view === "detect") detect.setJobs(state.jobs, arg);
+  if (view === "detect") detect.setJobs(allJobs(), arg);
 }
 
 function showError(error) {
@@ -67,21 +69,41 @@ async function refreshDatasets(createdId) {
   training.setDatasets(state.datasets, createdId);
 }
 
+function allJobs() {
+  const newest = new Set(state.jobs.map((job) => job.id));
+  return [...state.jobs, ...state.older.filter((job) => !newest.has(job.id))];
+}
+
 function showJobs() {
-  training.setJobs(state.jobs);
-  curves.setJobs(state.jobs);
-  detect.setJobs(state.jobs);
+  const jobs = allJobs();
+  training.setJobs(jobs);
+  curves.setJobs(jobs);
+  detect.setJobs(jobs);
+  $("#jobs-more").hidden = !state.next;
 }
 
 async function refreshJobs() {
   try {
-    state.jobs = await request("/jobs");
+    const page = await requestPage("/jobs");
+    state.jobs = page.items;
+    if (!state.older.length) state.next = page.next;
   } catch (error) {
     showError(error);
     return false;
   }
   showJobs();
   return true;
+}
+
+async function showOlderJobs() {
+  try {
+    const page = await requestPage(state.next);
+    state.older = [...state.older, ...page.items];
+    state.next = page.next;
+  } catch (error) {
+    return showError(error);
+  }
+  showJobs();
 }
 
 async function refreshStatus() {
@@ -117,6 +139,7 @@ async function refreshAll() {
 
 async function start() {
   window.addEventListener("hashchange", route);
+  $("#jobs-more").addEventListener("click", showOlderJobs);
   // A file dropped beside the drop zone must not make the browser leave the page to show it.
   for (const type of ["dragover", "drop"]) window.addEventListener(type, (event) => event.preventDefault());
   route();

@@ -226,3 +226,31 @@ def test_event_streams_are_capped_and_a_closed_one_frees_its_place(env, tmp_path
                     return again.status_code == 200
 
             wait_until(reopened, 20, "a place freed by the closed streams")
+
+
+def test_jobs_and_datasets_are_listed_a_page_at_a_time(env, tmp_path, log_dir):
+    overrides = {"SSD_KEY_PREFIX": f"pages-{uuid.uuid4().hex[:8]}", "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-pages", **overrides) as base, httpx.Client(base_url=base, timeout=30) as client:
+        datasets = [
+            client.post("/datasets/synthetic", json={"num_images": 1, "image_size": 32}).json() for _ in range(2)
+        ]
+        posted = [client.post("/train", json={"dataset_id": datasets[n % 2]["id"], **TINY}).json() for n in range(5)]
+        client.post(f"/jobs/{posted[0]['id']}/cancel")
+
+        listed, url = [], "/jobs?limit=2"
+        while url:
+            page = client.get(url)
+            assert page.status_code == 200 and len(page.json()) <= 2
+            listed += [job["id"] for job in page.json()]
+            link = page.headers.get("link")
+            url = link[1 : link.index(">")] if link else None
+            assert not link or link.endswith('>; rel="next"')
+        assert listed == [job["id"] for job in reversed(posted)]
+
+        second = client.get("/jobs", params={"dataset_id": datasets[1]["id"]}).json()
+        assert [job["id"] for job in second] == [posted[3]["id"], posted[1]["id"]]
+        queued_first = client.get("/jobs", params={"dataset_id": datasets[0]["id"], "status": "queued"}).json()
+        assert [job["id"] for job in queued_first] == [posted[4]["id"], posted[2]["id"]]
+        assert [d["id"] for d in client.get("/datasets", params={"limit": 1}).json()] == [datasets[1]["id"]]
+        bad = client.get("/jobs", params={"cursor": "abc.def"})
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "cursor"], bad.text

@@ -229,7 +229,7 @@ def test_only_an_ended_job_is_deleted_with_everything_it_had(fresh):
     job = fresh.finish_job(lease, "succeeded", checkpoint="best.pt")
     assert fresh.newest_succeeded_job() == "j1"
     assert fresh.delete_job(job) == "deleted"
-    assert fresh.get_job("j1") is None and fresh.losses("j1") == [] and fresh.list_job_ids() == []
+    assert fresh.get_job("j1") is None and fresh.losses("j1") == [] and fresh.list_jobs().items == []
     assert fresh.newest_succeeded_job() is None and fresh.redis.smembers(fresh._key("dataset", "d1", "jobs")) == set()
     assert fresh.delete_job(job) == "missing"
 
@@ -243,7 +243,7 @@ def test_newest_succeeded_job_and_status_counts(fresh):
     fresh.finish_job(_run(fresh, "c"), "succeeded")
     assert fresh.newest_succeeded_job() == "c"
     assert fresh.status_counts() == {"queued": 0, "running": 0, "succeeded": 2, "failed": 1, "cancelled": 0}
-    assert fresh.list_job_ids() == ["c", "b", "a"]
+    assert [job.id for job in fresh.list_jobs().items] == ["c", "b", "a"]
     with pytest.raises(ValueError):
         fresh.finish_job(_run(fresh, "d"), "running")
 
@@ -254,3 +254,88 @@ def test_workers_not_heard_of_for_an_hour_are_forgotten(fresh):
     fresh.worker_heartbeat("alive@now")
     assert set(fresh.redis.zrange(workers, 0, -1)) == {"quiet@recent", "alive@now"}
     assert [w["name"] for w in fresh.workers_seen(5)] == ["alive@now"]
+
+
+def _indexed_statuses(store: Store, job_id: str, dataset_id: str = "d1") -> list[str]:
+    """The status indexes (global and the dataset's) that list the job; each must say its status."""
+    found = []
+    for status in ("queued", "running", "succeeded", "failed", "cancelled"):
+        in_all = store.redis.zscore(store._key("status", status), job_id) is not None
+        in_dataset = store.redis.zscore(store._key("dataset", dataset_id, "status", status), job_id) is not None
+        assert in_all == in_dataset, (job_id, status)
+        if in_all:
+            found.append(status)
+    return found
+
+
+def test_every_transition_moves_the_job_between_its_status_indexes(fresh):
+    _queue(fresh, "j1")
+    assert _indexed_statuses(fresh, "j1") == ["queued"]
+    lease = _run(fresh, "j1")
+    assert _indexed_statuses(fresh, "j1") == ["running"]
+    fresh.redis.delete(lease.key)
+    fresh.requeue_job("j1", "its worker died", crashes=Crashes(0, CRASHED))  # past the limit: failed
+    assert _indexed_statuses(fresh, "j1") == ["failed"]
+    _queue(fresh, "j2")
+    fresh.request_cancel("j2")
+    assert _indexed_statuses(fresh, "j2") == ["cancelled"]
+    fresh.finish_job(_run(fresh, "j3"), "succeeded")
+    assert _indexed_statuses(fresh, "j3") == ["succeeded"]
+    _queue(fresh, "j4")
+    fresh.fail_queued_job("j4", "broker away")
+    assert _indexed_statuses(fresh, "j4") == ["failed"]
+    assert fresh.status_counts() == {"queued": 0, "running": 0, "succeeded": 1, "failed": 2, "cancelled": 1}
+    fresh.delete_job(fresh.get_job("j1"))
+    assert _indexed_statuses(fresh, "j1") == [] and fresh.status_counts()["failed"] == 1
+    restored = JobRecord.new("j5", DATASET, {"epochs": 1}).model_copy(update={"status": "running"})
+    assert fresh.restore_job(restored, created=time.time())
+    assert _indexed_statuses(fresh, "j5") == ["running"] and [j.id for j in fresh.active_jobs()] == ["j5"]
+    with pytest.raises(ValueError):
+        fresh.update_job("j5", status="succeeded")  # a status never moves without its indexes
+
+
+def test_listings_page_newest_first_without_repeats_while_jobs_are_added(fresh):
+    other = DATASET.model_copy(update={"id": "d2"})
+    fresh.put_dataset(other)
+    for n in range(25):
+        _queue(fresh, f"a{n:02d}", other if n % 5 == 0 else DATASET)
+    for n in range(0, 25, 3):
+        fresh.request_cancel(f"a{n:02d}")
+    seen, cursor = [], None
+    while True:
+        page = fresh.list_jobs(limit=10, cursor=cursor)
+        seen += [job.id for job in page.items]
+        if len(seen) == 10:
+            _queue(fresh, "newer")  # arrives between pages: it belongs before them, not in them
+        if page.next is None:
+            break
+        cursor = page.next
+    assert seen == [f"a{n:02d}" for n in reversed(range(25))]
+
+    cancelled = fresh.list_jobs(status="cancelled", limit=100)
+    assert [j.id for j in cancelled.items] == [
+        f"a{n:02d}" for n in reversed(range(0, 25, 3))
+    ] and cancelled.next is None
+    mine = fresh.list_jobs(dataset_id="d2", limit=2)
+    assert [j.id for j in mine.items] == ["a20", "a15"] and mine.next
+    rest = fresh.list_jobs(dataset_id="d2", limit=10, cursor=mine.next)
+    assert [j.id for j in rest.items] == ["a10", "a05", "a00"]
+    both = fresh.list_jobs(status="cancelled", dataset_id="d2")
+    assert [j.id for j in both.items] == ["a15", "a00"]
+    assert fresh.delete_dataset("d2") == ("busy", "a05")  # its oldest queued job, from the dataset's index
+
+    # A page's last job deleted before the next page is asked for: the next page starts after its time.
+    first = fresh.list_jobs(status="cancelled", limit=2)
+    fresh.delete_job(first.items[-1])
+    after = fresh.list_jobs(status="cancelled", limit=100, cursor=first.next)
+    assert [j.id for j in after.items] == [f"a{n:02d}" for n in reversed(range(0, 19, 3))]
+    with pytest.raises(ValueError):
+        fresh.list_jobs(cursor="not-a-cursor")
+
+
+def test_datasets_page_newest_first(fresh):
+    for n in range(5):
+        fresh.put_dataset(DATASET.model_copy(update={"id": f"x{n}"}), created=1000.0 + n)
+    page = fresh.list_datasets(limit=4)
+    assert [d.id for d in page.items] == ["d1", "x4", "x3", "x2"]
+    assert [d.id for d in fresh.list_datasets(limit=4, cursor=page.next).items] == ["x1", "x0"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+import uuid
 from pathlib import Path
 
 import httpx
@@ -12,7 +13,7 @@ import pytest
 from playwright.sync_api import Route, expect
 
 from model.data import make_shapes_dataset
-from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http
+from tests.service.conftest import PYTHON, api_process, free_port, start_process, wait_for_http
 from tests.service.helpers import TINY, wait_for_job, zip_folder
 from tests.web.conftest import DESKTOP, new_page, screenshot
 
@@ -332,3 +333,25 @@ def test_job_progress_line(page, console):
         1,
         "4 of 4 epochs",
     ]
+
+
+def test_the_jobs_list_pages_through_older_jobs(browser, console, env, log_dir, tmp_path):
+    """105 jobs on an API of their own (a queue no worker reads): the newest 100 first, then the rest."""
+    overrides = {"SSD_KEY_PREFIX": f"web-pages-{uuid.uuid4().hex[:8]}", "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-web-pages", **overrides) as base:
+        with httpx.Client(base_url=base, timeout=30) as client:
+            dataset = client.post("/datasets/synthetic", json={"num_images": 1, "image_size": 32}).json()
+            ids = [client.post("/train", json={"dataset_id": dataset["id"], **TINY}).json()["id"] for _ in range(105)]
+        context, page = new_page(browser, base, console, DESKTOP)
+        try:
+            page.goto("/#training")
+            items = page.locator("#jobs-list > li")
+            expect(items).to_have_count(100)
+            assert items.first.get_attribute("data-id") == ids[-1]
+            page.click("#jobs-more")
+            expect(items).to_have_count(105)
+            assert items.last.get_attribute("data-id") == ids[0]
+            expect(page.locator("#jobs-more")).to_be_hidden()
+        finally:
+            context.close()
+    console.assert_clean()

@@ -1,11 +1,11 @@
--- Delete a dataset's record unless a queued or running job uses it.
--- KEYS: dataset, datasets, dataset's jobs. ARGV[1]: dataset id, [2]: job key prefix ("p:job:").
--- Returns {'missing'}, {'busy', job id} or {'deleted'}.
+-- Delete a dataset's record unless a queued or running job uses it (the indexes of its jobs stay:
+-- its ended jobs are still listed by dataset).
+-- KEYS: dataset, datasets. ARGV[1]: dataset id. Returns {'missing'}, {'busy', job id} or {'deleted'}.
 if redis.call('EXISTS', KEYS[1]) == 0 then return {'missing'} end
-for _, job in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  local status = redis.call('HGET', ARGV[2] .. job, 'status')
-  if status == 'queued' or status == 'running' then return {'busy', job} end
+for _, status in ipairs({'queued', 'running'}) do
+  local busy = redis.call('ZRANGE', KEYS[1] .. ':status:' .. status, 0, 0)
+  if #busy > 0 then return {'busy', busy[1]} end
 end
-redis.call('DEL', KEYS[1], KEYS[3])
+redis.call('DEL', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return {'deleted'}

@@ -7,7 +7,8 @@ local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return false end
 if status ~= 'queued' then return with_record(status, KEYS[1]) end
 if redis.call('GET', KEYS[2]) ~= ARGV[1] then return with_record('unleased', KEYS[1]) end
-redis.call('HSET', KEYS[1], 'status', 'running', 'lease_token', ARGV[1], 'worker', ARGV[3])
+set_status(KEYS[1], 'running')
+redis.call('HSET', KEYS[1], 'lease_token', ARGV[1], 'worker', ARGV[3])
 if redis.call('HEXISTS', KEYS[1], 'started_at') == 0 then redis.call('HSET', KEYS[1], 'started_at', ARGV[2]) end
 redis.call('HINCRBY', KEYS[1], 'revision', 1)
 return with_record(status, KEYS[1])
