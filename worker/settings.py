@@ -160,6 +160,14 @@ class Settings(BaseSettings):
         ),
     )
     queue: str = Field("training", pattern=r"^[A-Za-z0-9_.-]+$", description="Celery queue of training tasks.")
+    gpus: str = Field(
+        "all",
+        pattern=r"^(all|none|[0-9]+(,[0-9]+)*)$",
+        description=(
+            "GPUs that `ssd-service workers` starts a training worker for: all (those this host shows), a list "
+            "of indices such as 0,1,3, or none. No GPU found: one CPU worker."
+        ),
+    )
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

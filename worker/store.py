@@ -335,14 +335,15 @@ class Store:
     def cancel_requested(self, job_id: str) -> bool:
         return self.redis.hget(self.job_key(job_id), "cancel_requested") == "true"
 
-    def start_job(self, lease: Lease, worker: str) -> tuple[str, JobRecord] | None:
-        """Mark a queued job running under ``lease`` (which the caller holds).
+    def start_job(self, lease: Lease, worker: str, **where: Any) -> tuple[str, JobRecord] | None:
+        """Mark a queued job running under ``lease`` (which the caller holds), on ``worker`` and ``where``
+        it runs (``host``, ``device``, ``gpu``).
 
         Returns:
             The status the job had (``unleased`` if the lease is gone) and its record now, or
             None if there is no such job. Only ``queued`` means the caller now runs it.
         """
-        args = [lease.token, encode_value("started_at", now_iso()), encode_value("worker", worker)]
+        args = [lease.token, encode_value("started_at", now_iso()), *encode_fields({"worker": worker, **where})]
         reply = self._run("start", [self.job_key(lease.job_id), lease.key], args)
         return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 

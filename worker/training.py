@@ -20,7 +20,9 @@ released, and the next free worker carries on from that batch.
 from __future__ import annotations
 
 import logging
+import os
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -29,6 +31,7 @@ from typing import Any, TypeVar
 
 from model.config import TrainConfig
 from model.data import read_dataset
+from model.device import resolve_device
 from model.engine import Callbacks, FitResult, StepProgress, fit
 from model.layout import BEST_CHECKPOINT
 from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason
@@ -280,6 +283,15 @@ def training_config(job: JobRecord, settings: Settings) -> TrainConfig:
     return TrainConfig.from_dict(values)
 
 
+def where_it_runs(job: JobRecord, settings: Settings) -> dict[str, str | None]:
+    """The host, device and GPU (``SSD_WORKER_GPU``, from ``worker.pool``) a job is about to run on."""
+    try:
+        device = resolve_device(training_config(job, settings).device).type
+    except ValueError:  # cuda asked for where there is none: the run fails and says so
+        device = None
+    return {"host": socket.gethostname(), "device": device, "gpu": os.environ.get("SSD_WORKER_GPU") or None}
+
+
 @dataclass
 class _Outcome:
     status: str  # succeeded, failed, cancelled, or paused (requeued to carry on elsewhere)
@@ -324,7 +336,7 @@ def run_job(
     if lease is None:
         log.info("job %s is leased by %s; not running it twice", job_id, store.leases.holder(job_id))
         return "skipped: leased"
-    started = store.start_job(lease, worker_name)
+    started = store.start_job(lease, worker_name, **where_it_runs(job, settings))
     if started is None or started[0] != QUEUED:
         store.leases.release(lease)
         return f"skipped: {started[0] if started else 'missing'}"

@@ -34,9 +34,10 @@ def test_compose_services_redis_api_worker():
         data_dir = service["environment"]["SSD_DATA_DIR"]
         assert any(v.split(":")[1] == data_dir and v.split(":")[0] in compose["volumes"] for v in service["volumes"])
         assert service["environment"]["SSD_REDIS_URL"].startswith("redis://redis:")
-    assert {"--pool", "solo"} <= set(worker["command"]) and "--prefetch-multiplier" in worker["command"]
+    assert worker["command"] == ["python", "-m", "worker.pool"]  # a worker per GPU, each --pool solo
     gpu = load("docker-compose.gpu.yml")["services"]["worker"]
-    assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    devices = gpu["deploy"]["resources"]["reservations"]["devices"][0]
+    assert devices["capabilities"] == ["gpu"] and devices["count"] == "all"
     assert (REPO / "Dockerfile").is_file() and (REPO / ".dockerignore").is_file()
 
 
@@ -50,10 +51,10 @@ def test_compose_commands_run_as_is_against_the_test_redis(redis_server, tmp_pat
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base_url}/healthz", api)
-        wait_for_worker(store, worker, "ssd-worker@")
+        wait_for_worker(store, worker, "ssd-worker-cpu-")
         with httpx.Client(base_url=base_url, timeout=60) as client:
             ready = client.get("/readyz").json()
-            assert ready["redis"] == "ok" and any("ssd-worker@" in w["name"] for w in ready["workers"])
+            assert ready["redis"] == "ok" and any("ssd-worker-cpu-" in w["name"] for w in ready["workers"])
             dataset = client.post("/datasets/synthetic", json={"num_images": 4, "image_size": 120}).json()
             body = {"dataset_id": dataset["id"], "epochs": 1, "val_fraction": 0.0, **TINY}
             job = client.post("/train", json=body).json()
