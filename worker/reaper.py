@@ -85,9 +85,7 @@ class Reaper:
         actions = self._rebuild_if_redis_lost()
         now = self.clock()
         self._seen_before, self._seen, self._in_broker = self._seen, {}, None
-        for job in self.store.active_jobs():
-            if job.leased:
-                continue
+        for job in self.store.unleased_jobs():
             if job.status == RUNNING:
                 lease_gone = ("lease", job.id)
                 if self._seen_for(lease_gone, now) >= self.grace and (done := self._requeue(job)):

@@ -43,8 +43,9 @@ from redis.retry import Retry
 
 from worker.lease import Lease, Leases
 from worker.records import (
-    ACTIVE,
     FINISHED,
+    QUEUED,
+    RUNNING,
     STATUSES,
     SUCCEEDED,
     DatasetRecord,
@@ -85,14 +86,13 @@ def epoch_stream_id(epoch: int) -> str:
 
 @dataclass(frozen=True)
 class ActiveJob:
-    """What the reaper needs of a queued or running job."""
+    """What the reaper needs of a queued or running job whose lease nobody holds."""
 
     id: str
     status: str
     worker: str | None
     dispatch_id: str | None
     enqueued_at: float | None
-    leased: bool
 
 
 @dataclass(frozen=True)
@@ -160,6 +160,7 @@ class Store:
                 "update_job",
                 "clear_dispatch",
                 "delete_job",
+                "unleased_jobs",
             )
         }
 
@@ -433,27 +434,18 @@ class Store:
         """True for the one caller (for ``ttl_seconds``) that may send the job's task again."""
         return self._set_if_absent(self._key("job", job_id, "redispatch"), ttl_seconds)
 
-    def active_jobs(self) -> list[ActiveJob]:
-        """The queued and running jobs, with whether their lease is held."""
-        with self.redis.pipeline(transaction=False) as pipe:
-            for status in ACTIVE:
-                pipe.zrange(self._status_key(status), 0, -1)
-            ids = sorted({job_id for found in pipe.execute() for job_id in found})
-        fields = ("status", "worker", "dispatch_id", "enqueued_at")
-        with self.redis.pipeline(transaction=False) as pipe:
-            for job_id in ids:
-                pipe.hmget(self.job_key(job_id), fields)
-                pipe.exists(self.lease_key(job_id))
-            replies = pipe.execute()
+    def unleased_jobs(self) -> list[ActiveJob]:
+        """The queued and running jobs whose lease nobody holds (one script call, however many run)."""
+        keys = [self._status_key(status) for status in (QUEUED, RUNNING)]
+        flat = self._run("unleased_jobs", keys, [self._key("job", "")])
         jobs = []
-        for job_id, values, leased in zip(ids, replies[::2], replies[1::2], strict=True):
-            status, worker, dispatch_id, enqueued_at = values
-            if status is None:  # a stale entry: the record is gone
-                continue
+        for at in range(0, len(flat), 5):
+            job_id, status, worker, dispatch_id, enqueued_at = flat[at : at + 5]
             worker = json.loads(worker) if worker else None
-            enqueued = json.loads(enqueued_at) if enqueued_at else None
-            jobs.append(ActiveJob(job_id, status, worker, dispatch_id or None, enqueued, bool(leased)))
-        return jobs
+            jobs.append(
+                ActiveJob(job_id, status, worker, dispatch_id or None, json.loads(enqueued_at) if enqueued_at else None)
+            )
+        return sorted(jobs, key=lambda job: job.id)
 
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""

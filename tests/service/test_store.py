@@ -173,7 +173,7 @@ def test_crashed_runs_are_retried_up_to_the_limit_then_the_job_fails(fresh):
     fresh.redis.delete(lease.key)
     job = fresh.requeue_job("j1", "lease expired", crashes=crashes)
     assert job.status == "failed" and job.crashes == 3 and job.error == "crashed its worker 3 times"
-    assert job.finished_at and fresh.active_jobs() == []
+    assert job.finished_at and fresh.unleased_jobs() == []
     # A pause (no crash) is not counted.
     lease = _run(fresh, "j2")
     assert fresh.requeue_job("j2", "worker shut down", lease).crashes == 0
@@ -184,7 +184,7 @@ def test_a_cancel_asked_while_the_worker_was_dead_ends_the_job_cancelled(fresh):
     fresh.request_cancel("j1")
     fresh.redis.delete(lease.key)  # the worker died before it saw the cancel
     job = fresh.requeue_job("j1", "lease expired", crashes=Crashes(3, CRASHED))
-    assert job.status == "cancelled" and job.finished_at and fresh.active_jobs() == []
+    assert job.status == "cancelled" and job.finished_at and fresh.unleased_jobs() == []
 
 
 def test_only_the_lease_holder_writes_a_running_jobs_progress_and_epochs(fresh):
@@ -289,7 +289,7 @@ def test_every_transition_moves_the_job_between_its_status_indexes(fresh):
     assert _indexed_statuses(fresh, "j1") == [] and fresh.status_counts()["failed"] == 1
     restored = JobRecord.new("j5", DATASET, {"epochs": 1}).model_copy(update={"status": "running"})
     assert fresh.restore_job(restored, created=time.time())
-    assert _indexed_statuses(fresh, "j5") == ["running"] and [j.id for j in fresh.active_jobs()] == ["j5"]
+    assert _indexed_statuses(fresh, "j5") == ["running"] and [j.id for j in fresh.unleased_jobs()] == ["j5"]
     with pytest.raises(ValueError):
         fresh.update_job("j5", status="succeeded")  # a status never moves without its indexes
 

@@ -150,7 +150,7 @@ def test_a_runner_that_lost_its_lease_cannot_record_the_end(fresh):
     assert fresh.get_job("j1").status == "running"
     fresh.redis.set(fresh.lease_key("j1"), mine.token)
     assert fresh.finish_job(mine, "succeeded", epoch=2).status == "succeeded"
-    assert fresh.leases.holder("j1") is None and fresh.active_jobs() == []
+    assert fresh.leases.holder("j1") is None and fresh.unleased_jobs() == []
 
 
 class _Clock:
