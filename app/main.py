@@ -26,7 +26,7 @@ from app.security import (
     require_api_key,
     require_api_key_or_query,
 )
-from worker.leftovers import hold_owner_lock, remove_leftovers
+from worker.leftovers import start_sweep
 from worker.queue import make_celery
 from worker.settings import Settings
 from worker.store import POOL_WAIT_SECONDS, Store, quick_retry
@@ -77,10 +77,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
-        await run_in_threadpool(hold_owner_lock, settings.layout)
-        removed = await run_in_threadpool(remove_leftovers, settings.layout)
-        if removed:
-            log.info("removed what interrupted writes, imports and deletes left: %s", ", ".join(removed))
+        await run_in_threadpool(start_sweep, settings.layout)
         yield
         detection.close()
         imports.close()

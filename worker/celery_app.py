@@ -22,7 +22,7 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.leftovers import hold_owner_lock, remove_leftovers
+from worker.leftovers import start_sweep
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
 from worker.settings import Settings
@@ -86,11 +86,7 @@ def _reap(reaper: Reaper) -> None:
 
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
-    # Hold this process's owner lock before anything is written, then clear what dead writers left.
-    hold_owner_lock(settings.layout)
-    removed = remove_leftovers(settings.layout)
-    if removed:
-        log.info("removed what interrupted writes left: %s", ", ".join(removed))
+    start_sweep(settings.layout)  # this process's owner lock before anything is written, then the sweep
     threading.Thread(target=_beat, name="ssd-heartbeat", daemon=True).start()
 
 

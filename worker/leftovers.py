@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from model.layout import (
@@ -116,3 +117,22 @@ def _remove_dead_temps(folder: Path, owners: _Owners) -> list[Path]:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
+
+
+def start_sweep(layout: DataLayout) -> threading.Thread:
+    """Take this process's owner lock, then remove what dead writers left on a thread of its own:
+    a data folder of many runs takes a while to walk, and nothing waits for it."""
+    hold_owner_lock(layout)
+
+    def sweep() -> None:
+        try:
+            removed = remove_leftovers(layout)
+        except OSError as error:  # the next start tries again
+            log.warning("could not remove what interrupted writes left: %s", error)
+            return
+        if removed:
+            log.info("removed what interrupted writes, imports and deletes left: %s", ", ".join(removed))
+
+    thread = threading.Thread(target=sweep, name="ssd-leftovers", daemon=True)
+    thread.start()
+    return thread

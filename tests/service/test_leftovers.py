@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from model.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
-from tests.service.conftest import REPO
+from tests.service.conftest import REPO, api_process, wait_until
 from worker.leftovers import hold_owner_lock, remove_leftovers
 
 WRITER = """
@@ -83,3 +83,13 @@ def test_a_killed_writers_files_are_removed_whatever_their_age(writer, tmp_path)
     assert mine.exists() and any(name.endswith("-d2") for name in left)  # this live process's work stays
     assert sum(name.startswith("owners/") for name in left) == 1  # the dead writer's lock file is gone too
     assert remove_leftovers(layout) == []
+
+
+def test_the_api_sweeps_at_start(writer, tmp_path, env, log_dir):
+    layout = DataLayout(tmp_path)
+    half_written = next(layout.run_dir("j1").glob(f"*{TEMP_SUFFIX}"))
+    writer.kill()
+    writer.wait(10)
+    with api_process(env, log_dir, "api-sweep", SSD_DATA_DIR=str(tmp_path)):
+        wait_until(lambda: not half_written.exists(), 30, "the API's start-up sweep")
+        assert not list(layout.datasets_dir.glob(".incoming-*"))
