@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import DatasetError, make_shapes_dataset, read_dataset, write_voc
+from .data import DatasetError, DetectionData, make_shapes_dataset, read_dataset, write_voc
 
 _OPTIONAL_TYPES = {"str | None": str, "int | None": int, "float | None": float}
 
@@ -78,11 +78,19 @@ class _ProgressBar:
         tqdm.write(json.dumps(shown))
 
 
+def _read_dataset(path: Path) -> DetectionData:
+    """``read_dataset``, with the reader's warnings on stderr."""
+    data = read_dataset(path)
+    for warning in data.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return data
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import Callbacks, fit  # torch-heavy; keep `ssd --help` fast
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    data = read_dataset(args.dataset)
+    data = _read_dataset(args.dataset)
     print(f"{len(data.images)} images, {data.num_boxes} boxes, classes {data.classes}", file=sys.stderr)
     bar = _ProgressBar()
     result = fit(config, data, args.run_dir, Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch))
@@ -99,7 +107,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_detect(args: argparse.Namespace) -> None:
-    from .data.images import open_rgb
+    from .data.images import open_rgb  # the decoding rule of training and /detect: EXIF orientation applied
     from .detector import Detector
     from .draw import draw_detections
 
@@ -120,7 +128,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .metrics import evaluate_detector
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
-    data = read_dataset(args.dataset)
+    data = _read_dataset(args.dataset)
     if data.classes != detector.classes:
         raise ValueError(f"the dataset's classes {data.classes} differ from the model's {detector.classes}")
     with tqdm(total=len(data.images), unit="image") as bar:
