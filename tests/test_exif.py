@@ -23,8 +23,10 @@ from model.data import (
     eval_transforms,
     read_coco,
     read_voc,
+    read_yolo,
     write_coco,
     write_voc,
+    write_yolo,
 )
 from model.data.images import decode_rgb, exif_orientation, open_rgb, read_image_header
 from model.network import SSD300
@@ -123,8 +125,8 @@ def _displayed_record(path: Path) -> DetectionData:
 
 @pytest.mark.parametrize(
     "write, read",
-    [(write_coco, read_coco), (write_voc, read_voc)],
-    ids=["coco", "voc"],
+    [(write_coco, read_coco), (write_voc, read_voc), (write_yolo, read_yolo)],
+    ids=["coco", "voc", "yolo"],
 )
 def test_training_targets_are_in_the_displayed_frame_for_every_format(tmp_path, write, read):
     data = read(write(_displayed_record(_phone_photo(tmp_path / "p.jpg")), tmp_path / "out"))
