@@ -59,8 +59,8 @@ def describe_image_error(error: Exception) -> str:
     return f"not a readable image ({type(error).__name__}: {error})"
 
 
-# EXIF tag 0x0112 (Orientation): how the stored pixels are turned for display (EXIF 2.32,
-# section 4.6.5). Each value maps to the PIL transpose that undoes it, as in
+# EXIF tag 0x0112 (Orientation, 274): how the stored pixels are turned for display. Each
+# value maps to the PIL transpose that shows them upright, the table of
 # ``PIL.ImageOps.exif_transpose``; 5-8 swap width and height.
 ORIENTATION_TAG = 0x0112
 _TRANSPOSE = {
