@@ -301,19 +301,40 @@ def find_root(folder: Path) -> Path:
     return folder
 
 
-def _problem_text(error: DatasetError, files: Path, filename: str) -> str:
-    """The reader's problems with the temporary folder's path replaced by paths inside the archive."""
+# At most this many of a reader's warnings are kept in a dataset's record (it is listed whole
+# by GET /datasets); the last one kept says how many more there were.
+MAX_RECORD_WARNINGS = 20
+
+
+def _archive_paths(messages: list[str], files: Path) -> list[str]:
+    """Messages with the temporary folder's path replaced by paths inside the archive."""
     prefixes = sorted({str(files), str(files.resolve())}, key=len, reverse=True)
-    problems = []
-    for problem in error.problems[:20]:
+    shown = []
+    for message in messages:
         for prefix in prefixes:
-            problem = problem.replace(prefix + os.sep, "").replace(prefix, "(archive top level)")
-        problems.append(problem)
+            message = message.replace(prefix + os.sep, "").replace(prefix, "(archive top level)")
+        shown.append(message)
+    return shown
+
+
+def _problem_text(error: DatasetError, files: Path, filename: str) -> str:
+    """The reader's problems, with paths inside the archive."""
+    problems = _archive_paths(error.problems[:20], files)
     more = len(error.problems) - len(problems)
     return f"{filename}: " + "; ".join(problems) + (f"; and {more} more problem(s)" if more > 0 else "")
 
 
-def _record(dataset_id: str, name: str, data: DetectionData, root: str, source: str) -> DatasetRecord:
+def _warnings(data: DetectionData, files: Path | None = None) -> list[str]:
+    """The reader's warnings for a record: paths inside the archive, at most ``MAX_RECORD_WARNINGS``."""
+    kept = data.warnings[:MAX_RECORD_WARNINGS]
+    shown = _archive_paths(kept, files) if files is not None else list(kept)
+    more = len(data.warnings) - len(kept)
+    return shown + ([f"and {more} more warning(s) like these"] if more > 0 else [])
+
+
+def _record(
+    dataset_id: str, name: str, data: DetectionData, root: str, source: str, warnings: list[str]
+) -> DatasetRecord:
     return DatasetRecord(
         id=dataset_id,
         name=name,
@@ -324,6 +345,7 @@ def _record(dataset_id: str, name: str, data: DetectionData, root: str, source: 
         created_at=now_iso(),
         source=source,
         root=root,
+        warnings=warnings,
     )
 
 
@@ -333,13 +355,13 @@ def _commit(incoming: Path, final: Path, record: DatasetRecord) -> None:
 
 
 def import_archive(upload: IO[bytes], filename: str, name: str | None, settings: Settings) -> DatasetRecord:
-    """Check, extract and read a COCO or VOC zip; returns the new dataset's record (not yet in Redis).
+    """Check, extract and read a COCO, VOC or YOLO zip; returns the new dataset's record (not yet in Redis).
 
     Raises:
         DatasetImportError: naming the archive and the problem (status 400 or 413).
     """
     if not zipfile.is_zipfile(upload):
-        raise DatasetImportError(f"{filename}: not a zip archive; send a .zip holding a COCO or VOC dataset")
+        raise DatasetImportError(f"{filename}: not a zip archive; send a .zip holding a COCO, VOC or YOLO dataset")
     count_entries(upload, filename, settings.max_archive_files)
     upload.seek(0)
     dataset_id = new_id()
@@ -356,7 +378,14 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
             raise DatasetImportError(_problem_text(error, files, filename)) from error
         if not data.images:
             raise DatasetImportError(f"{filename}: the dataset holds no images")
-        record = _record(dataset_id, name or Path(filename).stem, data, root.relative_to(incoming).as_posix(), "upload")
+        record = _record(
+            dataset_id,
+            name or Path(filename).stem,
+            data,
+            root.relative_to(incoming).as_posix(),
+            "upload",
+            _warnings(data, files),
+        )
         _commit(incoming, settings.datasets_dir / dataset_id, record)
     except zipfile.BadZipFile as error:
         raise DatasetImportError(f"{filename}: corrupt zip archive: {error}") from error
@@ -374,7 +403,7 @@ def create_synthetic(
     try:
         data = make_shapes_dataset(incoming / DATASET_FILES_DIR, num_images, seed=seed, image_size=image_size)
         name = name or f"shapes-{num_images}-seed{seed}"
-        record = _record(dataset_id, name, data, DATASET_FILES_DIR, "synthetic")
+        record = _record(dataset_id, name, data, DATASET_FILES_DIR, "synthetic", _warnings(data))
         _commit(incoming, settings.datasets_dir / dataset_id, record)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)

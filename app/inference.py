@@ -27,8 +27,9 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
+from model.data.images import decode_rgb
 from model.detector import Detector
 from model.device import resolve_device
 from model.draw import draw_detections
@@ -54,8 +55,10 @@ class ImageRejected(ValueError):
 def decode_image(data: bytes, max_pixels: int) -> Image.Image:
     """Decode an uploaded JPEG, PNG, WebP or BMP into an RGB image, EXIF orientation applied.
 
-    Pillow's decompression-bomb warning is an error here, and so is anything over
-    ``max_pixels``: the header is checked before any pixel is decoded.
+    The pixels come from ``model.data.images.decode_rgb``, the rule training and ``ssd
+    detect`` follow too, so boxes are in the frame the model was trained in. Pillow's
+    decompression-bomb warning is an error here, and so is anything over ``max_pixels``:
+    the header is checked before any pixel is decoded.
 
     Raises:
         ImageRejected: 415 not an image or another format, 413 too many pixels, 400 truncated or corrupt.
@@ -78,9 +81,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
                 f"the image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}", 413
             )
         try:
-            image.load()
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return decode_rgb(image)
         except (Image.DecompressionBombWarning, Image.DecompressionBombError) as error:
             raise ImageRejected(f"the image has too many pixels: {error}", 413) from error
         except (OSError, SyntaxError, ValueError) as error:

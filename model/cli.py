@@ -1,6 +1,6 @@
 """``ssd``: the model core from the command line, without the service.
 
-ssd synth data/shapes --num-images 200          # a synthetic COCO dataset
+ssd synth data/shapes --num-images 200          # a synthetic COCO dataset (--voc, --yolo: also those)
 ssd train data/shapes runs/first --epochs 20    # dataset folder -> run folder
 ssd detect runs/first/best.pt photo.jpg --annotated-dir out/
 ssd evaluate runs/first/best.pt data/shapes
@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .config import TrainConfig
-from .data import DatasetError, make_shapes_dataset, read_dataset, write_voc
+from .data import DatasetError, DetectionData, make_shapes_dataset, read_dataset, write_voc, write_yolo
 
 _OPTIONAL_TYPES = {"str | None": str, "int | None": int, "float | None": float}
 
@@ -39,6 +39,8 @@ def _cmd_synth(args: argparse.Namespace) -> None:
     data = make_shapes_dataset(args.out, args.num_images, seed=args.seed, image_size=(args.min_size, args.max_size))
     if args.voc:
         write_voc(data, args.out / "voc")
+    if args.yolo:
+        write_yolo(data, args.out / "yolo")
     print(
         json.dumps(
             {
@@ -78,11 +80,19 @@ class _ProgressBar:
         tqdm.write(json.dumps(shown))
 
 
+def _read_dataset(path: Path) -> DetectionData:
+    """``read_dataset``, with the reader's warnings on stderr."""
+    data = read_dataset(path)
+    for warning in data.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return data
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import Callbacks, fit  # torch-heavy; keep `ssd --help` fast
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    data = read_dataset(args.dataset)
+    data = _read_dataset(args.dataset)
     print(f"{len(data.images)} images, {data.num_boxes} boxes, classes {data.classes}", file=sys.stderr)
     bar = _ProgressBar()
     result = fit(config, data, args.run_dir, Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch))
@@ -99,7 +109,7 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
 
 def _cmd_detect(args: argparse.Namespace) -> None:
-    from .data.images import open_rgb
+    from .data.images import open_rgb  # the decoding rule of training and /detect: EXIF orientation applied
     from .detector import Detector
     from .draw import draw_detections
 
@@ -120,7 +130,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .metrics import evaluate_detector
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
-    data = read_dataset(args.dataset)
+    data = _read_dataset(args.dataset)
     if data.classes != detector.classes:
         raise ValueError(f"the dataset's classes {data.classes} differ from the model's {detector.classes}")
     with tqdm(total=len(data.images), unit="image") as bar:
@@ -139,9 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--min-size", type=int, default=240, help="smallest image side in pixels")
     synth.add_argument("--max-size", type=int, default=400, help="largest image side in pixels")
     synth.add_argument("--voc", action="store_true", help="also write the same data as Pascal VOC in OUT/voc")
+    synth.add_argument("--yolo", action="store_true", help="also write the same data as YOLO in OUT/yolo")
     synth.set_defaults(run=_cmd_synth)
 
-    train = commands.add_parser("train", help="train on a dataset folder (COCO or VOC); resumes a run folder")
+    train = commands.add_parser("train", help="train on a dataset folder (COCO, VOC or YOLO); resumes a run folder")
     train.add_argument("dataset", type=Path)
     train.add_argument("run_dir", type=Path)
     _add_train_options(train)

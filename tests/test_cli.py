@@ -1,4 +1,4 @@
-"""The ``ssd`` command line, run in-process: synth -> train -> detect -> evaluate."""
+"""The ``ssd`` command line, run in-process: synth (COCO, VOC, YOLO) -> train -> detect -> evaluate."""
 
 import json
 
@@ -9,10 +9,10 @@ from model.cli import main
 
 def test_cli_walk_from_synthetic_data_to_detections(tmp_path, capsys):
     data, run = tmp_path / "shapes", tmp_path / "run"
-    assert main(["synth", str(data), "--num-images", "6", "--voc"]) == 0
+    assert main(["synth", str(data), "--num-images", "6", "--voc", "--yolo"]) == 0
     made = json.loads(capsys.readouterr().out)
     assert made["num_images"] == 6 and made["classes"] == ["circle", "square", "triangle"]
-    assert (data / "voc" / "Annotations").is_dir()
+    assert (data / "voc" / "Annotations").is_dir() and (data / "yolo" / "data.yaml").is_file()
 
     train = ["train", str(data / "voc"), str(run), "--epochs", "1", "--batch-size", "3", "--val-fraction", "0.3"]
     assert main([*train, "--width-multiplier", "0.125", "--num-workers", "0", "--no-augment"]) == 0
@@ -29,7 +29,7 @@ def test_cli_walk_from_synthetic_data_to_detections(tmp_path, capsys):
     assert len(found["detections"]) == 3
     assert Image.open(out / "000000.png").size == (width, height)
 
-    assert main(["evaluate", str(run / "best.pt"), str(data), "--device", "cpu"]) == 0
+    assert main(["evaluate", str(run / "best.pt"), str(data / "yolo"), "--device", "cpu"]) == 0
     scores = json.loads(capsys.readouterr().out)
     assert scores["num_images"] == 6 and 0 <= scores["map50"] <= 1
 

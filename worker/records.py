@@ -197,12 +197,15 @@ class Dataset(BaseModel):
 
     id: str
     name: str
-    format: Literal["coco", "voc"]
+    format: Literal["coco", "voc", "yolo"]
     num_images: int
     num_boxes: int
     classes: list[str]
     created_at: str | None = None
     source: Literal["upload", "synthetic"] | None = None
+    warnings: list[str] = Field(
+        default_factory=list, description="What the import accepted but a person should know, each naming its file."
+    )
 
 
 class DatasetRecord(Dataset):

@@ -1,4 +1,4 @@
-"""/datasets: upload a COCO or VOC zip, generate a synthetic one, list, get, delete."""
+"""/datasets: upload a COCO, VOC or YOLO zip, generate a synthetic one, list, get, delete."""
 
 from __future__ import annotations
 
@@ -64,13 +64,23 @@ async def _import(
 @router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
 async def upload_dataset(
     request: Request,
-    file: Annotated[UploadFile, File(description="A .zip holding COCO (JSON + images) or Pascal VOC.")],
+    file: Annotated[
+        UploadFile,
+        File(
+            description="A .zip holding COCO (JSON + images), Pascal VOC (Annotations/ + JPEGImages/) "
+            "or YOLO (data.yaml + images/ + labels/)."
+        ),
+    ],
     store: StoreDep,
     settings: SettingsDep,
     imports: ImportsDep,
     name: Annotated[str | None, Form(max_length=200)] = None,
 ) -> Dataset:
-    """Import a zip of a COCO detection dataset or a Pascal VOC one (recognised from its layout)."""
+    """Import a zip of a COCO, Pascal VOC or YOLO detection dataset (recognised from its layout).
+
+    The answer's ``warnings`` list what was accepted but deserves a look (for example an
+    image used as stored because its annotation's size ignores its EXIF orientation).
+    """
     filename = file.filename or "upload.zip"
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise HTTPException(413, f"{filename}: {file.size} bytes; the limit is {settings.max_upload_bytes} bytes")

@@ -1,4 +1,4 @@
-"""Detection datasets: COCO and VOC readers and writers, synthetic shapes, transforms, the torch Dataset.
+"""Detection datasets: COCO, VOC and YOLO readers and writers, synthetic shapes, transforms, the torch Dataset.
 
 Boxes everywhere are absolute pixel ``[x1, y1, x2, y2]``; class ids are 1-based (0 is background).
 """
@@ -10,6 +10,7 @@ from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.synthetic import make_shapes_dataset
 from model.data.transforms import eval_transforms, train_transforms
 from model.data.voc import read_voc, write_voc
+from model.data.yolo import read_yolo, write_yolo
 
 __all__ = [
     "AnnotatedImage",
@@ -22,8 +23,10 @@ __all__ = [
     "read_coco",
     "read_dataset",
     "read_voc",
+    "read_yolo",
     "split_train_val",
     "train_transforms",
     "write_coco",
     "write_voc",
+    "write_yolo",
 ]

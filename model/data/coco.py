@@ -16,7 +16,16 @@ from typing import Any
 import torch
 from PIL import Image
 
-from model.data.images import copy_image, describe_image_error, export_names, read_image_size, safe_relative_path
+from model.data.images import (
+    annotated_frame,
+    copy_image,
+    describe_image_error,
+    export_names,
+    read_image_header,
+    safe_relative_path,
+    stored_frame_warning,
+    wrong_size_problem,
+)
 from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.validate import check_box
 
@@ -30,6 +39,7 @@ class _Image:
     path: Path
     width: int
     height: int
+    orientation: int
     boxes: list[list[float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
 
@@ -40,13 +50,15 @@ def read_coco(annotations_json: Path, images_dir: Path | None = None) -> Detecti
     Image files are looked up by each image's ``file_name`` (a relative path, possibly with
     folders) in ``images_dir`` if given, else beside the JSON file and then in an ``images/``
     folder beside it; the bare file name is tried last in each place. Sizes come from the
-    files' headers and must match the JSON's ``width``/``height`` where those are given.
+    files' headers, as displayed (EXIF orientation applied), and must match the JSON's
+    ``width``/``height`` where those are given; a declared size that is the stored one and not
+    the displayed one means the image is used as stored (a warning says so).
     ``iscrowd=1`` annotations are skipped; images without annotations are kept (N = 0).
     Boxes up to 2 px outside the image are clipped.
 
     Returns:
         ``DetectionData(format="coco")``: boxes float32 Tensor[N, 4] absolute xyxy pixels,
-        labels int64 Tensor[N] 1-based in category-id order.
+        labels int64 Tensor[N] 1-based in category-id order; ``warnings`` as above.
 
     Raises:
         DatasetError: listing every problem found, each naming the file and annotation id.
@@ -55,11 +67,12 @@ def read_coco(annotations_json: Path, images_dir: Path | None = None) -> Detecti
     document = _load_json(annotations_json)
     where = str(annotations_json)
     problems: list[str] = []
+    warnings: list[str] = []
     classes, label_of = _read_categories(document["categories"], where, problems)
     search_dirs = (
         [Path(images_dir)] if images_dir is not None else [annotations_json.parent, annotations_json.parent / "images"]
     )
-    images, rejected = _read_images(document["images"], search_dirs, where, problems)
+    images, rejected = _read_images(document["images"], search_dirs, where, problems, warnings)
     _read_annotations(document["annotations"], images, rejected, label_of, where, problems)
     if problems:
         raise DatasetError(problems)
@@ -70,10 +83,11 @@ def read_coco(annotations_json: Path, images_dir: Path | None = None) -> Detecti
             height=image.height,
             boxes=torch.tensor(image.boxes, dtype=torch.float32).reshape(-1, 4),
             labels=torch.tensor(image.labels, dtype=torch.int64),
+            orientation=image.orientation,
         )
         for image in images.values()
     ]
-    return DetectionData(classes=classes, images=records, format="coco")
+    return DetectionData(classes=classes, images=records, format="coco", warnings=warnings)
 
 
 # The JSON is parsed whole in memory (about 10x its size): COCO's own largest annotation
@@ -151,7 +165,7 @@ def _find_image(file_name: str, search_dirs: list[Path]) -> Path | None:
 
 
 def _read_images(
-    entries: list[Any], search_dirs: list[Path], where: str, problems: list[str]
+    entries: list[Any], search_dirs: list[Path], where: str, problems: list[str], warnings: list[str]
 ) -> tuple[dict[Any, _Image], set[Any]]:
     """Usable images by COCO image id, in file order, and the ids of images already reported as unusable."""
     images: dict[Any, _Image] = {}
@@ -186,18 +200,21 @@ def _read_images(
             continue
         seen_paths[path] = image_id
         try:
-            width, height = read_image_size(path)
+            header = read_image_header(path)
         except _IMAGE_ERRORS as error:
             problems.append(f"{label}: {path}: {describe_image_error(error)}")
             continue
-        declared = (entry.get("width", width), entry.get("height", height))
-        if declared != (width, height):
-            problems.append(
-                f"{label}: declared size {declared[0]}x{declared[1]} but the file {path} is {width}x{height}"
-            )
+        shown_width, shown_height = header.displayed_size
+        declared = (entry.get("width", shown_width), entry.get("height", shown_height))
+        frame = annotated_frame(header, declared)
+        if frame is None:
+            problems.append(f"{label}: declared size {declared[0]}x{declared[1]} {wrong_size_problem(path, header)}")
             continue
+        width, height, orientation = frame
+        if orientation != header.orientation:
+            warnings.append(f"{label}: declared size {declared[0]}x{declared[1]} {stored_frame_warning(path, header)}")
         rejected.discard(image_id)
-        images[image_id] = _Image(path=path, width=width, height=height)
+        images[image_id] = _Image(path=path, width=width, height=height, orientation=orientation)
     return images, rejected
 
 

@@ -18,7 +18,8 @@ Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class DetectionDataset(Dataset):
-    """Images decoded on demand and passed through ``transforms`` (see ``model.data.transforms``).
+    """Images decoded on demand (``model.data.images.open_rgb``, in each record's orientation) and passed
+    through ``transforms`` (see ``model.data.transforms``).
 
     Args:
         images: the annotated images (absolute xyxy pixel boxes, 1-based labels).
@@ -39,7 +40,9 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, index: int) -> Sample:
         record = self.images[index]
-        image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path)))
+        # The reader chose the orientation once; no EXIF is read here (None, for records built
+        # by hand, reads it from the header: microseconds against the decode's milliseconds).
+        image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path, record.orientation)))
         height, width = image.shape[-2:]
         if (width, height) != (record.width, record.height):
             raise DatasetError(

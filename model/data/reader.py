@@ -7,19 +7,23 @@ from pathlib import Path
 from model.data.coco import read_coco
 from model.data.records import DatasetError, DetectionData
 from model.data.voc import read_voc
+from model.data.yolo import YAML_NAMES, read_yolo
 
 EXPECTED_LAYOUTS = (
     "a COCO .json file; a folder with annotations.json or exactly one *.json (directly or in annotations/); "
-    "or a VOC folder with Annotations/ and JPEGImages/ (directly or one level down, e.g. VOC2007/)"
+    "a VOC folder with Annotations/ and JPEGImages/ (directly or one level down, e.g. VOC2007/); "
+    "or a YOLO folder with data.yaml (or dataset.yaml), images/ and labels/"
 )
 
 
 def read_dataset(path: Path) -> DetectionData:
-    """Read a COCO or VOC dataset, recognising the format from ``path``.
+    """Read a COCO, VOC or YOLO dataset, recognising the format from ``path``.
 
     Recognised, in this order:
       - a ``.json`` file: COCO, images found as ``read_coco`` does;
+      - a ``.yaml`` or ``.yml`` file: YOLO, read as ``read_yolo`` does;
       - a folder with ``Annotations/``: VOC; or one subfolder holding ``Annotations/`` (``VOC2007/``);
+      - a folder with ``data.yaml`` or ``dataset.yaml``: YOLO;
       - a folder with ``annotations.json``, or exactly one ``*.json``: COCO;
       - the same inside ``annotations/``: COCO, images looked up in ``images/`` beside that
         folder if it exists, else in the dataset folder itself.
@@ -32,12 +36,17 @@ def read_dataset(path: Path) -> DetectionData:
     if path.is_file():
         if path.suffix.lower() == ".json":
             return read_coco(path)
+        if path.suffix.lower() in (".yaml", ".yml"):
+            return read_yolo(path)
         raise DatasetError(f"{path}: not a dataset; expected {EXPECTED_LAYOUTS}")
     if not path.is_dir():
         raise DatasetError(f"{path}: no such file or folder")
     voc_root = _find_voc_root(path)
     if voc_root is not None:
         return read_voc(voc_root)
+    yolo_yaml = _find_yolo_yaml(path)
+    if yolo_yaml is not None:
+        return read_yolo(yolo_yaml)
     coco_json = _find_coco_json(path)
     if coco_json is not None:
         return read_coco(coco_json)
@@ -68,3 +77,10 @@ def _find_coco_json(folder: Path) -> Path | None:
         names = ", ".join(p.name for p in candidates)
         raise DatasetError(f"{folder}: several JSON files found ({names}); pass the annotation file to use")
     return candidates[0] if candidates else None
+
+
+def _find_yolo_yaml(folder: Path) -> Path | None:
+    found = [folder / name for name in YAML_NAMES if (folder / name).is_file()]
+    if len(found) > 1:
+        raise DatasetError(f"{folder}: both {' and '.join(p.name for p in found)} found; keep the one to use")
+    return found[0] if found else None

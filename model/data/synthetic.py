@@ -62,6 +62,7 @@ def make_shapes_dataset(
                 height=height,
                 boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
                 labels=torch.tensor(labels, dtype=torch.int64),
+                orientation=1,  # written without EXIF
             )
         )
     data = DetectionData(classes=list(CLASSES), images=records, format="coco")

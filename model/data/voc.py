@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import NamedTuple
 from xml.parsers import expat
 
 import torch
 from PIL import Image
 
 from model.data.images import (
+    annotated_frame,
     copy_image,
     describe_image_error,
     export_names,
     find_by_stem,
-    read_image_size,
+    read_image_header,
     safe_relative_path,
+    stored_frame_warning,
+    wrong_size_problem,
 )
 from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.validate import check_box
@@ -67,12 +71,13 @@ def read_voc(root: Path) -> DetectionData:
     order. Each image is ``JPEGImages/<filename>``, or else ``JPEGImages/<xml stem>.<any
     image suffix>``. Objects marked ``difficult`` are kept as ordinary objects: the
     detector should still find them. Boxes up to 2 px outside the image are clipped; a
-    ``<size>`` element, where present, must match the file.
+    ``<size>`` element, where present, must match the file as displayed (EXIF orientation
+    applied), or else its stored pixels: then the image is used as stored (a warning says so).
 
     Returns:
         ``DetectionData(format="voc")``: boxes float32 Tensor[N, 4] absolute xyxy pixels
         (``[xmin - 1, ymin - 1, xmax, ymax]``), labels int64 Tensor[N] 1-based into the
-        alphabetically sorted class names.
+        alphabetically sorted class names; ``warnings`` as above.
 
     Raises:
         DatasetError: listing every problem found, each naming the XML file and object
@@ -84,13 +89,14 @@ def read_voc(root: Path) -> DetectionData:
     if not xml_files:
         raise DatasetError(f"{annotation_dir}: no VOC annotation files (*.xml) found")
     problems: list[str] = []
-    parsed: list[tuple[Path, int, int, list[list[float]], list[str]]] = []
+    warnings: list[str] = []
+    parsed: list[_Annotation] = []
     seen: dict[Path, Path] = {}
     for xml_file in xml_files:
-        entry = _read_annotation(xml_file, image_dir, problems)
+        entry = _read_annotation(xml_file, image_dir, problems, warnings)
         if entry is None:
             continue
-        path = entry[0]
+        path = entry.path
         if path in seen:
             problems.append(f"{xml_file}: image {path} is listed twice (also by {seen[path]})")
             continue
@@ -98,29 +104,39 @@ def read_voc(root: Path) -> DetectionData:
         parsed.append(entry)
     if problems:
         raise DatasetError(problems)
-    classes = sorted({name for *_, names in parsed for name in names})
+    classes = sorted({name for entry in parsed for name in entry.names})
     label_of = {name: label for label, name in enumerate(classes, start=1)}
     images = [
         AnnotatedImage(
-            path=path,
-            width=width,
-            height=height,
-            boxes=torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            labels=torch.tensor([label_of[name] for name in names], dtype=torch.int64),
+            path=entry.path,
+            width=entry.width,
+            height=entry.height,
+            boxes=torch.tensor(entry.boxes, dtype=torch.float32).reshape(-1, 4),
+            labels=torch.tensor([label_of[name] for name in entry.names], dtype=torch.int64),
+            orientation=entry.orientation,
         )
-        for path, width, height, boxes, names in parsed
+        for entry in parsed
     ]
-    return DetectionData(classes=classes, images=images, format="voc")
+    return DetectionData(classes=classes, images=images, format="voc", warnings=warnings)
 
 
 # One image's VOC annotation is a few KB; a cap keeps a crafted file from exhausting memory.
 MAX_XML_BYTES = 16 * 2**20
 
 
-def _read_annotation(
-    xml_file: Path, image_dir: Path, problems: list[str]
-) -> tuple[Path, int, int, list[list[float]], list[str]] | None:
-    """``(image path, width, height, boxes, class names)`` of one XML file, or None after reporting problems."""
+class _Annotation(NamedTuple):
+    """One XML file's image (its size and orientation as used) and objects."""
+
+    path: Path
+    width: int
+    height: int
+    orientation: int
+    boxes: list[list[float]]
+    names: list[str]
+
+
+def _read_annotation(xml_file: Path, image_dir: Path, problems: list[str], warnings: list[str]) -> _Annotation | None:
+    """One XML file's image and objects, or None after reporting problems."""
     try:
         if xml_file.stat().st_size > MAX_XML_BYTES:
             problems.append(f"{xml_file}: annotation file is over the limit of {MAX_XML_BYTES} bytes")
@@ -137,14 +153,18 @@ def _read_annotation(
         problems.append(f"{xml_file}: image file not found in {image_dir} (<filename> {tree.findtext('filename')!r})")
         return None
     try:
-        width, height = read_image_size(path)
+        header = read_image_header(path)
     except _IMAGE_ERRORS as error:
         problems.append(f"{xml_file}: {path}: {describe_image_error(error)}")
         return None
     declared = (_number(tree.findtext("size/width")), _number(tree.findtext("size/height")))
-    if None not in declared and declared != (width, height):
-        problems.append(f"{xml_file}: <size> says {declared[0]:g}x{declared[1]:g} but {path} is {width}x{height}")
+    frame = annotated_frame(header, None if None in declared else declared)
+    if frame is None:
+        problems.append(f"{xml_file}: <size> says {declared[0]:g}x{declared[1]:g} {wrong_size_problem(path, header)}")
         return None
+    width, height, orientation = frame
+    if orientation != header.orientation:
+        warnings.append(f"{xml_file}: <size> {declared[0]:g}x{declared[1]:g} {stored_frame_warning(path, header)}")
     boxes: list[list[float]] = []
     names: list[str] = []
     for number, obj in enumerate(tree.findall("object"), start=1):
@@ -162,7 +182,7 @@ def _read_annotation(
             continue
         boxes.append(box)
         names.append(name)
-    return path, width, height, boxes, names
+    return _Annotation(path, width, height, orientation, boxes, names)
 
 
 def _find_image(tree: ET.Element, xml_file: Path, image_dir: Path) -> Path | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
-from model.data import DetectionData, make_shapes_dataset, write_voc
+from model.data import DetectionData, make_shapes_dataset, write_voc, write_yolo
 
 
 def zip_folder(folder: Path, prefix: str = "") -> bytes:
@@ -46,6 +46,11 @@ def coco_zip(folder: Path, num_images: int = 8, seed: int = 0, prefix: str = "")
 
 def voc_zip(data: DetectionData, folder: Path) -> bytes:
     write_voc(data, folder)
+    return zip_folder(folder)
+
+
+def yolo_zip(data: DetectionData, folder: Path) -> bytes:
+    write_yolo(data, folder)
     return zip_folder(folder)
 
 

@@ -1,4 +1,4 @@
-"""/datasets over real HTTP: COCO and VOC zips, synthetic, list/get/delete, and every bad archive."""
+"""/datasets over real HTTP: COCO, VOC and YOLO zips, synthetic, list/get/delete, warnings, and every bad archive."""
 
 from __future__ import annotations
 
@@ -12,9 +12,20 @@ import zipfile
 
 import httpx
 import pytest
+from PIL import Image
 
 from tests.service.conftest import api_process, wait_until
-from tests.service.helpers import coco_document, coco_zip, image_bytes, shapes, voc_zip, zip_entries, zip_folder
+from tests.service.helpers import (
+    coco_document,
+    coco_zip,
+    image_bytes,
+    shapes,
+    voc_zip,
+    yolo_zip,
+    zip_entries,
+    zip_folder,
+)
+from worker.records import DatasetRecord
 
 
 def upload(client, data: bytes, filename: str = "data.zip", name: str | None = None):
@@ -32,19 +43,21 @@ def dataset_dirs(settings):
     return entries
 
 
-def test_coco_and_voc_zips_of_the_same_data_import_with_the_same_counts(client, tmp_path, settings):
+def test_coco_voc_and_yolo_zips_of_the_same_data_import_with_the_same_counts(client, tmp_path, settings):
     data = shapes(tmp_path / "coco", num_images=6, seed=3)
     coco = upload(client, zip_folder(tmp_path / "coco"), "shapes-coco.zip", name="coco copy")
     voc = upload(client, voc_zip(data, tmp_path / "voc"), "shapes-voc.zip")
-    assert coco.status_code == 201, coco.text
-    assert voc.status_code == 201, voc.text
-    coco, voc = coco.json(), voc.json()
-    assert (coco["format"], voc["format"]) == ("coco", "voc")
-    assert coco["name"] == "coco copy" and voc["name"] == "shapes-voc"
-    for record in (coco, voc):
+    yolo = upload(client, yolo_zip(data, tmp_path / "yolo"), "shapes-yolo.zip")
+    for response in (coco, voc, yolo):
+        assert response.status_code == 201, response.text
+    coco, voc, yolo = coco.json(), voc.json(), yolo.json()
+    assert (coco["format"], voc["format"], yolo["format"]) == ("coco", "voc", "yolo")
+    assert coco["name"] == "coco copy" and voc["name"] == "shapes-voc" and yolo["name"] == "shapes-yolo"
+    for record in (coco, voc, yolo):
         assert record["num_images"] == 6
         assert record["num_boxes"] == data.num_boxes
         assert record["classes"] == ["circle", "square", "triangle"]
+        assert record["warnings"] == []
     assert client.get(f"/datasets/{coco['id']}").json() == coco
     listed = [d["id"] for d in client.get("/datasets").json()]
     assert listed.index(voc["id"]) < listed.index(coco["id"])  # newest first
@@ -106,6 +119,21 @@ def _missing_image(document, folder):
     (folder / document["images"][1]["file_name"]).unlink()
 
 
+def _bad_yolo(tmp_path, change) -> bytes:
+    folder = tmp_path / "bad-yolo"
+    yolo_zip(shapes(tmp_path / "bad-coco", num_images=3), folder)
+    change(folder)
+    return zip_folder(folder)
+
+
+def _class_out_of_range(folder):
+    (folder / "labels" / "000001.txt").write_text("7 0.5 0.5 0.2 0.2\n")
+
+
+def _absolute_split(folder):
+    (folder / "data.yaml").write_text("train: /etc\nnames: [circle, square, triangle]\n")
+
+
 def _symlink_zip() -> bytes:
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as archive:
@@ -128,11 +156,17 @@ def _lying_entry_count() -> bytes:
     ("make", "status", "words"),
     [
         (lambda tmp: b"this is not a zip file at all", 400, ["bad.zip", "not a zip"]),
-        (lambda tmp: zip_entries({"images/a.jpg": image_bytes(32, 32)}), 400, ["bad.zip", "no dataset found"]),
+        (
+            lambda tmp: zip_entries({"images/a.jpg": image_bytes(32, 32)}),
+            400,
+            ["bad.zip", "no dataset found", "COCO", "VOC", "YOLO folder with data.yaml"],
+        ),
         (lambda tmp: zip_entries({}), 400, ["bad.zip", "no files"]),
         (lambda tmp: _bad_coco(tmp, _box_outside), 400, ["annotations.json", "outside"]),
         (lambda tmp: _bad_coco(tmp, _empty_box), 400, ["annotations.json", "x2 > x1"]),
         (lambda tmp: _bad_coco(tmp, _missing_image), 400, ["annotations.json", "not found"]),
+        (lambda tmp: _bad_yolo(tmp, _class_out_of_range), 400, ["bad.zip: labels/000001.txt: line 1: class index 7"]),
+        (lambda tmp: _bad_yolo(tmp, _absolute_split), 400, ["bad.zip: data.yaml: train: '/etc': absolute paths"]),
         (lambda tmp: zip_entries({"../escape.json": b"{}"}), 400, ["../escape.json", "escaping"]),
         (lambda tmp: zip_entries({"/etc/cron.d/x": b"{}"}), 400, ["/etc/cron.d/x", "escaping"]),
         (lambda tmp: _symlink_zip(), 400, ["images/link.jpg", "symbolic link"]),
@@ -152,6 +186,8 @@ def _lying_entry_count() -> bytes:
         "box-outside-image",
         "empty-box",
         "missing-image",
+        "yolo-class-out-of-range",
+        "yolo-absolute-path",
         "dotdot-path",
         "absolute-path",
         "symlink",
@@ -175,6 +211,44 @@ def test_bad_archives_are_refused_and_leave_nothing_behind(client, tmp_path, dat
     assert str(tmp_path) not in detail and ".incoming-" not in detail  # paths inside the archive, not ours
     assert dataset_dirs() == before_disk
     assert client.get("/datasets").json() == before_list
+
+
+def _phone_photo_coco(folder, width: int, height: int) -> bytes:
+    """A COCO zip of one JPEG stored 40x60 whose EXIF orientation (6) displays it as 60x40; ``width``
+    and ``height`` are the sizes its annotation declares."""
+    folder.mkdir(parents=True)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 60), (90, 140, 200)).save(folder / "phone.jpg", exif=exif)
+    document = {
+        "images": [{"id": 1, "file_name": "phone.jpg", "width": width, "height": height}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 3, 10, 10]}],
+        "categories": [{"id": 1, "name": "thing"}],
+    }
+    (folder / "annotations.json").write_text(json.dumps(document))
+    return zip_folder(folder)
+
+
+def test_an_image_used_as_stored_against_its_exif_orientation_is_a_warning(client, tmp_path):
+    displayed = upload(client, _phone_photo_coco(tmp_path / "displayed", 60, 40), "displayed.zip")
+    assert displayed.status_code == 201, displayed.text
+    assert displayed.json()["warnings"] == []
+
+    stored = upload(client, _phone_photo_coco(tmp_path / "stored", 40, 60), "stored.zip")
+    assert stored.status_code == 201, stored.text
+    record = stored.json()
+    (warning,) = record["warnings"]
+    assert warning.startswith("annotations.json: image id 1 ('phone.jpg'): declared size 40x60 is the stored size")
+    assert "phone.jpg, which its EXIF orientation 6 displays as 60x40" in warning and "used as stored" in warning
+    assert str(tmp_path) not in warning and ".incoming-" not in warning  # paths inside the archive, not ours
+    assert client.get(f"/datasets/{record['id']}").json()["warnings"] == record["warnings"]
+
+
+def test_a_dataset_record_written_before_warnings_existed_still_loads():
+    old = {"id": "a1", "name": "old", "format": "voc", "num_images": 2, "num_boxes": 3, "classes": ["x"]}
+    old["root"] = "files"
+    record = DatasetRecord.model_validate_json(json.dumps(old))
+    assert record.warnings == [] and record.public().warnings == []
 
 
 def test_upload_without_a_file_answers_422(client):

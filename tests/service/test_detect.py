@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import re
 import socket
 import threading
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from app.main import create_app
 from tests.service.conftest import api_process, free_port, service_env, wait_until
@@ -61,8 +62,12 @@ def _mpo() -> bytes:
 
 
 def _exif_rotated_jpeg() -> bytes:
-    """A 200x100 JPEG whose EXIF says: rotate 90 degrees to display (so it shows as 100x200)."""
+    """A 200x100 JPEG whose EXIF says: rotate 90 degrees to display (so it shows as 100x200).
+
+    A white square in one corner makes the frame matter: turned, it lies in another corner.
+    """
     image = Image.new("RGB", (200, 100), (200, 30, 30))
+    image.paste((255, 255, 255), (10, 10, 70, 70))
     exif = Image.Exif()
     exif[0x0112] = 6
     buffer = io.BytesIO()
@@ -147,10 +152,43 @@ def test_a_gpu_that_is_not_there_is_named(trained, settings):
     assert response.status_code == 503 and "SSD_DEVICE" in response.json()["detail"], response.text
 
 
-def test_exif_orientation_is_applied(trained, client):
-    response = post_image(client, _exif_rotated_jpeg(), job_id=trained["job"]["id"])
-    assert response.status_code == 200, response.text
-    assert response.json()["image"] == {"width": 100, "height": 200}
+def _same_detections(first: list[dict], second: list[dict]) -> bool:
+    """The same labels, scores (to 1e-4) and boxes (to 0.01 px) in the same order."""
+    return len(first) == len(second) and all(
+        a["label"] == b["label"]
+        and abs(a["score"] - b["score"]) < 1e-4
+        and all(abs(u - v) < 1e-2 for u, v in zip(a["box"], b["box"], strict=True))
+        for a, b in zip(first, second, strict=True)
+    )
+
+
+def test_exif_orientation_is_applied_as_ssd_detect_applies_it(trained, client, settings, tmp_path, capsys):
+    """A phone photo stored 200x100 and shown 100x200: /detect answers in the displayed frame, with the
+    boxes ``ssd detect`` finds in the same file, and those it finds in the already-turned pixels."""
+    from model.cli import main
+    from model.layout import BEST_CHECKPOINT
+
+    job_id = trained["job"]["id"]
+    photo = tmp_path / "phone.jpg"
+    photo.write_bytes(_exif_rotated_jpeg())
+    upright = io.BytesIO()
+    ImageOps.exif_transpose(Image.open(photo)).save(upright, format="PNG")  # the same pixels, no EXIF
+    query = {"job_id": job_id, "score_threshold": 0.01, "max_detections": 10}
+
+    served = post_image(client, photo.read_bytes(), **query)
+    assert served.status_code == 200, served.text
+    served = served.json()
+    assert served["image"] == {"width": 100, "height": 200}
+    assert served["detections"], "the comparison needs detections"
+    turned = post_image(client, upright.getvalue(), "upright.png", **query).json()
+    assert _same_detections(served["detections"], turned["detections"])
+
+    checkpoint = settings.layout.run_dir(job_id) / BEST_CHECKPOINT
+    args = ["detect", str(checkpoint), str(photo), "--score-threshold", "0.01", "--max-detections", "10"]
+    assert main([*args, "--device", "cpu"]) == 0
+    cli = json.loads(capsys.readouterr().out)[str(photo)]
+    assert cli["image"] == served["image"]
+    assert _same_detections(cli["detections"], served["detections"])
 
 
 def test_bad_detect_parameters(trained, client):
