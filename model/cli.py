@@ -10,6 +10,7 @@ ssd export runs/first/best.pt first.onnx       # ONNX with decoding and NMS (the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import MISSING, fields
@@ -138,7 +139,8 @@ def _cmd_export(args: argparse.Namespace) -> None:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    export_onnx(args.checkpoint, args.out)
+    with contextlib.redirect_stdout(sys.stderr):  # what the exporter prints (some onnxscript releases do): not our JSON
+        export_onnx(args.checkpoint, args.out)
     print(json.dumps({"onnx": str(args.out), "bytes": args.out.stat().st_size}))
 
 
