@@ -4,11 +4,13 @@ ssd synth data/shapes --num-images 200          # a synthetic COCO dataset (--vo
 ssd train data/shapes runs/first --epochs 20    # dataset folder -> run folder
 ssd detect runs/first/best.pt photo.jpg --annotated-dir out/
 ssd evaluate runs/first/best.pt data/shapes
+ssd export runs/first/best.pt first.onnx       # ONNX with decoding and NMS (the onnx extra)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from dataclasses import MISSING, fields
@@ -138,6 +140,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps({"num_images": len(data.images), "map50": scores["map50"], "map": scores["map"]}))
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from .export import OnnxUnavailable, export_onnx, require_onnx
+
+    try:
+        require_onnx()
+    except OnnxUnavailable as error:  # a missing install, not a bad input (which main() reports)
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.redirect_stdout(sys.stderr):  # what the exporter prints (some onnxscript releases do): not our JSON
+        export_onnx(args.checkpoint, args.out)
+    print(json.dumps({"onnx": str(args.out), "bytes": args.out.stat().st_size}))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="Train and run SSD300 object detectors.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -173,6 +189,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=16)
     evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     evaluate.set_defaults(run=_cmd_evaluate)
+
+    export = commands.add_parser(
+        "export",
+        help="write a checkpoint's model as ONNX with decoding and NMS (needs the onnx extra)",
+        description=(
+            "Input images: float32 [N, 3, S, S], RGB in 0-1, resized to the model's input; outputs boxes [N, 100, 4] "
+            "(relative x1, y1, x2, y2), scores [N, 100] and labels [N, 100] (0 = empty slot), after a 0.01 score "
+            "threshold and NMS. The class names are a JSON list in the metadata key 'classes'."
+        ),
+    )
+    export.add_argument("checkpoint", type=Path)
+    export.add_argument("out", type=Path, help="the .onnx file to write")
+    export.set_defaults(run=_cmd_export)
     return parser
 
 

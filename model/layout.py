@@ -8,6 +8,7 @@ The data folder (``SSD_DATA_DIR``) of the service::
     datasets/.trash-<id>-<random>/          a dataset being deleted
     runs/<job id>/job.json                  the job's record (rebuilds Redis's if Redis loses it)
     runs/<job id>/config.json, metrics.jsonl, last.pt, best.pt, losses.png   what ``fit`` writes
+    runs/<job id>/model.v1.onnx             a succeeded job's ONNX export, made on its first download
     runs/<job id>/.lock                     locked (flock) by whoever writes the run folder
     runs/<job id>/.fence                    the lease token of the one attempt that may write it
     runs/.trash-<job id>-<random>/          a run being deleted
@@ -36,6 +37,8 @@ LOSS_PLOT = "losses.png"
 JOB_FILE = "job.json"
 RUN_LOCK_FILE = ".lock"
 FENCE_FILE = ".fence"
+# GET /jobs/{id}/model.onnx's export (``model.export``); v<GRAPH_VERSION>: a new graph makes a new file.
+ONNX_MODEL = "model.v1.onnx"
 
 # A dataset's folder.
 DATASET_FILE = "dataset.json"

@@ -1,0 +1,83 @@
+"""GET /jobs/{id}/model.onnx: a succeeded job's model as ONNX, with decoding and NMS in the graph."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+from fastapi.responses import FileResponse
+from starlette.concurrency import run_in_threadpool
+
+from app.deps import SettingsDep, StoreDep, job_or_404
+from model.checkpoint import CheckpointError
+from model.export import OnnxUnavailable, export_onnx, require_onnx
+from model.layout import ONNX_MODEL
+from worker.records import SUCCEEDED
+from worker.settings import Settings
+from worker.store import Store
+
+router = APIRouter(tags=["jobs"])
+
+# One export at a time in this process: an export holds the model and its traced graph in memory
+# (about a gigabyte at full width), and a second request for the same job then finds the file
+# the first one wrote instead of exporting again.
+_exporting = threading.Lock()
+
+
+def onnx_file(store: Store, settings: Settings, job_id: str) -> Path:
+    """The job's ONNX file in its run folder, exported on its first request.
+
+    A succeeded job's checkpoint never changes, so the export is written once (atomically, so
+    that a reader never sees half of it) and stays until the job is deleted with its folder.
+
+    Raises:
+        HTTPException: 404 unknown (or just deleted) job, 409 not succeeded, 501 without the
+            onnx extra, 500 unreadable checkpoint.
+    """
+    job = job_or_404(store, job_id)
+    if job.status != SUCCEEDED or not job.checkpoint:
+        raise HTTPException(409, f"job {job_id} is {job.status}: only a succeeded job's model can be exported")
+    try:
+        require_onnx()
+    except OnnxUnavailable as error:
+        raise HTTPException(501, f"this server cannot export ONNX models: {error}") from error
+    run_dir = settings.layout.run_dir(job_id)
+    exported = run_dir / ONNX_MODEL
+    if exported.is_file():
+        return exported
+    checkpoint = run_dir / Path(job.checkpoint).name
+    if not checkpoint.is_file():
+        raise HTTPException(409, f"job {job_id}'s checkpoint {checkpoint.name} is missing from its run folder")
+    with _exporting:
+        if not exported.is_file():
+            try:
+                export_onnx(checkpoint, exported)  # never creates the folder: a deleted job stays deleted
+            except FileNotFoundError as error:
+                raise HTTPException(404, f"job {job_id} was deleted while its model was exported") from error
+            except CheckpointError as error:
+                raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
+    return exported
+
+
+@router.get(
+    "/jobs/{job_id}/model.onnx",
+    response_class=FileResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "The ONNX model."},
+        404: {"description": "No such job."},
+        409: {"description": "The job has not succeeded."},
+        501: {"description": 'The server lacks the onnx extra (pip install "ssd-service[onnx]").'},
+    },
+)
+async def model_onnx(job_id: str, store: StoreDep, settings: SettingsDep) -> FileResponse:
+    """A succeeded job's model as ONNX, with decoding and NMS in the graph.
+
+    Input ``images``: float32 [N, 3, S, S], RGB in 0-1, resized to the model's square input
+    (S = 300). Outputs ``boxes`` float32 [N, 100, 4] (x1, y1, x2, y2 relative to the input),
+    ``scores`` float32 [N, 100] and ``labels`` int64 [N, 100] (the ``class_id`` of /detect,
+    0 = empty slot), best first, after a 0.01 score threshold and NMS. The class names are a
+    JSON list in the metadata key ``classes``. The first request exports (a few seconds).
+    """
+    path = await run_in_threadpool(onnx_file, store, settings, job_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.onnx")
