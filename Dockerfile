@@ -24,7 +24,7 @@ COPY pyproject.toml README* ./
 COPY model ./model
 COPY worker ./worker
 COPY app ./app
-RUN pip install .
+RUN pip install ".[onnx]"  # with ONNX export (GET /jobs/{id}/model.onnx)
 
 RUN useradd --create-home --uid 1000 ssd && mkdir -p /data && chown ssd:ssd /data
 USER ssd
