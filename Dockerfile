@@ -24,7 +24,8 @@ COPY pyproject.toml README* ./
 COPY model ./model
 COPY worker ./worker
 COPY app ./app
-RUN pip install ".[onnx]"  # with ONNX export (GET /jobs/{id}/model.onnx)
+# The onnx extra: GET /jobs/{id}/model.onnx exports a trained model.
+RUN pip install ".[onnx]"
 
 RUN useradd --create-home --uid 1000 ssd && mkdir -p /data && chown ssd:ssd /data
 USER ssd
