@@ -121,6 +121,13 @@ class LossRecord(BaseModel):
     val_map: float | None = None
     lr: float | None = None
     seconds: float | None = None
+    val_ap50_per_class: dict[str, float | None] | None = Field(
+        None,
+        description=(
+            "AP@0.5 on the validation split per class name (null for a class without boxes there); "
+            "null without a validation split."
+        ),
+    )
 
 
 class Losses(BaseModel):
@@ -159,6 +166,49 @@ class DetectResponse(BaseModel):
     job_id: str
     image: ImageSize
     detections: list[Detection]
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dataset_id": "3f9c1a2b7d4e"}]})
+
+    dataset_id: str = Field(
+        min_length=1, max_length=100, description="A dataset with the model's class names, in any order."
+    )
+
+
+class ClassAP(BaseModel):
+    label: str
+    ap50: float | None = Field(description="Average precision at IoU 0.5; null when the dataset has no such box.")
+    ap: float | None = Field(description="Average precision over IoU 0.5:0.95 (COCO's); null likewise.")
+    num_boxes: int = Field(description="The dataset's boxes of this class.")
+
+
+class EvaluateResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "9b1f0c3a5e7d",
+                    "dataset_id": "3f9c1a2b7d4e",
+                    "num_images": 64,
+                    "map50": 0.91,
+                    "map": 0.62,
+                    "per_class": [
+                        {"label": "circle", "ap50": 0.95, "ap": 0.7, "num_boxes": 52},
+                        {"label": "square", "ap50": 0.9, "ap": 0.61, "num_boxes": 57},
+                        {"label": "triangle", "ap50": 0.88, "ap": 0.55, "num_boxes": 52},
+                    ],
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    dataset_id: str
+    num_images: int
+    map50: float | None = Field(description="COCO mAP at IoU 0.5 (the mean over classes with boxes).")
+    map: float | None = Field(description="COCO mAP over IoU 0.5:0.95.")
+    per_class: list[ClassAP] = Field(description="One entry per class of the model, in the model's order.")
 
 
 class WorkerSeen(BaseModel):

@@ -133,11 +133,24 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
     data = _read_dataset(args.dataset)
-    if data.classes != detector.classes:
-        raise ValueError(f"the dataset's classes {data.classes} differ from the model's {detector.classes}")
     with tqdm(total=len(data.images), unit="image") as bar:
-        scores = evaluate_detector(detector, data.images, args.batch_size, on_batch=bar.update)
-    print(json.dumps({"num_images": len(data.images), "map50": scores["map50"], "map": scores["map"]}))
+        scores = evaluate_detector(
+            detector, data.images, args.batch_size, on_batch=bar.update, dataset_classes=data.classes
+        )
+    print(json.dumps(scores))
+    print(per_class_table(scores["per_class"]), file=sys.stderr)
+
+
+def per_class_table(per_class: list[dict]) -> str:
+    """``evaluate_detector``'s per-class figures as aligned text: label, AP@0.5, AP@0.5:0.95, boxes."""
+    rows = [("label", "AP@0.5", "AP", "boxes")]
+    rows += [(c["label"], _figure(c["ap50"]), _figure(c["ap"]), str(c["num_boxes"])) for c in per_class]
+    width = max(len(row[0]) for row in rows)
+    return "\n".join(f"{label:<{width}}  {ap50:>6}  {ap:>6}  {boxes:>6}" for label, ap50, ap, boxes in rows)
+
+
+def _figure(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -183,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     detect.set_defaults(run=_cmd_detect)
 
-    evaluate = commands.add_parser("evaluate", help="mAP@0.5 and mAP@0.5:0.95 of a checkpoint on a dataset")
+    evaluate = commands.add_parser(
+        "evaluate", help="mAP@0.5 and mAP@0.5:0.95 of a checkpoint on a dataset, overall (JSON) and per class"
+    )
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("dataset", type=Path)
     evaluate.add_argument("--batch-size", type=int, default=16)

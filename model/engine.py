@@ -12,10 +12,10 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import DataLoader
@@ -316,12 +316,22 @@ def evaluate(
     device: torch.device,
     autocast_dtype: torch.dtype | None,
     interrupted: Callable[[], bool] | None = None,
-) -> dict[str, float | None] | None:
+    classes: Sequence[str] | None = None,
+) -> dict[str, Any] | None:
     """Validation loss and mAP (boxes compared in relative coordinates: IoU does not change with
-    scale), or None if ``interrupted`` said so before a batch."""
+    scale), or None if ``interrupted`` said so before a batch.
+
+    ``val_ap50_per_class`` maps each class name (``classes``; default: the class id as a string)
+    to its AP@0.5, None for a class without boxes in the split; it comes from the same COCO
+    evaluation as the mAPs. A JSON object of plain numbers, so the record stays one JSON line.
+    """
     model.eval()
     sums = torch.zeros(3, device=device, dtype=torch.float64)
-    metric = MeanAP()
+    num_classes = model.config.num_classes - 1
+    names = list(classes) if classes is not None else [str(i) for i in range(1, num_classes + 1)]
+    if len(names) != num_classes:
+        raise ValueError(f"{len(names)} class names for a model of {num_classes} classes")
+    metric = MeanAP(num_classes)
     for images, gt_boxes, gt_labels in loader:
         if interrupted is not None and interrupted():
             return None
@@ -345,6 +355,7 @@ def evaluate(
         "val_conf_loss": means[2],
         "val_map50": scores["map50"],
         "val_map": scores["map"],
+        "val_ap50_per_class": {name: scores["per_class"][i]["ap50"] for i, name in enumerate(names, start=1)},
     }
 
 
@@ -438,7 +449,7 @@ def fit(
 
     validation_seconds = history[-1].get("val_seconds", 0.0) if history else 0.0
     for epoch in range(len(history) + 1, config.epochs + 1):
-        outcome, result = _run_epoch(run, config, epoch, validation_seconds, callbacks, partial)
+        outcome, result = _run_epoch(run, config, data.classes, epoch, validation_seconds, callbacks, partial)
         partial = None
         if outcome == "paused":
             _save_checkpoints(folder, run, config, data.classes, history, best, paused_at=result)
@@ -475,6 +486,7 @@ class _Interruption:
 def _run_epoch(
     run: TrainingRun,
     config: TrainConfig,
+    classes: list[str],
     epoch: int,
     validation_seconds: float,
     callbacks: Callbacks,
@@ -494,7 +506,7 @@ def _run_epoch(
     val = _no_validation()
     if run.val_loader is not None:
         interruption = _Interruption(callbacks)
-        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, interruption)
+        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, interruption, classes)
         if val is None:  # when paused here, the resumed epoch goes straight to validation
             return interruption.reason, state if interruption.reason == "paused" else None
         if not math.isfinite(val["val_loss"]):
@@ -519,7 +531,7 @@ def _selection_score(record: dict) -> float:
 
 
 def _no_validation() -> dict[str, None]:
-    return dict.fromkeys(("val_loss", "val_loc_loss", "val_conf_loss", "val_map50", "val_map"))
+    return dict.fromkeys(("val_loss", "val_loc_loss", "val_conf_loss", "val_map50", "val_map", "val_ap50_per_class"))
 
 
 def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[str]) -> bytes:

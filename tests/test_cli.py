@@ -30,8 +30,32 @@ def test_cli_walk_from_synthetic_data_to_detections(tmp_path, capsys):
     assert Image.open(out / "000000.png").size == (width, height)
 
     assert main(["evaluate", str(run / "best.pt"), str(data / "yolo"), "--device", "cpu"]) == 0
-    scores = json.loads(capsys.readouterr().out)
+    printed = capsys.readouterr()
+    scores = json.loads(printed.out)
     assert scores["num_images"] == 6 and 0 <= scores["map50"] <= 1
+    assert [c["label"] for c in scores["per_class"]] == ["circle", "square", "triangle"]
+    assert sum(c["num_boxes"] for c in scores["per_class"]) == made["num_boxes"]
+    # After the figures, a table for people: one line per class.
+    table = printed.err.strip().splitlines()[-4:]
+    assert table[0].split() == ["label", "AP@0.5", "AP", "boxes"]
+    for line, figures in zip(table[1:], scores["per_class"], strict=True):
+        label, ap50, ap, boxes = line.split()
+        assert label == figures["label"] and int(boxes) == figures["num_boxes"]
+        assert ap50 == ("-" if figures["ap50"] is None else f"{figures['ap50']:.3f}")
+
+
+def test_cli_evaluate_names_the_classes_a_dataset_lacks(tmp_path, capsys):
+    data, run = tmp_path / "shapes", tmp_path / "run"
+    main(["synth", str(data), "--num-images", "2"])
+    train = ["train", str(data), str(run), "--epochs", "1", "--batch-size", "2", "--val-fraction", "0"]
+    assert main([*train, "--width-multiplier", "0.125", "--num-workers", "0"]) == 0
+    document = json.loads((data / "annotations.json").read_text())
+    document["categories"][0]["name"] = "disc"
+    (data / "annotations.json").write_text(json.dumps(document))
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "last.pt"), str(data), "--device", "cpu"]) == 2
+    error = capsys.readouterr().err
+    assert "missing from the dataset: circle" in error and "not classes of the model: disc" in error
 
 
 def test_cli_reports_a_bad_dataset_as_an_error_not_a_traceback(tmp_path, capsys):

@@ -132,6 +132,19 @@ def test_validation_records_loss_and_map_every_epoch(shapes, tmp_path):
     assert set(record) >= {"epoch", "train_loss", "train_loc_loss", "train_conf_loss", "val_loss", "val_map50", "lr"}
     assert record["val_loss"] > 0 and 0 <= record["val_map50"] <= 1
     assert record["train_loss"] == pytest.approx(record["train_loc_loss"] + record["train_conf_loss"])
+    # Per-class AP@0.5 from the same evaluation: COCO's mAP@0.5 is their mean over the classes in the split.
+    per_class = record["val_ap50_per_class"]
+    assert list(per_class) == shapes.classes
+    scored = [ap for ap in per_class.values() if ap is not None]
+    assert scored and all(0 <= ap <= 1 for ap in scored)
+    assert record["val_map50"] == pytest.approx(sum(scored) / len(scored))
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["val_ap50_per_class"] == per_class
+
+
+def test_without_a_validation_split_there_are_no_per_class_figures(shapes, tmp_path):
+    (record,) = fit(TrainConfig(epochs=1, val_fraction=0, **TINY), shapes, tmp_path).history
+    assert record["val_map50"] is None and record["val_ap50_per_class"] is None
 
 
 def test_cancel_between_batches_stops_within_one_batch(shapes, tmp_path):

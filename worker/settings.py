@@ -84,6 +84,14 @@ class Settings(BaseSettings):
     max_image_bytes: int = Field(32 * MiB, ge=1024, description="Largest image upload to /detect.")
     max_image_pixels: int = Field(50_000_000, ge=1, description="Most pixels (width x height) of a /detect image.")
     max_synthetic_images: int = Field(5000, ge=1, description="Most images of one POST /datasets/synthetic.")
+    max_eval_images: int = Field(
+        5000,
+        ge=1,
+        description=(
+            "Most images of a dataset that POST /jobs/{id}/evaluate scores (413 above). An evaluation keeps every "
+            "image's detections until it ends and takes turns with /detect on the inference thread."
+        ),
+    )
     max_queued_jobs: int = Field(1000, ge=1, description="Most jobs waiting for a worker; POST /train answers 429.")
     max_event_streams: int = Field(
         100,

@@ -60,7 +60,7 @@ export function followLosses(jobId, { onEpoch, onEnd, onState }) {
 
 const number = (value, digits = 4) => (value == null ? "–" : Number(value).toPrecision(digits));
 
-/** The Curves view: a job picker, the two charts and a table of the numbers. */
+/** The Curves view: a job picker, the two charts, the newest epoch's AP@0.5 per class and a table of the numbers. */
 export class CurvesView {
   constructor(root) {
     this.select = root.querySelector("#curves-job");
@@ -68,6 +68,9 @@ export class CurvesView {
     this.lossChart = root.querySelector("#chart-loss");
     this.mapChart = root.querySelector("#chart-map");
     this.tableBody = root.querySelector("#curves-table tbody");
+    this.perClassTable = root.querySelector("#per-class-table");
+    this.perClassEpoch = root.querySelector("#per-class-epoch");
+    this.perClassEmpty = root.querySelector("#per-class-empty");
     this.jobId = null;
     this.epochs = new Map(); // epoch -> record: a replayed epoch replaces, never duplicates
     this.follower = null;
@@ -144,6 +147,48 @@ export class CurvesView {
         for (const value of [r.epoch, number(r.train_loss), number(r.val_loss), number(r.val_map50, 3), number(r.lr, 3), number(r.seconds, 3)]) {
           row.insertCell().textContent = value;
         }
+        return row;
+      }),
+    );
+    this.drawPerClass(records);
+  }
+
+  /** The newest validated epoch's AP@0.5 per class (`val_ap50_per_class`): a bar and a number each. */
+  drawPerClass(records) {
+    const newest = records.filter((r) => r.val_ap50_per_class).at(-1);
+    const perClass = newest?.val_ap50_per_class || {};
+    // The model's class order when the job is known (an object's integer-like keys would come first).
+    const known = (this.job?.id === this.jobId && this.job.classes) || [];
+    const labels = [...known.filter((c) => c in perClass), ...Object.keys(perClass).filter((c) => !known.includes(c))];
+    this.perClassEpoch.textContent = newest ? `(epoch ${newest.epoch})` : "";
+    this.perClassTable.hidden = labels.length === 0;
+    this.perClassEmpty.hidden = labels.length > 0;
+    this.perClassEmpty.textContent = records.length
+      ? "None in these epochs (no validation split)."
+      : "None yet: each validated epoch brings them.";
+    this.perClassTable.tBodies[0].replaceChildren(
+      ...labels.map((label) => {
+        const row = document.createElement("tr");
+        row.dataset.label = label;
+        const name = document.createElement("th");
+        name.scope = "row";
+        name.textContent = label;
+        const cell = document.createElement("td");
+        const ap = perClass[label];
+        if (ap == null) {
+          cell.textContent = "–";
+          cell.title = "no boxes of this class in the validation split";
+        } else {
+          const bar = document.createElement("span");
+          bar.className = "bar";
+          bar.setAttribute("aria-hidden", "true");
+          const fill = document.createElement("span");
+          fill.style.width = `${(100 * Math.min(1, Math.max(0, ap))).toFixed(1)}%`;
+          bar.append(fill);
+          cell.append(bar, number(ap, 3));
+        }
+        cell.dataset.value = ap ?? "";
+        row.append(name, cell);
         return row;
       }),
     );

@@ -137,6 +137,16 @@ def test_upload_train_watch_and_detect(page, console, api, worker, shapes):
         drawn = [(int(d.get_attribute("data-epoch")), float(d.get_attribute("data-value"))) for d in dots.all()]
         assert drawn == [(r["epoch"], pytest.approx(r[series])) for r in losses], series
     expect(page.locator("#curves-table tbody tr")).to_have_count(2)
+    # Beside the curves: the newest epoch's AP@0.5 per class, in the model's class order.
+    expect(page.locator("#per-class-epoch")).to_have_text("(epoch 2)")
+    expect(page.locator("#per-class-table tbody tr")).to_have_count(len(created["classes"]))
+    assert shown_per_class(page) == {
+        label: pytest.approx(ap) for label, ap in losses[-1]["val_ap50_per_class"].items()
+    }, losses[-1]
+    assert (
+        page.locator("#per-class-table tbody tr").evaluate_all("rows => rows.map(r => r.dataset.label)")
+        == (created["classes"])
+    )
     screenshot(page, "desktop-curves")
 
     # Detect: the trained job's model, an image dropped on the zone, then the slider filters locally.
@@ -185,6 +195,58 @@ def test_upload_train_watch_and_detect(page, console, api, worker, shapes):
     )
     assert len(detect_requests) == 2
     console.assert_clean()
+
+
+def shown_per_class(page) -> dict:
+    """The per-class table as {label: AP@0.5 or None (shown as a dash)}."""
+    rows = page.locator("#per-class-table tbody tr").all()
+    values = {row.get_attribute("data-label"): row.locator("td").get_attribute("data-value") for row in rows}
+    return {label: float(value) if value else None for label, value in values.items()}
+
+
+def test_per_class_ap_follows_the_newest_epoch(page, console):
+    # A made-up job's stream: epoch 1, then the connection ends and EventSource comes back after
+    # `retry` for epoch 2 and the end. The table shows each newest epoch as it arrives.
+    first = {"epoch": 1, "train_loss": 9.0, "val_ap50_per_class": {"circle": 0.2, "square": None, "triangle": 0.5}}
+    second = {"epoch": 2, "train_loss": 7.0, "val_ap50_per_class": {"circle": 0.9, "square": 0.4, "triangle": 1}}
+    job = {"id": "made-up-job", "status": "succeeded", "epochs": 2, "classes": ["circle", "square", "triangle"]}
+    bodies = [
+        f"retry: 4000\nevent: epoch\nid: 1\ndata: {json.dumps(first)}\n\n",
+        f"event: epoch\nid: 2\ndata: {json.dumps(second)}\n\nevent: status\ndata: {json.dumps(job)}\n\n",
+    ]
+    served: list[str] = []
+
+    def stream(route: Route) -> None:
+        body = bodies[min(len(served), 1)]
+        served.append(route.request.url)
+        route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body)
+
+    page.route("**/jobs/made-up-job/losses/stream*", stream)
+    page.goto("/#curves/made-up-job")
+    expect(page.locator("#per-class-epoch")).to_have_text("(epoch 1)")
+    assert shown_per_class(page) == {"circle": 0.2, "square": None, "triangle": 0.5}
+    expect(page.locator("#per-class-table tr[data-label=square] td")).to_have_text("–")
+    expect(page.locator("#per-class-table tr[data-label=circle] td")).to_have_text("0.200")
+    expect(page.locator("#per-class-empty")).to_be_hidden()
+
+    expect(page.locator("#per-class-epoch")).to_have_text("(epoch 2)", timeout=15_000)
+    assert shown_per_class(page) == {"circle": 0.9, "square": 0.4, "triangle": 1}
+    widths = page.locator("#per-class-table .bar > span").evaluate_all("spans => spans.map(s => s.style.width)")
+    assert widths == ["90%", "40%", "100%"]
+    expect(page.locator("#curves-state")).to_have_text("job succeeded")
+    assert len(served) == 2
+
+    # Epochs without a validation split carry none.
+    unvalidated = {"epoch": 1, "train_loss": 9.0, "val_loss": None, "val_ap50_per_class": None}
+    body = f"event: epoch\nid: 1\ndata: {json.dumps(unvalidated)}\n\nevent: status\ndata: {json.dumps(job)}\n\n"
+    page.route(
+        "**/jobs/unvalidated-job/losses/stream*",
+        lambda route: route.fulfill(status=200, headers={"Content-Type": "text/event-stream"}, body=body),
+    )
+    page.goto("/#curves/unvalidated-job")
+    expect(page.locator("#per-class-empty")).to_have_text("None in these epochs (no validation split).")
+    expect(page.locator("#per-class-table")).to_be_hidden()
+    expect(page.locator("#per-class-epoch")).to_have_text("")
 
 
 def test_synthetic_dataset_and_cancel(page, console, api, worker):
