@@ -43,7 +43,7 @@ ASYNC_REDIS_SPARE_CONNECTIONS = 8  # for a stream route's lookups beside the str
 DESCRIPTION = """
 Train SSD300 object detectors on your own labelled images and serve them.
 
-1. `POST /datasets` (a COCO or VOC zip) or `POST /datasets/synthetic`
+1. `POST /datasets` (a COCO, VOC or YOLO zip) or `POST /datasets/synthetic`
 2. `POST /train` with the dataset id -> a job; watch `GET /jobs/{id}` and `GET /jobs/{id}/losses/stream`
 3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn)
 
