@@ -23,6 +23,9 @@ from worker.records import Status
 
 _DEFAULTS = TrainConfig()
 
+# FastAPI answers 400 to a JSON body it cannot parse (not JSON, not UTF-8): routes with one say so.
+UNREADABLE_BODY = {400: {"description": "The body is not JSON (or not UTF-8)."}}
+
 JobStatus = Status
 
 

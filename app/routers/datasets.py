@@ -18,7 +18,7 @@ from app.dataset_import import (
 )
 from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
-from app.schemas import Dataset, SyntheticDatasetRequest, invalid_body
+from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
 from worker.settings import Settings
 from worker.store import Store
@@ -88,7 +88,7 @@ async def upload_dataset(
     return await _import(imports, _permit(request), store, settings, *args)
 
 
-@router.post("/synthetic", status_code=201, response_model=Dataset, responses=_BUSY)
+@router.post("/synthetic", status_code=201, response_model=Dataset, responses={**_BUSY, **UNREADABLE_BODY})
 async def synthetic_dataset(
     request: Request, body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep, imports: ImportsDep
 ) -> Dataset:

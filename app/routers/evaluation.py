@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from app.deps import DetectorDep, SettingsDep, StoreDep, dataset_or_404
 from app.inference import DetectionService, DeviceUnavailable
 from app.routers.detect import resolve_model
-from app.schemas import EvaluateRequest, EvaluateResponse
+from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
 from model.data import DatasetError, read_dataset
 from worker.records import DatasetRecord
 from worker.settings import Settings
@@ -40,6 +40,7 @@ class ClientGone(Exception):
     "/jobs/{job_id}/evaluate",
     response_model=EvaluateResponse,
     responses={
+        **UNREADABLE_BODY,
         404: {"description": "No such job or dataset."},
         409: {
             "description": (

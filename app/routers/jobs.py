@@ -16,7 +16,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from app.deps import AsyncRedisDep, CeleryDep, EventStreamsDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
-from app.schemas import Job, JobStatus, Losses, TrainRequest, invalid_body
+from app.schemas import UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
 from model.layout import LOSS_PLOT
 from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
@@ -39,6 +39,7 @@ _BUSY_STREAMS = {503: {"description": "Too many event streams are open (SSD_MAX_
     status_code=202,
     response_model=Job,
     responses={
+        **UNREADABLE_BODY,
         404: {"description": "No such dataset."},
         422: {"description": "Invalid training settings."},
         429: {"description": "Too many jobs are waiting for a worker (SSD_MAX_QUEUED_JOBS)."},
