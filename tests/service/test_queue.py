@@ -10,13 +10,12 @@ from functools import partial
 
 import pytest
 
+from tests.service.helpers import DATASET
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
-from worker.records import DatasetRecord, JobRecord
+from worker.records import JobRecord
 from worker.settings import Settings
 from worker.store import Store
-
-DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 
 
 class _Clock:

@@ -11,12 +11,11 @@ import time
 import pytest
 
 from model.layout import TEMP_SUFFIX
+from tests.service.helpers import DATASET
 from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason, fence_holder
-from worker.records import DatasetRecord, JobRecord
+from worker.records import JobRecord
 from worker.run_files import RunFolderBusy, keep_job_file, read_job_file, remove_run, run_lock, save_job_file
 from worker.settings import Settings
-
-DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 
 
 def _lease(token: str, ttl: float = 30) -> Lease:

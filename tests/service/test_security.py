@@ -11,8 +11,7 @@ import pytest
 
 from app.main import create_app
 from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
-from tests.service.helpers import coco_zip
-from worker.records import DatasetRecord
+from tests.service.helpers import DATASET, coco_zip
 from worker.settings import Settings
 from worker.store import Store
 
@@ -155,9 +154,7 @@ CROSS_SITE = [
 
 def test_cross_site_posts_are_refused_before_anything_is_created(local_settings, tmp_path_factory):
     store = Store.from_url(local_settings.redis_url, local_settings.key_prefix)
-    store.put_dataset(
-        DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
-    )
+    store.put_dataset(DATASET)
     # Each request would succeed from curl: a valid archive, a known dataset, a deletable one.
     archive = {"file": ("shapes.zip", coco_zip(tmp_path_factory.mktemp("coco"), 2), "application/zip")}
     requests = []
@@ -265,9 +262,7 @@ def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
     prefix = f"full-{uuid.uuid4().hex[:8]}"  # a queue no worker reads
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=prefix, max_queued_jobs=2)
     store = Store.from_url(redis_server.url, prefix)
-    store.put_dataset(
-        DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
-    )
+    store.put_dataset(DATASET)
     train = ("POST", "/train", {"json": {"dataset_id": "d1", "epochs": 1}})
     answers = run_requests(settings, [train, train, train])
     assert [r.status_code for r in answers] == [202, 202, 429], answers[-1].text

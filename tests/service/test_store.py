@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
+from tests.service.helpers import DATASET
 from worker.lease import Lease
 from worker.records import DatasetRecord, JobRecord
 from worker.store import Crashes, Store
 
-DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 CRASHED = ("crashed its worker ", " times")
 
 

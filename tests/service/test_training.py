@@ -10,16 +10,14 @@ import pytest
 
 from model.engine import StepProgress
 from tests.service.conftest import wait_until
-from tests.service.helpers import TINY, wait_for_job
+from tests.service.helpers import DATASET, TINY, wait_for_job
 from worker.lease import Lease
 from worker.reaper import Reaper
-from worker.records import DatasetRecord, JobRecord
+from worker.records import JobRecord
 from worker.run_files import read_job_file, save_job_file
 from worker.settings import Settings
 from worker.store import Store
 from worker.training import JobMonitor, run_job
-
-DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")
 
 
 @pytest.fixture
