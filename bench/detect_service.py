@@ -24,8 +24,6 @@ import io
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime, timezone
@@ -34,10 +32,11 @@ from pathlib import Path
 import httpx
 import torch
 from PIL import Image
+from service_api import start_api  # bench/service_api.py: a script's folder is on sys.path
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.transforms.v2 import functional as F
 
-from app.up import free_port, http_answers, start_redis, stop
+from app.up import start_redis, stop
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
@@ -132,30 +131,6 @@ def write_job(store: Store, runs_dir: Path) -> str:
     return job_id
 
 
-def start_api(redis_url: str, data_dir: Path, max_batch: int, wait_ms: float) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "SSD_REDIS_URL": redis_url,
-        "SSD_DATA_DIR": str(data_dir),
-        "SSD_DEVICE": "cpu",
-        "SSD_PORT": str(port),
-        "SSD_BATCH_MAX_SIZE": str(max_batch),
-        "SSD_BATCH_MAX_WAIT_MS": str(wait_ms),
-        "SSD_KEY_PREFIX": "bench",
-    }
-    args = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(args, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not http_answers(f"{url}/healthz"):
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop(process, "api")
-            raise SystemExit("the API did not start")
-        time.sleep(0.2)
-    return process, url
-
-
 async def load(url: str, job_id: str, jpeg: bytes, clients: int, requests: int) -> tuple[float, list[float]]:
     """``requests`` POST /detect spread over ``clients`` concurrent clients: wall time and latencies."""
     latencies: list[float] = []
@@ -209,7 +184,8 @@ def main() -> None:
             single: dict[str, list[float]] = {}
             concurrent: list[tuple[str, int, float, list[float]]] = []
             for label, max_batch in (("off (max 1)", 1), ("on (max 8, 5 ms)", 8)):
-                process, url = start_api(redis_url, data_dir, max_batch, 5.0)
+                batching = {"SSD_BATCH_MAX_SIZE": str(max_batch), "SSD_BATCH_MAX_WAIT_MS": "5.0"}
+                process, url = start_api(redis_url, data_dir, SSD_DEVICE="cpu", SSD_KEY_PREFIX="bench", **batching)
                 try:
                     if max_batch == 1:
                         print("one image at a time, interleaved ...", flush=True)

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +37,9 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from app.up import free_port, http_answers, start_redis, stop  # noqa: E402
+from service_api import start_api  # noqa: E402
+
+from app.up import start_redis, stop  # noqa: E402
 from worker.reaper import Reaper  # noqa: E402
 from worker.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetRecord, JobRecord, now_iso  # noqa: E402
 from worker.settings import Settings  # noqa: E402
@@ -88,21 +89,6 @@ def timed(call: Callable[[], object], repeats: int) -> dict[str, float]:
     return {"median_ms": round(statistics.median(times), 2), "p95_ms": round(p95, 2), "max_ms": round(max(times), 2)}
 
 
-def start_api(redis_url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "SSD_REDIS_URL": redis_url, "SSD_DATA_DIR": str(data_dir), "SSD_KEY_PREFIX": PREFIX}
-    args = [sys.executable, "-m", "uvicorn", "app.main:app", "--port", str(port), "--log-level", "warning"]
-    process = subprocess.Popen(args, env=env, cwd=REPO)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while not http_answers(f"{url}/healthz"):
-        if time.monotonic() > deadline or process.poll() is not None:
-            stop(process, "api")
-            raise SystemExit("the API did not start")
-        time.sleep(0.2)
-    return process, url
-
-
 def measure(finished: int, active: int, repeats: int) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as folder:
         data_dir = Path(folder)
@@ -116,7 +102,7 @@ def measure(finished: int, active: int, repeats: int) -> dict[str, dict[str, flo
             settings = Settings(redis_url=redis_url, data_dir=data_dir, key_prefix=PREFIX)
             reaper = Reaper(store, settings, lambda job_id: None, broker_task_ids=lambda: set())
             reaper.run_once()  # the first pass reads the (empty) data folder once, as at a worker's start
-            api, url = start_api(redis_url, data_dir)
+            api, url = start_api(redis_url, data_dir, SSD_KEY_PREFIX=PREFIX)
             with httpx.Client(base_url=url, timeout=60) as client:
                 filtered = {"status": SUCCEEDED, "dataset_id": datasets[3], "limit": 100}
 
