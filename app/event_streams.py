@@ -45,9 +45,6 @@ class EventStreams:
 
         return close
 
-    def __len__(self) -> int:
-        return self.open_now
-
 
 class CountedEventSourceResponse(EventSourceResponse):
     """An ``EventSourceResponse`` that calls ``close`` when it is done, however it ends (the client

@@ -106,7 +106,7 @@ def keep_job_file(run_dir: Path, record: JobRecord | None) -> None:
         return
     try:
         save_job_file(run_dir, record)
-    except (OSError, RunFolderBusy) as error:
+    except OSError as error:  # RunFolderBusy among them
         log.warning("job %s: could not update %s: %s", record.id, Path(run_dir) / JOB_FILE, error)
 
 

@@ -21,7 +21,7 @@ from model.layout import LOSS_PLOT
 from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
 from worker.records import ACTIVE, FINISHED, JobRecord
-from worker.run_files import RunFolderBusy, keep_job_file, read_history, remove_run, save_job_file
+from worker.run_files import keep_job_file, read_history, remove_run, save_job_file
 from worker.settings import Settings
 from worker.store import QueueFull, Store, epoch_stream_id, new_id
 
@@ -62,7 +62,7 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
     try:
         save_job_file(run_dir, job, create=True)  # before the answer: the job then survives Redis
         dispatch(celery, store, job.id, settings.queue)
-    except (OSError, RunFolderBusy, *SEND_ERRORS) as error:
+    except (OSError, *SEND_ERRORS) as error:  # a folder lock held too long (RunFolderBusy) is an OSError
         problem = f"could not queue the job: {error}"
         keep_job_file(run_dir, store.fail_queued_job(job.id, problem))
         raise HTTPException(503, problem) from error
