@@ -86,10 +86,11 @@ def test_two_workers_past_the_visibility_timeout_train_a_job_once(faults, tmp_pa
     service.start_worker("one")
     service.start_worker("two")
     with service.client() as client:
-        job = client.post("/train", json={"dataset_id": dataset_id, **JOB, "epochs": 4}).json()
+        # 8 epochs: at least 5 s even on a fast machine, well past the 2 s visibility timeout.
+        job = client.post("/train", json={"dataset_id": dataset_id, **JOB, "epochs": 8}).json()
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded" and done["restarts"] == 0, done
-        assert epochs(client, job["id"]) == [1, 2, 3, 4]
+        assert epochs(client, job["id"]) == list(range(1, 9))
     logs = service.worker_logs()
     assert logs.count(f"job {job['id']}: training on") == 1, logs[-3000:]
     # The message was delivered again while the job ran (longer than the 3 s visibility timeout),
