@@ -37,7 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from model.data import DatasetError, DetectionData, make_shapes_dataset, read_dataset
 from model.data.images import safe_relative_path
-from model.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name, trash_name
+from model.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name
 from worker.records import DatasetRecord, now_iso
 from worker.settings import Settings
 from worker.store import new_id
@@ -349,9 +349,15 @@ def _record(
     )
 
 
-def _commit(incoming: Path, final: Path, record: DatasetRecord) -> None:
+def _commit(incoming: Path, record: DatasetRecord, settings: Settings) -> None:
+    """Move the built folder into place, then into the storage (uploaded, with a bucket).
+
+    Raises:
+        StorageUnavailable: the bucket refused it (the folder is gone then).
+    """
     (incoming / DATASET_FILE).write_text(record.model_dump_json(indent=2), encoding="utf-8")
-    os.rename(incoming, final)
+    os.rename(incoming, settings.layout.dataset_dir(record.id))
+    settings.storage.publish_dataset(record)
 
 
 def import_archive(upload: IO[bytes], filename: str, name: str | None, settings: Settings) -> DatasetRecord:
@@ -386,7 +392,7 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
             "upload",
             _warnings(data, files),
         )
-        _commit(incoming, settings.datasets_dir / dataset_id, record)
+        _commit(incoming, record, settings)
     except zipfile.BadZipFile as error:
         raise DatasetImportError(f"{filename}: corrupt zip archive: {error}") from error
     finally:
@@ -404,17 +410,7 @@ def create_synthetic(
         data = make_shapes_dataset(incoming / DATASET_FILES_DIR, num_images, seed=seed, image_size=image_size)
         name = name or f"shapes-{num_images}-seed{seed}"
         record = _record(dataset_id, name, data, DATASET_FILES_DIR, "synthetic", _warnings(data))
-        _commit(incoming, settings.datasets_dir / dataset_id, record)
+        _commit(incoming, record, settings)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return record
-
-
-def remove_dataset_files(dataset_id: str, settings: Settings) -> None:
-    """Delete a dataset's folder: renamed aside first, so a half-deleted folder is never read."""
-    folder = settings.datasets_dir / dataset_id
-    if not folder.exists():
-        return
-    trash = settings.datasets_dir / trash_name(dataset_id)
-    os.rename(folder, trash)
-    shutil.rmtree(trash, ignore_errors=True)

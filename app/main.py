@@ -27,9 +27,11 @@ from app.security import (
     require_api_key,
     require_api_key_or_query,
 )
+from worker.bucket import BucketError
 from worker.leftovers import start_sweep
 from worker.queue import make_celery
 from worker.settings import Settings
+from worker.storage import StorageUnavailable
 from worker.store import POOL_WAIT_SECONDS, Store, quick_retry
 
 log = logging.getLogger(__name__)
@@ -79,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
         await run_in_threadpool(start_sweep, settings.layout)
+        await run_in_threadpool(_check_storage, settings)
         # Everything imported so far (torch's objects included) lives as long as the process: out of
         # the collector's sight, a full collection no longer walks them (a 200 ms pause otherwise).
         gc.freeze()
@@ -123,12 +126,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(LocalOnlyMiddleware, allowed_hosts=settings.allowed_hosts.split(","))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
 
+    @app.exception_handler(BucketError)
+    async def storage_unavailable(_request: Request, error: Exception) -> JSONResponse:
+        return JSONResponse({"detail": f"the storage is unreachable: {error}"}, status_code=503)
+
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
     async def redis_unavailable(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"the job store (Redis) is unreachable: {error}"}, status_code=503)
 
     return app
+
+
+def _check_storage(settings: Settings) -> None:
+    """Say at start-up, in the log, when the storage cannot be used: /readyz says so until it can."""
+    try:
+        settings.storage.check()
+    except StorageUnavailable as error:
+        log.error("%s; /readyz answers 503 until it can be reached", error)
+    else:
+        log.info("datasets and runs are kept in %s", settings.storage)
 
 
 def __getattr__(name: str) -> FastAPI:

@@ -222,6 +222,7 @@ class WorkerSeen(BaseModel):
 class Ready(BaseModel):
     status: Literal["ready", "unavailable"]
     redis: str
+    storage: str = Field(description='"ok", or why the datasets and runs cannot be reached (a bucket away).')
     workers: list[WorkerSeen]
 
 

@@ -13,6 +13,18 @@ The data folder (``SSD_DATA_DIR``) of the service::
     runs/<job id>/.fence                    the lease token of the one attempt that may write it
     runs/.trash-<job id>-<random>/          a run being deleted
     owners/<owner>.lock                     locked (flock) by each live service process
+    cache/<hash>                            with a bucket: a local copy of an object or dataset (``worker.cache``)
+
+With a bucket (``SSD_STORAGE_URL=s3://bucket/prefix``), the objects under its prefix::
+
+    datasets/<id>/files.zip                 the dataset's folder less its record, zipped (not compressed)
+    datasets/<id>/dataset.json              its record, written after files.zip: a dataset with a record is whole
+    runs/<job id>/job.json                  the job's record, replaced only by a later revision
+    runs/<job id>/manifest.json             which object holds each of the run's files, and which run may write
+    runs/<job id>/files/<name>.<owner>.<random>   one version of a run's file; never changed once written
+
+The data folder then holds only the cache, the working copies of the runs training on this
+machine (``runs/<job id>/``) and the imports being built.
 
 A file is replaced by writing ``.<name>.<owner>.<random>.tmp`` beside it and renaming that
 over it (``model.storage``). ``<owner>`` names the process that wrote the temporary file
@@ -44,10 +56,16 @@ ONNX_MODEL = "model.v1.onnx"
 DATASET_FILE = "dataset.json"
 DATASET_FILES_DIR = "files"
 
+# Only in a bucket: a dataset's folder as one object, and a run's manifest and file versions.
+DATASET_ARCHIVE = "files.zip"
+RUN_MANIFEST = "manifest.json"
+RUN_OBJECTS_DIR = "files"
+
 # Top-level folders of the data folder.
 DATASETS_DIR = "datasets"
 RUNS_DIR = "runs"
 OWNERS_DIR = "owners"
+CACHE_DIR = "cache"
 
 # Work in progress, and work being thrown away.
 TEMP_SUFFIX = ".tmp"
@@ -114,6 +132,10 @@ class DataLayout:
     def owners_dir(self) -> Path:
         return self.root / OWNERS_DIR
 
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / CACHE_DIR
+
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.datasets_dir / dataset_id
 
@@ -122,3 +144,18 @@ class DataLayout:
 
     def owner_lock(self, owner: str) -> Path:
         return self.owners_dir / f"{owner}{OWNER_LOCK_SUFFIX}"
+
+
+def dataset_key(dataset_id: str, name: str = "") -> str:
+    """A dataset's object ``name`` in a bucket (relative to its prefix); without a name, the dataset's prefix."""
+    return f"{DATASETS_DIR}/{dataset_id}/{name}"
+
+
+def run_key(job_id: str, name: str = "") -> str:
+    """A run's object ``name`` in a bucket (relative to its prefix); without a name, the run's prefix."""
+    return f"{RUNS_DIR}/{job_id}/{name}"
+
+
+def run_version_key(job_id: str, name: str) -> str:
+    """A fresh object key for a new version of the run's file ``name``: never one that was used before."""
+    return run_key(job_id, f"{RUN_OBJECTS_DIR}/{name}.{process_owner()}.{secrets.token_hex(8)}")

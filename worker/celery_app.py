@@ -26,6 +26,7 @@ from worker.leftovers import start_sweep
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
 from worker.settings import Settings
+from worker.storage import StorageUnavailable
 from worker.store import REDIS_ERRORS, Store
 
 settings = Settings()
@@ -87,6 +88,10 @@ def _reap(reaper: Reaper) -> None:
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
     start_sweep(settings.layout)  # this process's owner lock before anything is written, then the sweep
+    try:
+        settings.storage.check()
+    except StorageUnavailable as error:  # jobs fail saying so until it can be reached
+        log.error("%s: jobs this worker takes fail until it can be reached", error)
     threading.Thread(target=_beat, name="ssd-heartbeat", daemon=True).start()
 
 

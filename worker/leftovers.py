@@ -7,7 +7,8 @@ a lock when its process dies, however it dies, so at the next start of any servi
 ``remove_leftovers`` deletes, whatever their age:
 
 - temporary files (``*.tmp``) in run folders and in the data folder's top folders, and
-  ``.incoming-*`` import folders, whose owner's lock nobody holds (or that name no owner);
+  ``.incoming-*`` import folders, a bucket's run working copies and cache entries being
+  filled, whose owner's lock nobody holds (or that name no owner);
 - ``.trash-*`` folders (a delete renames a folder aside before removing it);
 - the lock files of dead owners.
 
@@ -94,11 +95,11 @@ def remove_leftovers(layout: DataLayout) -> list[str]:
     """Delete what dead writers left (see the module docstring); the names removed, relative to the data folder."""
     owners = _Owners(layout)
     removed: list[Path] = []
-    for top in (layout.datasets_dir, layout.runs_dir):
+    for top in (layout.datasets_dir, layout.runs_dir, layout.cache_dir):
         for path in _entries(top):
             dead_import = path.name.startswith(INCOMING_PREFIX) and owners.is_dead(incoming_owner(path.name))
             if path.name.startswith(TRASH_PREFIX) or dead_import:
-                shutil.rmtree(path, ignore_errors=True)
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path)
             elif top == layout.runs_dir and path.is_dir():
                 removed += _remove_dead_temps(path, owners)

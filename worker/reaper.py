@@ -22,7 +22,7 @@ at once or a message turns up late: a second runner cannot take a held lease.
   setting that crashes the process) fails, saying so, instead of going round forever.
 - **Running, no lease, cancel asked** (while its worker was dead): it ends cancelled.
 - **Redis lost records** (it is a new or emptied server, or it restarted and may have lost its
-  last second): ``worker.rebuild`` restores them from the data folder.
+  last second): ``worker.rebuild`` restores them from the storage (data folder or bucket).
 
 Every change the reaper makes to a job also reaches the job's ``job.json``.
 """
@@ -34,9 +34,8 @@ import time
 from collections.abc import Callable
 
 from worker.queue import send_quietly
-from worker.rebuild import rebuild_from_disk
+from worker.rebuild import rebuild_from_storage
 from worker.records import QUEUED, RUNNING
-from worker.run_files import keep_job_file
 from worker.settings import Settings
 from worker.store import REDIS_ERRORS, ActiveJob, Crashes, Store
 
@@ -96,16 +95,16 @@ class Reaper:
         return actions
 
     def _rebuild_if_redis_lost(self) -> list[str]:
-        """Put back from the data folder what Redis lacks (one reaper at a time), whenever Redis is not
+        """Put back from the storage what Redis lacks (one reaper at a time), whenever Redis is not
         the server the last rebuild saw: a new or emptied one (the marker is gone), or one that
         restarted (it may have lost its last second). A worker starting against the same Redis
-        reads nothing from the data folder."""
+        reads nothing from the storage."""
         server = self.store.server_run_id()
         if self.store.marker() == server:
             return []
         if not self.store.try_lock("rebuild", 60):
             return []  # another reaper rebuilds; this one looks again at its next pass
-        actions = rebuild_from_disk(self.store, self.settings, self.dispatch)
+        actions = rebuild_from_storage(self.store, self.settings, self.dispatch)
         self.store.set_marker(server)
         return actions
 
@@ -129,7 +128,7 @@ class Reaper:
         record = self.store.requeue_job(job.id, reason, crashes=Crashes(limit, error))
         if record is None:
             return None
-        keep_job_file(self.settings.layout.run_dir(job.id), record)
+        self.settings.storage.keep_job(record)
         if record.status != QUEUED:
             log.warning("job %s ended %s instead of going back to the queue: %s", job.id, record.status, record.error)
             return record.status

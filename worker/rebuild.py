@@ -1,10 +1,10 @@
-"""Records Redis lost, rebuilt from the data folder.
+"""Records Redis lost, rebuilt from the storage (the data folder or the bucket: ``worker.storage``).
 
 Every dataset keeps its record in ``datasets/<id>/dataset.json`` and every job in
-``runs/<id>/job.json``, kept current at each change (``worker.run_files``), with its epoch
-records in ``metrics.jsonl``. When Redis comes back without some of them (a disk lost, a
+``runs/<id>/job.json``, kept current at each change, with its epoch records in
+``metrics.jsonl``. When Redis comes back without some of them (a disk lost, a
 FLUSHALL, the last second of an ``everysec`` append-only file), the reaper calls
-``rebuild_from_disk``, which puts back only what Redis lacks:
+``rebuild_from_storage``, which puts back only what Redis lacks:
 
 - a job that had ended stays as it ended;
 - a queued job is queued again (its task message went with Redis) and trains once;
@@ -17,34 +17,15 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-from pydantic import ValidationError
-
-from model.layout import DATASET_FILE, JOB_FILE
 from worker.queue import send_quietly
-from worker.records import ACTIVE, CANCELLED, QUEUED, RUNNING, SUCCEEDED, DatasetRecord, JobRecord, iso_to_unix, now_iso
-from worker.run_files import keep_job_file, read_history, read_job_file
+from worker.records import ACTIVE, CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRecord, iso_to_unix, now_iso
 from worker.settings import Settings
 from worker.store import Store
 
 log = logging.getLogger(__name__)
 
 LOST_REASON = "Redis had lost its record: rebuilt from its run folder"
-
-
-def _folders_with(root: Path, name: str) -> dict[str, Path]:
-    if not root.is_dir():
-        return {}
-    return {p.name: p for p in root.iterdir() if not p.name.startswith(".") and (p / name).is_file()}
-
-
-def _read_dataset(path: Path) -> DatasetRecord | None:
-    try:
-        return DatasetRecord.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
 
 
 def restored(record: JobRecord, epochs_done: int) -> JobRecord:
@@ -63,22 +44,20 @@ def restored(record: JobRecord, epochs_done: int) -> JobRecord:
     return record.model_copy(update=changes)
 
 
-def rebuild_from_disk(store: Store, settings: Settings, dispatch: Callable[[str], None]) -> list[str]:
-    """Records Redis lacks, rebuilt from the data folder: datasets, then jobs with their losses; what it did."""
-    layout = settings.layout
+def rebuild_from_storage(store: Store, settings: Settings, dispatch: Callable[[str], None]) -> list[str]:
+    """Records Redis lacks, rebuilt from the storage: datasets, then jobs with their losses; what it did."""
+    storage = settings.storage
     actions = []
-    datasets = _folders_with(layout.datasets_dir, DATASET_FILE)
+    datasets = {record.id: record for record in storage.saved_datasets()}
     for dataset_id in store.missing_datasets(sorted(datasets)):
-        dataset = _read_dataset(datasets[dataset_id] / DATASET_FILE)
-        if dataset is not None and dataset.id == dataset_id:
-            store.put_dataset(dataset, created=iso_to_unix(dataset.created_at, time.time()))
-            actions.append(f"restored dataset {dataset_id}")
-    runs = _folders_with(layout.runs_dir, JOB_FILE)
-    for job_id in store.missing_jobs(sorted(runs)):
-        saved = read_job_file(runs[job_id])
+        dataset = datasets[dataset_id]
+        store.put_dataset(dataset, created=iso_to_unix(dataset.created_at, time.time()))
+        actions.append(f"restored dataset {dataset_id}")
+    for job_id in store.missing_jobs(storage.saved_job_ids()):
+        saved = storage.read_job(job_id)
         if saved is None or saved.id != job_id:
             continue
-        losses = read_history(runs[job_id])
+        losses = storage.history(job_id)
         record = restored(saved, losses[-1]["epoch"] if losses else 0)
         finished = iso_to_unix(record.finished_at) if record.status == SUCCEEDED else None
         if not store.restore_job(record, iso_to_unix(record.created_at, time.time()), finished):
@@ -86,9 +65,9 @@ def rebuild_from_disk(store: Store, settings: Settings, dispatch: Callable[[str]
         for epoch_record in losses:
             store.append_epoch(job_id, epoch_record)
         if record is not saved:
-            keep_job_file(runs[job_id], record)
+            storage.keep_job(record)
         actions.append(f"restored job {job_id} ({record.status})")
-        log.warning("job %s was missing from Redis: rebuilt from %s as %s", job_id, runs[job_id], record.status)
+        log.warning("job %s was missing from Redis: rebuilt from %s as %s", job_id, storage, record.status)
         if record.status == QUEUED:
             send_quietly(dispatch, job_id)
     return actions

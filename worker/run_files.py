@@ -112,13 +112,16 @@ def keep_job_file(run_dir: Path, record: JobRecord | None) -> None:
 
 def read_history(run_dir: Path) -> list[dict[str, Any]]:
     """The epoch records in ``run_dir/metrics.jsonl``, oldest first (up to a torn last line)."""
-    path = Path(run_dir) / METRICS_FILE
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        return parse_history((Path(run_dir) / METRICS_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         return []
+
+
+def parse_history(text: str) -> list[dict[str, Any]]:
+    """The epoch records of a ``metrics.jsonl``'s text, oldest first (up to a torn last line)."""
     records = []
-    for line in lines:
+    for line in text.splitlines():
         try:
             records.append(json.loads(line))
         except ValueError:

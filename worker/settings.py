@@ -7,15 +7,21 @@ imports ``worker/``, never the reverse.
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from model.layout import DataLayout
+from worker.bucket import URL_PATTERN
+
+if TYPE_CHECKING:
+    from worker.storage import Storage
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 
 
 class Settings(BaseSettings):
@@ -37,8 +43,26 @@ class Settings(BaseSettings):
     data_dir: Path = Field(
         Path("data"),
         description=(
-            "Datasets, training runs and (for `up`) Redis's files. The API and every worker must see the same "
-            "folder: workers on other machines need it on shared storage (NFS...)."
+            "Datasets, training runs and (for `up`) Redis's files. Without SSD_STORAGE_URL, the API and every "
+            "worker must see the same folder: workers on other machines need it on shared storage (NFS...)."
+        ),
+    )
+    storage_url: str | None = Field(
+        None,
+        pattern=URL_PATTERN,
+        description=(
+            "Unset: datasets and runs live in SSD_DATA_DIR. `s3://bucket/prefix`: in that S3-compatible bucket "
+            "(AWS S3, MinIO, Ceph), reached with the standard AWS variables (AWS_ENDPOINT_URL, "
+            "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION) or AWS_PROFILE; SSD_DATA_DIR then "
+            "holds only a local cache, and workers need no shared folder."
+        ),
+    )
+    cache_bytes: int = Field(
+        20 * GiB,
+        ge=0,
+        description=(
+            "With SSD_STORAGE_URL: most bytes of bucket objects (datasets, checkpoints) kept in SSD_DATA_DIR; "
+            "the least recently used go first. What a running job or request uses stays until it is done."
         ),
     )
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
@@ -177,6 +201,11 @@ class Settings(BaseSettings):
         ),
     )
 
+    @field_validator("storage_url", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value  # SSD_STORAGE_URL= (as Compose passes an unset one)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
@@ -202,6 +231,13 @@ class Settings(BaseSettings):
     def layout(self) -> DataLayout:
         """Where datasets, runs and process locks live under ``data_dir``."""
         return DataLayout(self.data_dir)
+
+    @cached_property
+    def storage(self) -> Storage:
+        """Where datasets and runs are kept (``worker.storage``): the data folder, or SSD_STORAGE_URL's bucket."""
+        from worker.storage import open_storage  # it imports the worker's modules, which import this one
+
+        return open_storage(self.storage_url, self.layout, self.cache_bytes)
 
     @property
     def datasets_dir(self) -> Path:

@@ -34,10 +34,11 @@ from model.data import read_dataset
 from model.device import resolve_device
 from model.engine import Callbacks, FitResult, StepProgress, fit
 from model.layout import BEST_CHECKPOINT
-from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason
+from model.storage import RunFolder
+from worker.lease import Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
 from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
-from worker.run_files import RunFolderBusy, keep_job_file
+from worker.run_files import RunFolderBusy
 from worker.settings import Settings
 from worker.store import REDIS_ERRORS, Store
 
@@ -340,15 +341,35 @@ def run_job(
     if started is None or started[0] != QUEUED:
         store.leases.release(lease)
         return f"skipped: {started[0] if started else 'missing'}"
-    job = started[1]
-    run_dir = settings.layout.run_dir(job_id)
-    folder = FencedRunFolder(run_dir, lease)
+    folder = settings.storage.run_folder(job_id, lease)
+    try:
+        return _run(started[1], folder, store, settings, lease, worker_name, dispatch, shutdown)
+    finally:
+        settings.storage.end_run(folder)
+
+
+def _run(
+    job: JobRecord,
+    folder: RunFolder,
+    store: Store,
+    settings: Settings,
+    lease: Lease,
+    worker_name: str,
+    dispatch: Callable[[str], None] | None,
+    shutdown: threading.Event,
+) -> str:
+    """Train the job this run has just started (its lease held) in ``folder``, and record how it ended."""
+    job_id = job.id
     try:
         folder.claim()
     except (LeaseLost, RunFolderBusy) as error:
         reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
         return _record(job, _Outcome("paused", reason=reason), store, lease, settings, dispatch)
-    keep_job_file(run_dir, job)
+    except OSError as error:  # the storage is unreachable (a bucket refusing this worker): said, not retried
+        log.error("job %s: cannot read its run from %s: %s", job_id, settings.storage, error)
+        outcome = _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
+        return _record(job, outcome, store, lease, settings, dispatch)
+    settings.storage.keep_job(job)
     log.info("job %s: training on %s (restarts %s)", job_id, worker_name, job.restarts)
 
     monitor = JobMonitor(
@@ -370,7 +391,7 @@ def _train_and_judge(
     job: JobRecord,
     store: Store,
     settings: Settings,
-    folder: FencedRunFolder,
+    folder: RunFolder,
     monitor: JobMonitor,
     shutdown: threading.Event,
     worker_name: str,
@@ -405,14 +426,12 @@ def _train_and_judge(
     return None  # stopped for its lease
 
 
-def _train(
-    job: JobRecord, store: Store, settings: Settings, folder: FencedRunFolder, callbacks: Callbacks
-) -> FitResult:
+def _train(job: JobRecord, store: Store, settings: Settings, folder: RunFolder, callbacks: Callbacks) -> FitResult:
     dataset = store.get_dataset(job.dataset_id)
     if dataset is None:
         raise ValueError(f"dataset {job.dataset_id} was deleted")
-    data = read_dataset(settings.layout.dataset_dir(dataset.id) / dataset.root)
-    return fit(training_config(job, settings), data, folder, callbacks)
+    with settings.storage.dataset_files(dataset) as root:  # copied from the bucket into the cache on first use
+        return fit(training_config(job, settings), read_dataset(root), folder, callbacks)
 
 
 def _record(
@@ -442,7 +461,7 @@ def _record(
         return "unrecorded"
     if record is None:
         return "lease lost"
-    keep_job_file(settings.layout.run_dir(job_id), record)
+    settings.storage.keep_job(record)
     if outcome.status == "paused":
         if record.status == QUEUED and dispatch is not None:
             send_quietly(dispatch, job_id)

@@ -14,18 +14,18 @@ from app.dataset_import import (
     ImportSlots,
     create_synthetic,
     import_archive,
-    remove_dataset_files,
 )
 from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
 from worker.settings import Settings
+from worker.storage import StorageUnavailable
 from worker.store import Store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-_BUSY = {503: {"description": "Every import slot is busy (SSD_IMPORT_SLOTS), or Redis is unreachable."}}
+_BUSY = {503: {"description": "Every import slot is busy (SSD_IMPORT_SLOTS), or Redis or the storage is unreachable."}}
 _ERRORS = {
     400: {"description": "Not a zip, or a dataset with problems: the message names the file and the problem."},
     413: {"description": "The upload, its entry count, its compression ratio or its unpacked size is over the limit."},
@@ -51,7 +51,7 @@ async def _import(
         try:
             await run_in_threadpool(store.put_dataset, record)
         except BaseException:
-            await run_in_threadpool(remove_dataset_files, record.id, settings)
+            await run_in_threadpool(settings.storage.remove_dataset, record.id)
             raise
         return record
 
@@ -59,6 +59,8 @@ async def _import(
         return (await asyncio.shield(asyncio.ensure_future(import_and_store()))).public()
     except DatasetImportError as error:
         raise HTTPException(error.status_code, str(error)) from error
+    except StorageUnavailable as error:
+        raise HTTPException(503, str(error)) from error
 
 
 @router.post("", status_code=201, response_model=Dataset, responses=_ERRORS)
@@ -118,7 +120,11 @@ def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
 @router.delete(
     "/{dataset_id}",
     status_code=204,
-    responses={404: {"description": "No such dataset."}, 409: {"description": "A queued or running job uses it."}},
+    responses={
+        404: {"description": "No such dataset."},
+        409: {"description": "A queued or running job uses it."},
+        503: {"description": "The storage (a bucket) could not delete the files; try again."},
+    },
 )
 def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     outcome, job_id = store.delete_dataset(dataset_id)
@@ -126,5 +132,8 @@ def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep) -> R
         raise HTTPException(404, f"no dataset with id {dataset_id!r}")
     if outcome == "busy":
         raise HTTPException(409, f"dataset {dataset_id} is used by job {job_id}, which has not ended; cancel it first")
-    remove_dataset_files(dataset_id, settings)
+    try:
+        settings.storage.remove_dataset(dataset_id)
+    except OSError as error:  # the record is gone; files left in a bucket come back at a rebuild, to delete again
+        raise HTTPException(503, f"dataset {dataset_id}'s record is deleted but not all its files: {error}") from error
     return Response(status_code=204)

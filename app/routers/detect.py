@@ -65,9 +65,11 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
     job = job_or_404(store, job_id)
     if not job.model_ready:
         raise HTTPException(409, f"job {job_id} is {job.status} and has no trained model to detect with")
-    checkpoint = settings.layout.run_dir(job_id) / Path(job.checkpoint).name
-    if not checkpoint.is_file():
-        raise HTTPException(409, f"job {job_id}'s checkpoint {checkpoint.name} is missing from its run folder")
+    name = Path(job.checkpoint).name
+    # A bucket's copy stays in the cache after the block: just used, it is the last one evicted.
+    with settings.storage.run_file(job_id, name) as checkpoint:
+        if checkpoint is None:
+            raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
     return job_id, checkpoint
 
 

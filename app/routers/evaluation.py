@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import ExitStack
+from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, Response
@@ -49,7 +51,7 @@ class ClientGone(Exception):
             )
         },
         413: {"description": "The dataset has more images than SSD_MAX_EVAL_IMAGES."},
-        503: {"description": "The model's device is missing here, or Redis is unreachable."},
+        503: {"description": "The model's device is missing here, or Redis or the storage is unreachable."},
     },
 )
 async def evaluate_job(
@@ -62,14 +64,16 @@ async def evaluate_job(
     """
     checkpoint, dataset = await run_in_threadpool(_resolve, store, settings, job_id, body.dataset_id)
     detector = await _detector(detection, job_id, checkpoint)
-    evaluation, images = await run_in_threadpool(_prepare, detector.classes, dataset, settings)
-    try:
-        scores = await score_in_batches(detection, detector, evaluation, images, settings.batch_max_size, request)
-    except ClientGone:
-        log.info("evaluation of job %s on dataset %s stopped: the client went away", job_id, dataset.id)
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    except DatasetError as error:
-        raise HTTPException(409, f"dataset {dataset.id}'s files cannot be read: {error}") from error
+    with ExitStack() as held:  # the dataset's files stay (in the cache, with a bucket) until the scoring ends
+        root = await run_in_threadpool(held.enter_context, settings.storage.dataset_files(dataset))
+        evaluation, images = await run_in_threadpool(_prepare, detector.classes, dataset, root, settings)
+        try:
+            scores = await score_in_batches(detection, detector, evaluation, images, settings.batch_max_size, request)
+        except ClientGone:
+            log.info("evaluation of job %s on dataset %s stopped: the client went away", job_id, dataset.id)
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        except DatasetError as error:
+            raise HTTPException(409, f"dataset {dataset.id}'s files cannot be read: {error}") from error
     return {"job_id": job_id, "dataset_id": dataset.id, **scores}
 
 
@@ -92,13 +96,13 @@ async def _detector(detection: DetectionService, job_id: str, checkpoint):
         raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 
 
-def _prepare(model_classes: list[str], dataset: DatasetRecord, settings: Settings):
+def _prepare(model_classes: list[str], dataset: DatasetRecord, root: Path, settings: Settings):
     """The evaluation (409 unless the class names match) and the dataset's annotated images."""
     from model.metrics import ClassMismatchError, DetectorEvaluation, class_id_map  # torchmetrics: on first use
 
     try:
         class_id_map(dataset.classes, model_classes)  # before reading a folder of thousands of images
-        data = read_dataset(settings.layout.dataset_dir(dataset.id) / dataset.root)
+        data = read_dataset(root)
         evaluation = DetectorEvaluation(model_classes, data.classes)
     except ClassMismatchError as error:
         raise HTTPException(409, f"dataset {dataset.id} cannot score this model: {error}") from error

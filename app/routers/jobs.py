@@ -1,6 +1,6 @@
 """POST /train and /jobs: job records, progress, losses (JSON, SSE, PNG), cancel, delete.
 
-Every change a route makes to a job reaches the job's ``job.json`` too (``worker.run_files``),
+Every change a route makes to a job reaches the job's ``job.json`` too (``worker.storage``),
 so a job survives Redis losing it from the moment POST /train answers.
 """
 
@@ -21,7 +21,6 @@ from model.layout import LOSS_PLOT
 from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
 from worker.records import ACTIVE, FINISHED, JobRecord
-from worker.run_files import keep_job_file, read_history, remove_run, save_job_file
 from worker.settings import Settings
 from worker.store import QueueFull, Store, epoch_stream_id, new_id
 
@@ -58,13 +57,12 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
         raise HTTPException(429, f"{error}: try again when some have started", {"Retry-After": "60"}) from error
     if job is None:
         raise HTTPException(404, f"dataset {body.dataset_id!r} was deleted")
-    run_dir = settings.layout.run_dir(job.id)
     try:
-        save_job_file(run_dir, job, create=True)  # before the answer: the job then survives Redis
+        settings.storage.save_job(job, create=True)  # before the answer: the job then survives Redis
         dispatch(celery, store, job.id, settings.queue)
-    except (OSError, *SEND_ERRORS) as error:  # a folder lock held too long (RunFolderBusy) is an OSError
+    except (OSError, *SEND_ERRORS) as error:  # a folder lock held too long, a bucket away: OSErrors
         problem = f"could not queue the job: {error}"
-        keep_job_file(run_dir, store.fail_queued_job(job.id, problem))
+        settings.storage.keep_job(store.fail_queued_job(job.id, problem))
         raise HTTPException(503, problem) from error
     return job.public()
 
@@ -101,23 +99,30 @@ def cancel_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Job:
         raise HTTPException(404, f"no job with id {job_id!r}")
     before, job = cancelled
     if before in ACTIVE:  # an ended job is unchanged (and may be deleted meanwhile: no file for it)
-        keep_job_file(settings.layout.run_dir(job_id), job)
+        settings.storage.keep_job(job)
     return job.public()
 
 
 @router.delete(
     "/jobs/{job_id}",
     status_code=204,
-    responses={**_NOT_FOUND, 409: {"description": "The job is queued or running: cancel it first."}},
+    responses={
+        **_NOT_FOUND,
+        409: {"description": "The job is queued or running: cancel it first."},
+        503: {"description": "The storage (a bucket) could not delete the files; try again."},
+    },
 )
 def delete_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     """Delete a job that has ended: its record, its losses and its run folder (checkpoints included)."""
     job = job_or_404(store, job_id)
     if job.status in ACTIVE:
         raise HTTPException(409, f"job {job_id} is {job.status}: cancel it first (POST /jobs/{job_id}/cancel)")
-    # An ended job stays ended, so its folder can go first: a crash then leaves a record without
+    # An ended job stays ended, so its files can go first: a crash then leaves a record without
     # files (DELETE again removes it), never files that would bring a deleted job back.
-    remove_run(settings.layout, job_id)
+    try:
+        settings.storage.remove_run(job_id)
+    except OSError as error:  # a bucket away: the record stays, and DELETE can be tried again
+        raise HTTPException(503, f"could not delete job {job_id}'s files: {error}") from error
     if store.delete_job(job) == "missing":
         raise HTTPException(404, f"no job with id {job_id!r}")
     return Response(status_code=204)
@@ -129,7 +134,7 @@ def losses_with_history(store: Store, settings: Settings, job_id: str, after: in
     records = store.losses(job_id, after)
     if [r["epoch"] for r in records] == list(range(after + 1, after + 1 + len(records))):
         return records
-    merged = {r["epoch"]: r for r in read_history(settings.layout.run_dir(job_id)) if r["epoch"] > after}
+    merged = {r["epoch"]: r for r in settings.storage.history(job_id) if r["epoch"] > after}
     merged.update((r["epoch"], r) for r in records)
     return [merged[epoch] for epoch in sorted(merged) if epoch <= records[-1]["epoch"]]
 
@@ -203,7 +208,7 @@ def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
     records = losses_with_history(store, settings, job_id, 0)
     if records:
         return Response(plot_losses(records), media_type="image/png")
-    saved = settings.layout.run_dir(job_id) / LOSS_PLOT
-    if saved.is_file():
-        return Response(saved.read_bytes(), media_type="image/png")
+    with settings.storage.run_file(job_id, LOSS_PLOT) as saved:
+        if saved is not None:
+            return Response(saved.read_bytes(), media_type="image/png")
     raise HTTPException(404, f"job {job_id} ({job.status}) has no finished epoch yet: no learning curve to draw")

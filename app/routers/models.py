@@ -29,7 +29,7 @@ def onnx_file(store: Store, settings: Settings, job_id: str) -> Path:
     """The job's ONNX file in its run folder, exported on its first request.
 
     A succeeded job's checkpoint never changes, so the export is written once (atomically, so
-    that a reader never sees half of it) and stays until the job is deleted with its folder.
+    that a reader never sees half of it) and stays until the job is deleted with its files.
 
     Raises:
         HTTPException: 404 unknown (or just deleted) job, 409 not succeeded, 501 without the
@@ -42,22 +42,19 @@ def onnx_file(store: Store, settings: Settings, job_id: str) -> Path:
         require_onnx()
     except OnnxUnavailable as error:
         raise HTTPException(501, f"this server cannot export ONNX models: {error}") from error
-    run_dir = settings.layout.run_dir(job_id)
-    exported = run_dir / ONNX_MODEL
-    if exported.is_file():
-        return exported
-    checkpoint = run_dir / Path(job.checkpoint).name
-    if not checkpoint.is_file():
-        raise HTTPException(409, f"job {job_id}'s checkpoint {checkpoint.name} is missing from its run folder")
-    with _exporting:
-        if not exported.is_file():
-            try:
-                export_onnx(checkpoint, exported)  # never creates the folder: a deleted job stays deleted
-            except FileNotFoundError as error:
-                raise HTTPException(404, f"job {job_id} was deleted while its model was exported") from error
-            except CheckpointError as error:
-                raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
-    return exported
+    name = Path(job.checkpoint).name
+    with settings.storage.run_file(job_id, name) as checkpoint, _exporting:
+        if checkpoint is None:
+            raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
+        try:
+            # Never creates the run folder: a deleted job stays deleted. With a bucket, the export is
+            # cached on this machine beside the checkpoint version it was made from.
+            with settings.storage.derived_file(job_id, ONNX_MODEL, checkpoint, export_onnx) as exported:
+                return exported
+        except FileNotFoundError as error:
+            raise HTTPException(404, f"job {job_id} was deleted while its model was exported") from error
+        except CheckpointError as error:
+            raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 
 
 @router.get(

@@ -8,6 +8,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import MetricsDep, SettingsDep, StoreDep
 from app.schemas import Health, Ready
+from worker.storage import StorageUnavailable
 from worker.store import REDIS_ERRORS
 
 router = APIRouter(tags=["operations"])
@@ -20,16 +21,24 @@ def healthz() -> dict:
     return {"status": "ok"}
 
 
-@router.get("/readyz", response_model=Ready, responses={503: {"model": Ready, "description": "Redis unreachable."}})
+@router.get(
+    "/readyz",
+    response_model=Ready,
+    responses={503: {"model": Ready, "description": "Redis or the storage (a bucket) is unreachable."}},
+)
 def readyz(store: StoreDep, settings: SettingsDep):
-    """Ready when Redis answers; lists the training workers whose heartbeat was seen lately."""
+    """Ready when Redis and the storage answer; lists the training workers whose heartbeat was seen lately."""
+    body: dict = {"status": "ready", "redis": "ok", "storage": "ok", "workers": []}
     try:
         store.ping()
-        workers = store.workers_seen(within_seconds=3 * settings.worker_heartbeat_seconds)
+        body["workers"] = store.workers_seen(within_seconds=3 * settings.worker_heartbeat_seconds)
     except REDIS_ERRORS as error:
-        body = {"status": "unavailable", "redis": f"unreachable: {error}", "workers": []}
-        return JSONResponse(body, status_code=503)
-    return {"status": "ready", "redis": "ok", "workers": workers}
+        body.update(status="unavailable", redis=f"unreachable: {error}")
+    try:
+        settings.storage.check()
+    except StorageUnavailable as error:
+        body.update(status="unavailable", storage=str(error))
+    return body if body["status"] == "ready" else JSONResponse(body, status_code=503)
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})

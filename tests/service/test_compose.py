@@ -66,3 +66,28 @@ def test_compose_commands_run_as_is_against_the_test_redis(redis_server, tmp_pat
         store.redis.close()
     # uvicorn re-raises the SIGTERM it handled after a clean shutdown, so -15 is a clean exit too.
     assert api.popen.returncode in (0, -15) and "Application shutdown complete" in api.log.read_text(), api.tail()
+
+
+def test_compose_s3_profile_runs_minio_and_makes_the_bucket_with_the_service_image(tmp_path, log_dir):
+    services = load("docker-compose.yml")["services"]
+    minio, bucket = services["minio"], services["bucket"]
+    assert minio["profiles"] == ["s3"] and bucket["profiles"] == ["s3"]
+    assert minio["image"].startswith("quay.io/minio/minio:RELEASE.")  # pinned
+    assert bucket["depends_on"]["minio"]["condition"] == "service_healthy" and bucket["restart"] == "no"
+    for name in ("api", "worker"):  # unset SSD_STORAGE_URL: the data volume, as without the profile
+        environment = services[name]["environment"]
+        assert environment["SSD_STORAGE_URL"] == "${SSD_STORAGE_URL:-}"
+        assert environment["AWS_ENDPOINT_URL"] == "${AWS_ENDPOINT_URL-http://minio:9000}"
+        assert environment["AWS_ACCESS_KEY_ID"] == minio["environment"]["MINIO_ROOT_USER"]
+        assert environment["AWS_SECRET_ACCESS_KEY"] == minio["environment"]["MINIO_ROOT_PASSWORD"]
+
+    # The bucket service's command, as-is, against a real S3 API: it makes the bucket, then finds it there.
+    from tests.service.bucket import s3_server
+
+    with s3_server() as s3:
+        env = {**service_env("redis://127.0.0.1:1/0", tmp_path), **s3.env, "SSD_STORAGE_URL": "s3://made-at-start/x"}
+        for attempt, said in ((1, "created the bucket s3://made-at-start/x/"), (2, "ok: datasets and runs")):
+            process = start_process(f"compose-bucket-{attempt}", bucket["command"], env, log_dir)
+            assert process.popen.wait(60) == 0, process.tail()
+            assert said in process.log.read_text(), process.tail()
+        assert s3.keys("made-at-start") == []

@@ -1,0 +1,195 @@
+"""The service on a bucket (``SSD_STORAGE_URL``): a real S3 API on loopback (moto's server), a real
+Redis, the API and each worker on data folders of their own, as on different machines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.service.bucket import S3Server, s3_server
+from tests.service.conftest import (
+    Process,
+    RedisServer,
+    api_process,
+    service_env,
+    start_process,
+    start_redis,
+    wait_for_worker,
+    wait_until,
+    worker_args,
+)
+from tests.service.faults import FAULT_LIMITS, JOB, epochs, train_into_epoch_two
+from tests.service.helpers import image_bytes, shapes, wait_for_job, zip_folder
+from worker.store import Store
+
+BUCKET = "ssd-service-test"
+PREFIX = "team"
+ENDED = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class BucketService:
+    s3: S3Server
+    redis: RedisServer
+    store: Store
+    base_url: str
+    env: dict[str, str]  # without SSD_DATA_DIR's folder: each process gets its own
+    folder: Path
+    log_dir: Path
+    workers: list[Process]
+
+    def start_worker(self, name: str, **env: str) -> Process:
+        """A worker with an empty data folder of its own (another machine)."""
+        own = {**self.env, "SSD_DATA_DIR": str(self.folder / f"data-{name}"), **env}
+        process = start_process(name, worker_args(name), own, self.log_dir)
+        self.workers.append(process)
+        wait_for_worker(self.store, process, name)
+        return process
+
+    def keys(self, prefix: str = "") -> list[str]:
+        return self.s3.keys(BUCKET, f"{PREFIX}/{prefix}")
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, log_dir) -> Iterator[BucketService]:
+    folder = tmp_path_factory.mktemp("bucket-service")
+    with s3_server() as s3:
+        url = s3.create_bucket(BUCKET)
+        redis = start_redis(folder / "redis", log_dir)
+        env = {
+            **service_env(redis.url, folder / "data-api", SSD_STORAGE_URL=f"{url}/{PREFIX}", **FAULT_LIMITS),
+            **s3.env,
+        }
+        store = Store.from_url(redis.url, "ssd")
+        try:
+            with api_process(env, log_dir, name="bucket-api") as base_url:
+                yield BucketService(s3, redis, store, base_url, env, folder, log_dir, [])
+        finally:
+            store.redis.close()
+            redis.process.stop()
+
+
+@pytest.fixture
+def bucket_service(service) -> Iterator[BucketService]:
+    yield service
+    for process in service.workers:
+        process.stop(signal.SIGKILL)
+    service.workers.clear()
+
+
+def upload_dataset(service: BucketService, client: httpx.Client, name: str) -> dict:
+    shapes(service.folder / name, num_images=16, seed=3)
+    response = client.post("/datasets", files={"file": (f"{name}.zip", zip_folder(service.folder / name))})
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def test_a_job_resumes_on_another_machine_from_the_bucket_and_is_served_and_deleted(bucket_service, tmp_path):
+    service = bucket_service
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        ready = client.get("/readyz").json()
+        assert ready["storage"] == "ok", ready
+        dataset = upload_dataset(service, client, "shapes")
+        assert service.keys(f"datasets/{dataset['id']}/") == [
+            f"{PREFIX}/datasets/{dataset['id']}/dataset.json",
+            f"{PREFIX}/datasets/{dataset['id']}/files.zip",
+        ]
+
+        first = service.start_worker("doomed")
+        job = train_into_epoch_two(client, dataset["id"])
+        os.kill(first.popen.pid, signal.SIGKILL)  # mid-job, no goodbye
+        first.popen.wait(10)
+        service.start_worker("heir")  # its cache is empty: everything comes from the bucket
+        done = wait_for_job(client, job["id"], ENDED, timeout=180)
+        logs = "\n".join(p.log.read_text(errors="replace") for p in service.workers)
+        assert done["status"] == "succeeded", (done, logs[-3000:])
+        assert done["restarts"] >= 1 and done["worker"].startswith("heir@"), done
+        assert epochs(client, job["id"]) == [1, 2, 3]
+        assert "resuming" in service.workers[1].log.read_text()
+
+        # No machine shares a folder: the API's holds no run, the workers' no longer hold a working copy.
+        assert not (service.folder / "data-api" / "runs" / job["id"]).exists()
+        for name in ("doomed", "heir"):
+            assert not (service.folder / f"data-{name}" / "runs" / job["id"]).exists()
+        run_keys = service.keys(f"runs/{job['id']}/")
+        assert {key.rsplit("/", 1)[-1] for key in run_keys if "/files/" not in key} == {"job.json", "manifest.json"}
+        manifest = json.loads(
+            service.s3.client().get_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/{job['id']}/manifest.json")["Body"].read()
+        )
+        assert sorted(manifest["files"]) == ["best.pt", "config.json", "last.pt", "losses.png", "metrics.jsonl"]
+        assert sorted(manifest["files"].values()) == sorted(
+            key.removeprefix(f"{PREFIX}/") for key in run_keys if "/files/" in key
+        )
+
+        # The resumed run went on from epoch 1's checkpoint exactly as an uninterrupted run does.
+        assert_same_as_uninterrupted(service, manifest, dataset, tmp_path)
+
+        detected = client.post(f"/detect?job_id={job['id']}", files={"file": ("a.jpg", image_bytes(320, 240))})
+        assert detected.status_code == 200, detected.text
+        assert isinstance(detected.json()["detections"], list)
+        assert client.get(f"/jobs/{job['id']}/losses.png").headers["content-type"] == "image/png"
+
+        assert client.delete(f"/jobs/{job['id']}").status_code == 204
+        assert service.keys(f"runs/{job['id']}/") == []
+        assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
+        assert service.keys(f"datasets/{dataset['id']}/") == []
+
+
+def assert_same_as_uninterrupted(service: BucketService, manifest: dict, dataset: dict, tmp_path: Path) -> None:
+    from model.config import TrainConfig
+    from model.data import read_dataset
+    from model.engine import fit
+
+    def read(name: str) -> bytes:
+        key = f"{PREFIX}/{manifest['files'][name]}"
+        return service.s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+
+    config = TrainConfig.from_dict(json.loads(read("config.json"))["train_config"])
+    shapes(tmp_path / "files", num_images=16, seed=3)  # the same images the dataset was made of
+    alone = fit(config, read_dataset(tmp_path / "files"), tmp_path / "uninterrupted")
+    resumed = [json.loads(line) for line in read("metrics.jsonl").decode().splitlines()]
+    for mine, theirs in zip(resumed, alone.history, strict=True):
+        assert mine["train_loss"] == pytest.approx(theirs["train_loss"], rel=1e-4), (mine, theirs)
+
+
+def test_records_redis_lost_come_back_from_the_bucket(bucket_service):
+    service = bucket_service
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        dataset = upload_dataset(service, client, "kept")
+        service.start_worker("keeper")
+        response = client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1})
+        done = wait_for_job(client, response.json()["id"], ENDED, timeout=120)
+        assert done["status"] == "succeeded", done
+
+        service.store.redis.flushall()  # every record gone; the worker's reaper rebuilds from the bucket
+        wait_until(lambda: client.get(f"/jobs/{done['id']}").status_code == 200, 30, "the job rebuilt")
+        assert client.get(f"/jobs/{done['id']}").json()["status"] == "succeeded"
+        assert client.get(f"/datasets/{dataset['id']}").status_code == 200
+        assert epochs(client, done["id"]) == [1]
+
+
+def test_a_worker_that_cannot_reach_the_bucket_fails_its_job_saying_so(bucket_service):
+    service = bucket_service
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        dataset = upload_dataset(service, client, "unreached")
+        service.start_worker("cut-off", AWS_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens there
+        response = client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1})
+        done = wait_for_job(client, response.json()["id"], ENDED, timeout=120)
+        assert done["status"] == "failed", done
+        assert f"s3://{BUCKET}/{PREFIX}/" in done["error"], done
+
+
+def test_an_api_that_cannot_reach_the_bucket_says_so(service, log_dir):
+    away = {**service.env, "AWS_ENDPOINT_URL": "http://127.0.0.1:9"}
+    with api_process(away, log_dir, name="bucket-api-away") as base_url, httpx.Client(base_url=base_url) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and f"s3://{BUCKET}/{PREFIX}/" in ready.json()["storage"], ready.text
+        made = client.post("/datasets/synthetic", json={"num_images": 4})
+        assert made.status_code == 503 and "s3://" in made.json()["detail"], made.text

@@ -1,0 +1,180 @@
+"""The bucket storage's pieces against a real S3 API (moto's server on loopback): conditional puts, the
+run fence through the manifest, revision-ordered job records, datasets, the bounded cache, clear errors."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from model.layout import DataLayout
+from tests.service.bucket import S3Server, s3_server
+from tests.service.helpers import shapes
+from worker.bucket import Bucket, Conflict, Location
+from worker.bucket_storage import BucketStorage
+from worker.cache import LocalCache
+from worker.lease import Lease, LeaseLost, LostReason
+from worker.records import DatasetRecord, JobRecord
+from worker.settings import Settings
+from worker.storage import StorageUnavailable
+
+
+@pytest.fixture(scope="module")
+def s3() -> S3Server:
+    with s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def bucket_url(s3, request) -> str:
+    return s3.create_bucket(f"test-{request.node.name.replace('_', '-')[:40].strip('-').lower()}")
+
+
+def storage_in(url: str, folder: Path, cache_bytes: int = 10**9) -> BucketStorage:
+    return BucketStorage(f"{url}/service", DataLayout(folder), cache_bytes)
+
+
+def lease(token: str, job_id: str = "job1") -> Lease:
+    return Lease(job_id, f"lease:{job_id}", token, ttl_ms=600_000, confirmed_at=time.monotonic())
+
+
+def write(folder, name: str, data: bytes) -> None:
+    folder.replace(name, lambda file: file.write(data))
+
+
+def test_conditional_puts_refuse_a_changed_a_present_or_a_deleted_object(bucket_url):
+    bucket = Bucket(Location.parse(bucket_url))
+    first = bucket.put("key", b"one", if_absent=True)
+    with pytest.raises(Conflict):
+        bucket.put("key", b"again", if_absent=True)
+    second = bucket.put("key", b"two", if_match=first)
+    with pytest.raises(Conflict):
+        bucket.put("key", b"three", if_match=first)  # stale: the object changed since
+    assert bucket.read("key") == (b"two", second)
+    bucket.delete("key")
+    with pytest.raises(Conflict):
+        bucket.put("key", b"four", if_match=second)  # it was deleted meanwhile
+    assert bucket.read("key") is None
+
+
+def test_a_newer_run_fences_an_older_one_and_resumes_from_what_it_committed(bucket_url, tmp_path):
+    old_machine, new_machine = storage_in(bucket_url, tmp_path / "a"), storage_in(bucket_url, tmp_path / "b")
+    old = old_machine.run_folder("job1", lease("old"))
+    old.claim()
+    write(old, "last.pt", b"epoch 1")
+    write(old, "metrics.jsonl", b'{"epoch": 1}\n')
+
+    new = new_machine.run_folder("job1", lease("new"))
+    new.claim()  # on another machine with an empty data folder
+    assert (new.path / "last.pt").read_bytes() == b"epoch 1"
+    assert (new.path / "metrics.jsonl").read_bytes() == b'{"epoch": 1}\n'
+
+    with pytest.raises(LeaseLost) as lost:
+        write(old, "last.pt", b"stale epoch 2")  # the old run thawed: its commit is refused
+    assert lost.value.reason is LostReason.FENCED
+    assert not (old.path / "last.pt").read_bytes().startswith(b"stale")
+
+    write(new, "last.pt", b"epoch 2")
+    third = storage_in(bucket_url, tmp_path / "c")
+    with third.run_file("job1", "last.pt") as path:
+        assert path.read_bytes() == b"epoch 2"
+    # Only the versions the manifest names are left: the refused and the replaced ones are deleted.
+    versions = [key for key in old_machine.bucket.keys("runs/job1/files/")]
+    assert sorted(key.split("/")[-1].split(".")[0] for key in versions) == ["last", "metrics"]
+
+
+def test_a_run_whose_job_was_deleted_writes_nothing_more(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path)
+    run = storage.run_folder("job1", lease("only"))
+    run.claim()
+    write(run, "last.pt", b"epoch 1")
+    storage.remove_run("job1")
+    with pytest.raises(LeaseLost):
+        write(run, "last.pt", b"epoch 2")
+    assert list(storage.bucket.keys("runs/job1/")) == []
+
+
+def test_a_run_past_its_lease_uploads_nothing(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path)
+    run = storage.run_folder("job1", lease("late"))
+    run.claim()
+    run.lease.confirmed_at -= 3600  # its last renewal was long ago
+    with pytest.raises(LeaseLost):
+        write(run, "last.pt", b"too late")
+    assert list(storage.bucket.keys("runs/job1/files/")) == []
+
+
+DATASET = DatasetRecord(
+    id="d1", name="d", format="coco", num_images=3, num_boxes=3, classes=["circle"],
+    created_at="2026-11-26T00:00:00Z", source="synthetic", root="files",
+)  # fmt: skip
+
+
+def job(revision: int, status: str = "queued") -> JobRecord:
+    return JobRecord.new("job1", DATASET, {"epochs": 1}).model_copy(update={"revision": revision, "status": status})
+
+
+def test_job_records_only_move_forward_and_a_deleted_job_stays_deleted(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path)
+    assert not storage.save_job(job(1))  # not created yet: a late write brings nothing back
+    assert storage.save_job(job(1), create=True)
+    assert storage.save_job(job(3, "running"))
+    assert not storage.save_job(job(2, "queued"))  # an older change arriving late
+    assert storage.read_job("job1").status == "running"
+    assert storage.saved_job_ids() == ["job1"]
+    storage.remove_run("job1")
+    storage.keep_job(job(4, "failed"))
+    assert storage.read_job("job1") is None
+
+
+def test_a_dataset_travels_through_the_bucket_to_an_empty_cache(bucket_url, tmp_path):
+    api, worker = storage_in(bucket_url, tmp_path / "api"), storage_in(bucket_url, tmp_path / "worker")
+    folder = api.layout.dataset_dir("d1")
+    data = shapes(folder / "files", num_images=3, seed=1)
+    record = DATASET.model_copy(update={"format": data.format, "classes": list(data.classes)})
+    api.publish_dataset(record)
+    assert not folder.exists()  # it moved into the API's cache
+    with worker.dataset_files(record) as root:
+        copied = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert copied == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    assert len([name for name in copied if name.endswith((".jpg", ".png"))]) == 3
+    assert [saved.id for saved in worker.saved_datasets()] == ["d1"]
+    api.remove_dataset("d1")
+    assert list(api.bucket.keys("datasets/")) == []
+    assert list(worker.saved_datasets()) == []
+
+
+def test_the_cache_evicts_the_least_recently_used_entries_but_not_those_in_use(tmp_path):
+    cache = LocalCache(tmp_path, max_bytes=250)
+
+    def fetch(data: bytes):
+        return lambda path: path.write_bytes(data)
+
+    with cache.use("a", fetch(b"a" * 100)) as a:
+        pass
+    time.sleep(0.01)
+    with cache.use("b", fetch(b"b" * 100)) as b:
+        pass
+    os.utime(a)  # a used again: b is now the least recently used
+    with cache.use("c", fetch(b"c" * 100)) as c:
+        assert a.exists() and not b.exists() and c.read_bytes() == b"c" * 100
+        with cache.use("d", fetch(b"d" * 100)) as d:
+            assert c.exists() and d.exists()  # both in use, over the bound for now
+    cache.evict()
+    assert sum(1 for p in (a, c, d) if p.exists()) == 2
+
+
+def test_an_unreachable_bucket_or_a_missing_one_is_named(s3, tmp_path):
+    missing = BucketStorage("s3://no-such-bucket-here", DataLayout(tmp_path), 10**6)
+    with pytest.raises(StorageUnavailable, match="does not exist"):
+        missing.check()
+    saved = os.environ["AWS_ENDPOINT_URL"]
+    os.environ["AWS_ENDPOINT_URL"] = "http://127.0.0.1:9"  # nothing listens there
+    try:
+        away = Settings(_env_file=None, storage_url="s3://some-bucket", data_dir=tmp_path).storage
+        with pytest.raises(StorageUnavailable, match="s3://some-bucket"):
+            away.check()
+    finally:
+        os.environ["AWS_ENDPOINT_URL"] = saved

@@ -1,0 +1,163 @@
+"""Where datasets and runs are kept: the data folder (``FolderStorage``), or an S3-compatible
+bucket with the data folder as a bounded cache (``worker.bucket_storage.BucketStorage``).
+
+``SSD_STORAGE_URL`` picks one (``Settings.storage``). Every process reads and writes
+datasets, run folders and job records through this interface only, so the rest of the
+service never asks which it is. In the data folder, the API and every worker must share
+one file system; with a bucket, each needs only the bucket and Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from model.layout import DATASET_FILE, JOB_FILE, DataLayout, trash_name
+from model.storage import RunFolder
+from worker.lease import FencedRunFolder, Lease
+from worker.records import DatasetRecord, JobRecord
+from worker.run_files import keep_job_file, read_history, read_job_file, remove_run, save_job_file
+
+log = logging.getLogger(__name__)
+
+
+class StorageUnavailable(OSError):
+    """The storage cannot be reached or written (a bucket that is away or refuses the credentials)."""
+
+
+class FolderStorage:
+    """Datasets and runs in the data folder, which every process of the service shares."""
+
+    def __init__(self, layout: DataLayout):
+        self.layout = layout
+
+    def __str__(self) -> str:
+        return f"the data folder {self.layout.root}"
+
+    def check(self) -> None:
+        """Raises StorageUnavailable unless datasets and runs can be stored."""
+        try:
+            self.layout.datasets_dir.mkdir(parents=True, exist_ok=True)
+            self.layout.runs_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise StorageUnavailable(f"cannot use {self}: {error}") from error
+
+    # --- datasets ---------------------------------------------------------------------------
+
+    def publish_dataset(self, record: DatasetRecord) -> None:
+        """Make the dataset imported into ``layout.dataset_dir(record.id)`` durable for every process
+        (before its record reaches Redis). In the data folder, the import's rename did that."""
+
+    def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]:
+        """The folder to read the dataset from (``model.data.read_dataset``), for a ``with`` block."""
+        return _as_context(self.layout.dataset_dir(record.id) / record.root)
+
+    def remove_dataset(self, dataset_id: str) -> None:
+        """Delete a dataset's files: renamed aside first, so a half-deleted folder is never read."""
+        folder = self.layout.dataset_dir(dataset_id)
+        if not folder.exists():
+            return
+        trash = self.layout.datasets_dir / trash_name(dataset_id)
+        os.rename(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+
+    def saved_datasets(self) -> Iterator[DatasetRecord]:
+        """Every dataset's saved record (``worker.rebuild`` puts back those Redis lost)."""
+        for dataset_id in _ids_with(self.layout.datasets_dir, DATASET_FILE):
+            record = _parse(DatasetRecord, self.layout.dataset_dir(dataset_id) / DATASET_FILE)
+            if record is not None and record.id == dataset_id:
+                yield record
+
+    # --- runs -------------------------------------------------------------------------------
+
+    def run_folder(self, job_id: str, lease: Lease) -> FencedRunFolder:
+        """The folder ``fit`` writes for the run holding ``lease``; ``claim()`` it before use."""
+        return FencedRunFolder(self.layout.run_dir(job_id), lease)
+
+    def end_run(self, folder: RunFolder) -> None:
+        """The run that wrote ``folder`` (from ``run_folder``) has ended, whatever became of its job."""
+
+    def run_file(self, job_id: str, name: str) -> AbstractContextManager[Path | None]:
+        """A readable copy of the run's file ``name`` for a ``with`` block, or None if it has none."""
+        path = self.layout.run_dir(job_id) / name
+        return _as_context(path if path.is_file() else None)
+
+    def derived_file(
+        self, job_id: str, name: str, source: Path, make: Callable[[Path, Path], None]
+    ) -> AbstractContextManager[Path]:
+        """A file made from the run's file ``source`` (an export), made once with ``make(source, path)``.
+
+        ``make`` writes ``path`` whole (atomically) and never creates the run folder: a job deleted
+        meanwhile stays deleted (FileNotFoundError).
+        """
+        path = self.layout.run_dir(job_id) / name
+        if not path.is_file():
+            make(source, path)
+        return _as_context(path)
+
+    def history(self, job_id: str) -> list[dict[str, Any]]:
+        """The run's epoch records (``metrics.jsonl``), oldest first."""
+        return read_history(self.layout.run_dir(job_id))
+
+    def remove_run(self, job_id: str) -> None:
+        remove_run(self.layout, job_id)
+
+    # --- job records ------------------------------------------------------------------------
+
+    def save_job(self, record: JobRecord, create: bool = False) -> bool:
+        """Save ``record`` unless the saved one is the same or a later revision; whether it was written.
+
+        ``create``: a new job's; otherwise a job whose files were deleted is not brought back
+        (FileNotFoundError).
+        """
+        return save_job_file(self.layout.run_dir(record.id), record, create=create)
+
+    def keep_job(self, record: JobRecord | None) -> None:
+        """``save_job`` where Redis already holds the change: a failure is logged, not raised."""
+        if record is not None:
+            keep_job_file(self.layout.run_dir(record.id), record)
+
+    def read_job(self, job_id: str) -> JobRecord | None:
+        return read_job_file(self.layout.run_dir(job_id))
+
+    def saved_job_ids(self) -> list[str]:
+        """The jobs whose record is saved (``worker.rebuild``)."""
+        return _ids_with(self.layout.runs_dir, JOB_FILE)
+
+
+@contextmanager
+def _as_context(value):
+    yield value
+
+
+def _ids_with(root: Path, name: str) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / name).is_file())
+
+
+def _parse(model, path: Path):
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except (OSError, ValidationError) as error:
+        log.warning("cannot read %s: %s", path, error)
+        return None
+
+
+Storage = FolderStorage  # the interface; ``worker.bucket_storage.BucketStorage`` is the other kind
+
+
+def open_storage(url: str | None, layout: DataLayout, cache_bytes: int) -> FolderStorage:
+    """The storage ``SSD_STORAGE_URL`` names: None is the data folder; ``s3://bucket/prefix`` a bucket."""
+    if not url:
+        return FolderStorage(layout)
+    from worker.bucket_storage import BucketStorage
+
+    return BucketStorage(url, layout, cache_bytes)
