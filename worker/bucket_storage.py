@@ -30,7 +30,7 @@ import secrets
 import shutil
 import zipfile
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,15 +133,25 @@ class BucketRunFolder(RunFolder):
             self.lease.check()
             self.etag = self.bucket.put(self.manifest_key, _json(newer), if_match=self.etag)
         except (Conflict, LeaseLost) as error:
-            _delete_quietly(self.bucket, key)
-            if isinstance(error, Conflict):  # a newer run claimed the job, or the job was deleted
-                self.lease.lost = LostReason.FENCED
-            raise LeaseLost(self.lease.lost or LostReason.FENCED) from None
+            if not (isinstance(error, Conflict) and self._landed(newer)):
+                _delete_quietly(self.bucket, key)
+                if isinstance(error, Conflict):  # a newer run claimed the job, or the job was deleted
+                    self.lease.lost = LostReason.FENCED
+                raise LeaseLost(self.lease.lost or LostReason.FENCED) from None
         older = self.manifest.files.get(name)
         self.manifest = newer
         commit_temp(temp, target)
         if older:
             _delete_quietly(self.bucket, older)
+
+    def _landed(self, newer: Manifest) -> bool:
+        """Whether the manifest is ``newer`` after all: a put whose answer was lost lands, and the
+        client's retry of it is then refused (its ETag is the one the first attempt replaced)."""
+        current, etag = _read_model(self.bucket, self.manifest_key, Manifest)
+        if current != newer:
+            return False
+        self.etag = etag
+        return True
 
 
 class BucketStorage:
@@ -221,19 +231,22 @@ class BucketStorage:
 
     @contextmanager
     def run_file(self, job_id: str, name: str) -> Iterator[Path | None]:
+        with ExitStack() as held:
+            yield self._cached_run_file(job_id, name, held)
+
+    def _cached_run_file(self, job_id: str, name: str, held: ExitStack) -> Path | None:
+        """The cache's copy of the version of ``name`` the manifest names, held until ``held`` closes."""
         for attempt in range(2):  # the version read may be replaced (and deleted) before it is copied
             manifest, _ = _read_model(self.bucket, run_key(job_id, RUN_MANIFEST), Manifest)
             key = manifest.files.get(name) if manifest is not None else None
             if key is None:
-                yield None
-                return
+                return None
             try:
-                with self.cache.use(key, lambda path, key=key: self.bucket.download(key, path)) as path:
-                    yield path
-                    return
+                return held.enter_context(self.cache.use(key, lambda path, key=key: self.bucket.download(key, path)))
             except FileNotFoundError:
                 if attempt:
                     raise
+        return None
 
     @contextmanager
     def derived_file(self, job_id: str, name: str, source: Path, make: Callable[[Path, Path], None]) -> Iterator[Path]:

@@ -85,6 +85,30 @@ def test_a_newer_run_fences_an_older_one_and_resumes_from_what_it_committed(buck
     assert sorted(key.split("/")[-1].split(".")[0] for key in versions) == ["last", "metrics"]
 
 
+class LostAnswer(Bucket):
+    """A bucket whose next manifest put lands but whose answer is lost: the client's retry is refused."""
+
+    lose_next = True
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        etag = super().put(key, data, if_match, if_absent)
+        if key.endswith("manifest.json") and self.lose_next:
+            self.lose_next = False
+            raise Conflict("the retry of a put that landed is refused")
+        return etag
+
+
+def test_a_commit_whose_answer_was_lost_still_counts(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path)
+    run = storage.run_folder("job1", lease("only"))
+    run.claim()
+    run.bucket = LostAnswer(run.bucket.location)
+    write(run, "last.pt", b"epoch 1")  # no LeaseLost: the manifest names this version
+    write(run, "last.pt", b"epoch 2")  # and the next commit matches the ETag it left
+    with storage_in(bucket_url, tmp_path / "other").run_file("job1", "last.pt") as path:
+        assert path.read_bytes() == b"epoch 2"
+
+
 def test_a_run_whose_job_was_deleted_writes_nothing_more(bucket_url, tmp_path):
     storage = storage_in(bucket_url, tmp_path)
     run = storage.run_folder("job1", lease("only"))
