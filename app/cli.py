@@ -49,7 +49,7 @@ def check_storage(create_bucket: bool) -> int:
     try:
         if create_bucket and settings.storage_url and storage.bucket.create():
             print(f"created {storage}")
-        storage.check()
+        storage.check(thorough=True)
     except (StorageUnavailable, OSError) as error:
         print(f"ssd-service storage: {error}")
         return 1

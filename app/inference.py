@@ -111,13 +111,22 @@ def load_detector(checkpoint: Path, device: str) -> Detector:
     return Detector.from_checkpoint(checkpoint, device=device)
 
 
+class CheckpointMissing(LookupError):
+    """The job's checkpoint is not (or no longer) in its run's files."""
+
+
+# Opens a checkpoint file for the length of a load: with a bucket, its cached copy stays meanwhile.
+CheckpointSource = Callable[[], AbstractContextManager[Path]]
+
+
 class DetectorCache:
     """The last ``size`` loaded detectors by key (LRU); each key is loaded once at a time.
 
     A load belongs to the cache, not to the request that started it: it runs to its end
     however its requesters fare (timed out, cancelled, gone), and its detector is then
     cached. A failed load is not cached: its error reaches every request waiting for it,
-    and the next request loads again.
+    and the next request loads again. A cached detector is answered without opening its
+    checkpoint (no bucket request).
     """
 
     def __init__(self, load: Callable[[Path], Any], size: int):
@@ -126,18 +135,22 @@ class DetectorCache:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._loading: dict[str, asyncio.Future] = {}
 
-    async def get(self, key: str, checkpoint: Path) -> Any:
+    async def get(self, key: str, checkpoint: CheckpointSource) -> Any:
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         future = self._loading.get(key)
         if future is None:
-            future = asyncio.get_running_loop().run_in_executor(None, self._load, checkpoint)
+            future = asyncio.get_running_loop().run_in_executor(None, self._load_from, checkpoint)
             self._loading[key] = future
             # Added before any waiter's: the detector is cached before a waiter wakes up.
             future.add_done_callback(partial(self._loaded, key))
         # A waiter that is cancelled leaves the load running for the others and the cache.
         return await asyncio.shield(future)
+
+    def _load_from(self, checkpoint: CheckpointSource) -> Any:
+        with checkpoint() as path:
+            return self._load(path)
 
     def _loaded(self, key: str, future: asyncio.Future) -> None:
         del self._loading[key]
@@ -322,7 +335,7 @@ class DetectionService:
         return await asyncio.get_running_loop().run_in_executor(self.image_executor, annotated_png, image, detections)
 
     async def detect(
-        self, key: str, checkpoint: Path, image: Image.Image, score_threshold: float, max_detections: int
+        self, key: str, checkpoint: CheckpointSource, image: Image.Image, score_threshold: float, max_detections: int
     ) -> Detections:
         detector = await self.cache.get(key, checkpoint)
         return await self.batcher.detect(key, detector, image, score_threshold, max_detections)

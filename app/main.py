@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 def _check_storage(settings: Settings) -> None:
     """Say at start-up, in the log, when the storage cannot be used: /readyz says so until it can."""
     try:
-        settings.storage.check()
+        settings.storage.check(thorough=True)
     except StorageUnavailable as error:
         log.error("%s; /readyz answers 503 until it can be reached", error)
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import re
+import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,10 +26,19 @@ log = logging.getLogger(__name__)
 URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9_.\-/]*)?$"
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 _CHECKING = "checking the bucket"
+_PROBE_PREFIX = ".ssd-service-probe-"  # a key of one byte that lives for the moment of a check
 
 
 class BucketError(OSError):
     """The bucket could not be read or written (unreachable, refused credentials, no such bucket...)."""
+
+    refused = False  # True: trying again cannot help (the bucket or the credentials are wrong)
+
+
+class Refused(BucketError):
+    """The bucket does not exist, or refuses these credentials: it will not work until the set-up changes."""
+
+    refused = True
 
 
 class Conflict(BucketError):
@@ -44,6 +54,7 @@ class Location:
 
     @classmethod
     def parse(cls, url: str) -> Location:
+        """``s3://bucket`` or ``s3://bucket/prefix`` (ValueError otherwise)."""
         if not re.match(URL_PATTERN, url):
             raise ValueError(f"a storage URL looks like s3://bucket or s3://bucket/prefix, got {url!r}")
         bucket, _, prefix = url[len("s3://") :].partition("/")
@@ -85,7 +96,7 @@ class Bucket:
 
     def _error(self, error: Exception, doing: str) -> BucketError:
         code, status = _code(error), _status(error)
-        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
+        if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
             return Conflict(f"{doing}: the object changed meanwhile ({code or status})")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken") or status == 403:
             why = "the bucket refused the credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
@@ -94,8 +105,8 @@ class Bucket:
         elif type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError"):
             why = "no credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE"
         else:
-            why = str(error)
-        return BucketError(f"{doing} in {self.location}: {why}")
+            return BucketError(f"{doing} in {self.location}: {error}")
+        return Refused(f"{doing} in {self.location}: {why}")
 
     def _call(self, doing: str, method: str, client: Any = None, **kwargs) -> Any:
         from botocore.exceptions import BotoCoreError, ClientError
@@ -114,7 +125,7 @@ class Bucket:
         try:
             self.check()
             return False
-        except BucketError as error:
+        except Refused as error:
             if "does not exist" not in str(error):
                 raise
         region = self.client.meta.region_name
@@ -122,15 +133,31 @@ class Bucket:
         self._call("creating the bucket", "create_bucket", **where)
         return True
 
+    def check_conditional_writes(self) -> None:
+        """Raises Refused unless the store refuses a second ``If-None-Match: *`` put of one key: a store
+        that ignores conditional writes would let a stale run overwrite a newer run's files."""
+        key = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
+        self.put(key, b"1", if_absent=True)
+        try:
+            self.put(key, b"2", if_absent=True)
+        except Conflict:
+            return
+        finally:
+            self.delete(key)
+        raise Refused(
+            f"{self.location} ignores conditional writes (If-None-Match): the service needs a store that "
+            "honours them (AWS S3, MinIO, Ceph RGW) to keep a stale worker from overwriting a newer one's files"
+        )
+
     def read(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag, or None if there is no such object."""
+        """The object's bytes and ETag, or None if there is no such object (a missing bucket is an error)."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             answer = self.client.get_object(Bucket=self.location.bucket, Key=self._key(key))
             return answer["Body"].read(), answer["ETag"]
         except ClientError as error:
-            if _code(error) in ("NoSuchKey", "404") or _status(error) == 404:
+            if _code(error) == "NoSuchKey":
                 return None
             raise self._error(error, f"reading {key}") from error
         except BotoCoreError as error:
@@ -157,25 +184,26 @@ class Bucket:
 
     def upload(self, key: str, path: Path) -> None:
         """Stream the file ``path`` to ``key`` (in parts when it is large)."""
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.upload_file(str(path), self.location.bucket, self._key(key))
-        except (S3UploadFailedError, ClientError, BotoCoreError) as error:
+        except (Boto3Error, ClientError, BotoCoreError) as error:
             raise self._error(error, f"uploading {key}") from error
 
     def download(self, key: str, path: Path) -> None:
         """Stream ``key`` into the file ``path``; FileNotFoundError if there is no such object."""
+        from boto3.exceptions import Boto3Error
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             self.client.download_file(self.location.bucket, self._key(key), str(path))
         except ClientError as error:
-            if _code(error) in ("NoSuchKey", "404") or _status(error) == 404:
+            if _code(error) in ("NoSuchKey", "404"):  # the transfer's HEAD has no body: "404" is all it says
                 raise FileNotFoundError(f"{self.location}{key} does not exist") from error
             raise self._error(error, f"downloading {key}") from error
-        except BotoCoreError as error:
+        except (Boto3Error, BotoCoreError) as error:
             raise self._error(error, f"downloading {key}") from error
 
     def keys(self, prefix: str) -> Iterator[str]:
@@ -202,6 +230,7 @@ class Bucket:
             raise self._error(error, f"listing {prefix}") from error
 
     def delete(self, key: str) -> None:
+        """Delete ``key`` (nothing happens if there is no such object)."""
         self._call(f"deleting {key}", "delete_object", Key=self._key(key))
 
     def delete_prefix(self, prefix: str) -> int:

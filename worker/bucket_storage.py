@@ -72,6 +72,7 @@ class Manifest(BaseModel):
     serial: str = ""  # fresh in every version: no two versions have the same bytes, hence ETag
 
     def changed(self, **changes: Any) -> Manifest:
+        """A new version with ``changes`` (and a fresh serial)."""
         return self.model_copy(update={**changes, "serial": secrets.token_hex(8)})
 
 
@@ -109,6 +110,8 @@ class BucketRunFolder(RunFolder):
         for _ in range(CONFLICT_RETRIES):
             self.lease.check()
             current, etag = _read_model(self.bucket, self.manifest_key, Manifest)
+            if current is None and etag is not None:  # starting afresh would drop the run's checkpoints
+                raise BucketError(f"{self.bucket.location}{self.manifest_key} cannot be read: the run cannot resume")
             claimed = (current or Manifest()).changed(fence=self.lease.token)
             try:
                 self.etag = self.bucket.put(self.manifest_key, _json(claimed), if_match=etag, if_absent=etag is None)
@@ -118,7 +121,6 @@ class BucketRunFolder(RunFolder):
             break
         else:
             raise RunFolderBusy(f"{self.bucket.location}{self.manifest_key} kept changing while this run claimed it")
-        shutil.rmtree(self.path, ignore_errors=True)  # what an earlier run left on this machine is not the truth
         self.path.mkdir(parents=True, exist_ok=True)
         for name, key in self.manifest.files.items():
             self.bucket.download(key, self.path / name)
@@ -132,26 +134,33 @@ class BucketRunFolder(RunFolder):
         try:
             self.lease.check()
             self.etag = self.bucket.put(self.manifest_key, _json(newer), if_match=self.etag)
-        except (Conflict, LeaseLost) as error:
-            if not (isinstance(error, Conflict) and self._landed(newer)):
-                _delete_quietly(self.bucket, key)
-                if isinstance(error, Conflict):  # a newer run claimed the job, or the job was deleted
-                    self.lease.lost = LostReason.FENCED
-                raise LeaseLost(self.lease.lost or LostReason.FENCED) from None
+        except LeaseLost:
+            _delete_quietly(self.bucket, key)
+            raise
+        except Conflict:
+            if not self._landed(newer, key):  # a newer run claimed the job, or the job was deleted
+                self.lease.lost = LostReason.FENCED
+                raise LeaseLost(LostReason.FENCED) from None
         older = self.manifest.files.get(name)
         self.manifest = newer
         commit_temp(temp, target)
         if older:
             _delete_quietly(self.bucket, older)
 
-    def _landed(self, newer: Manifest) -> bool:
+    def _landed(self, newer: Manifest, key: str) -> bool:
         """Whether the manifest is ``newer`` after all: a put whose answer was lost lands, and the
-        client's retry of it is then refused (its ETag is the one the first attempt replaced)."""
+        client's retry of it is then refused (its ETag is the one the first attempt replaced).
+
+        If not, the version ``key`` is deleted, unless the manifest names it: a newer run may have
+        claimed the job after the lost put landed, and its manifest then carries that version on.
+        """
         current, etag = _read_model(self.bucket, self.manifest_key, Manifest)
-        if current != newer:
-            return False
-        self.etag = etag
-        return True
+        if current == newer:
+            self.etag = etag
+            return True
+        if current is None or key not in current.files.values():
+            _delete_quietly(self.bucket, key)
+        return False
 
 
 class BucketStorage:
@@ -167,9 +176,13 @@ class BucketStorage:
     def __str__(self) -> str:
         return f"the bucket {self.bucket.location}"
 
-    def check(self) -> None:
+    def check(self, thorough: bool = False) -> None:
+        """Raises StorageUnavailable unless the bucket answers and lets these credentials in; ``thorough``:
+        and it refuses a conditional put it must refuse (the run fence depends on it)."""
         try:
             self.bucket.check()
+            if thorough:
+                self.bucket.check_conditional_writes()
             self.layout.cache_dir.mkdir(parents=True, exist_ok=True)
         except OSError as error:  # a BucketError names the bucket and the reason
             raise StorageUnavailable(f"cannot use the storage: {error}") from error
@@ -192,6 +205,10 @@ class BucketStorage:
             self.bucket.put(dataset_key(record.id, DATASET_FILE), record.model_dump_json(indent=2).encode())
         except OSError as error:
             shutil.rmtree(folder, ignore_errors=True)
+            try:  # what reached the bucket: without its record it is no dataset, only space taken
+                self.bucket.delete_prefix(dataset_key(record.id))
+            except BucketError:
+                pass
             raise StorageUnavailable(f"could not store dataset {record.id} in {self}: {error}") from error
         self.cache.adopt(dataset_key(record.id, DATASET_ARCHIVE), folder)
 
@@ -246,7 +263,7 @@ class BucketStorage:
             except FileNotFoundError:
                 if attempt:
                     raise
-        return None
+        raise AssertionError("unreachable: the second attempt returns or raises")
 
     @contextmanager
     def derived_file(self, job_id: str, name: str, source: Path, make: Callable[[Path, Path], None]) -> Iterator[Path]:

@@ -1,14 +1,17 @@
 """Local copies of bucket objects, bounded in size: the least recently used go first.
 
-Each entry is a file or a folder under ``<data folder>/cache/``, named by a hash of its key.
+Each entry is a file or a folder under ``<data folder>/cache/``, named by a hash of its key,
+with a ``.size`` file beside it (its bytes, so that eviction reads no folder) and a ``.lock``.
 Keys name immutable things only (an object version the run manifest points to, a dataset,
 which never changes once imported), so an entry is never stale: a changed file is a new key.
 
 A process using an entry holds a shared ``flock`` on its lock file; eviction takes the lock
 exclusively without waiting, so an entry in use (a dataset a run trains on) is never removed
-under its user. Entries are built beside their place under names ``worker.leftovers`` knows
-(``.incoming-<owner>-...``), then renamed into place: a reader never sees half of one, and
-what a dead process left is removed at the next start.
+under its user, and removes the lock file with the entry. The first user of a missing entry
+fills it under a ``.fill`` lock of its own, so that two processes never download the same
+object twice, and nobody waits for an entry in use. Entries are built beside their place under
+names ``worker.leftovers`` knows (``.incoming-<owner>-...``), then renamed into place: a reader
+never sees half of one, and what a dead process left is removed at the next start.
 """
 
 from __future__ import annotations
@@ -28,13 +31,45 @@ from model.layout import incoming_name
 log = logging.getLogger(__name__)
 
 _LOCK = ".lock"
+_FILL = ".fill"
 _SIZE = ".size"
 
 
-def _folder_bytes(path: Path) -> int:
+def _bytes(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _beside(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
+@contextmanager
+def _locked(path: Path, how: int) -> Iterator[int]:
+    """Hold ``flock(how)`` on the file ``path``, created if missing; a file another process unlinked
+    between our open and our lock (eviction) is opened again, so the lock is on the live file."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, how)
+            if os.path.exists(path) and os.path.samestat(os.fstat(fd), os.stat(path)):
+                break
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
 
 
 class LocalCache:
@@ -47,58 +82,53 @@ class LocalCache:
     def _entry(self, key: str) -> Path:
         return self.root / hashlib.sha256(key.encode()).hexdigest()[:32]
 
+    def _temp(self, entry: Path) -> Path:
+        return self.root / incoming_name(f"{entry.name}-{secrets.token_hex(4)}")
+
     @contextmanager
     def use(self, key: str, fetch: Callable[[Path], None]) -> Iterator[Path]:
         """The local copy of ``key`` for the length of the ``with`` block; ``fetch(path)`` makes it
         (a file or a folder at ``path``) when the cache lacks it."""
         entry = self._entry(key)
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(entry.with_name(entry.name + _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+        with _locked(_beside(entry, _LOCK), fcntl.LOCK_SH):
             if not entry.exists():
-                self._fill(entry, fetch)
+                with _locked(_beside(entry, _FILL), fcntl.LOCK_EX):
+                    if not entry.exists():  # not filled by whoever held the fill lock before us
+                        self._fill(entry, fetch)
             os.utime(entry)  # its last use: eviction goes by it
             self.evict()
             yield entry
-        finally:
-            os.close(fd)
 
     def adopt(self, key: str, path: Path) -> None:
         """Move ``path`` (a file or folder this process made) into the cache as ``key``'s entry."""
         entry = self._entry(key)
         self.root.mkdir(parents=True, exist_ok=True)
         try:
-            entry.with_name(entry.name + _SIZE).write_text(str(_folder_bytes(path)))
+            _beside(entry, _SIZE).write_text(str(_bytes(path)))
             os.rename(path, entry)
+            os.utime(entry)  # just made: the last to go
         except OSError:  # another process has it already (or the disk refuses): the copy is not needed
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            _remove(path)
         self.evict()
 
     def _fill(self, entry: Path, fetch: Callable[[Path], None]) -> None:
-        temp = self.root / incoming_name(f"{entry.name}-{secrets.token_hex(4)}")
+        temp = self._temp(entry)
         try:
             fetch(temp)
-            entry.with_name(entry.name + _SIZE).write_text(str(_folder_bytes(temp)))
+            _beside(entry, _SIZE).write_text(str(_bytes(temp)))
             os.rename(temp, entry)
-        except OSError:
-            if not entry.exists():  # not a race another process won: a real failure
-                raise
         finally:
-            if temp.is_dir():
-                shutil.rmtree(temp, ignore_errors=True)
-            else:
-                temp.unlink(missing_ok=True)
+            _remove(temp)
 
     def evict(self) -> int:
         """Remove least recently used entries nobody uses until the rest fit in ``max_bytes``; bytes freed."""
         entries = []
         for path in self.root.iterdir():
-            if path.name.startswith(".") or "." in path.name:
+            if path.name.startswith(".") or "." in path.name:  # temporaries, and the .size/.lock/.fill files
                 continue
             try:
-                size = int(path.with_name(path.name + _SIZE).read_text())
-                entries.append((path.stat().st_mtime, size, path))
+                entries.append((path.stat().st_mtime, int(_beside(path, _SIZE).read_text()), path))
             except (OSError, ValueError):
                 continue
         total = sum(size for _, size, _ in entries)
@@ -111,22 +141,20 @@ class LocalCache:
         return freed
 
     def _remove_unused(self, entry: Path) -> bool:
+        lock = _beside(entry, _LOCK)
         try:
-            fd = os.open(entry.with_name(entry.name + _LOCK), os.O_RDWR)
+            fd = os.open(lock, os.O_RDWR)
         except FileNotFoundError:
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return False  # in use
-        try:
-            trash = self.root / incoming_name(f"{entry.name}-{secrets.token_hex(4)}")
+            trash = self._temp(entry)
             os.rename(entry, trash)  # a reader never sees half of a removed entry
-            entry.with_name(entry.name + _SIZE).unlink(missing_ok=True)
-            shutil.rmtree(trash, ignore_errors=True) if trash.is_dir() else trash.unlink(missing_ok=True)
+            for suffix in (_SIZE, _FILL, _LOCK):  # the lock last, still held: a waiter then opens a new one
+                _beside(entry, suffix).unlink(missing_ok=True)
+            _remove(trash)
             return True
-        except FileNotFoundError:
+        except (BlockingIOError, FileNotFoundError):  # in use, or removed by another process meanwhile
             return False
         finally:
             os.close(fd)

@@ -89,7 +89,7 @@ def _reap(reaper: Reaper) -> None:
 def _start_heartbeat(**_kwargs) -> None:
     start_sweep(settings.layout)  # this process's owner lock before anything is written, then the sweep
     try:
-        settings.storage.check()
+        settings.storage.check(thorough=True)
     except StorageUnavailable as error:  # jobs fail saying so until it can be reached
         log.error("%s: jobs this worker takes fail until it can be reached", error)
     threading.Thread(target=_beat, name="ssd-heartbeat", daemon=True).start()

@@ -7,7 +7,6 @@ imports ``worker/``, never the reverse.
 
 from __future__ import annotations
 
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -232,7 +231,7 @@ class Settings(BaseSettings):
         """Where datasets, runs and process locks live under ``data_dir``."""
         return DataLayout(self.data_dir)
 
-    @cached_property
+    @property
     def storage(self) -> Storage:
         """Where datasets and runs are kept (``worker.storage``): the data folder, or SSD_STORAGE_URL's bucket."""
         from worker.storage import open_storage  # it imports the worker's modules, which import this one

@@ -13,9 +13,10 @@ import logging
 import os
 import shutil
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager
+from contextlib import AbstractContextManager, nullcontext
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
@@ -32,6 +33,31 @@ class StorageUnavailable(OSError):
     """The storage cannot be reached or written (a bucket that is away or refuses the credentials)."""
 
 
+class Storage(Protocol):
+    """What the service does with datasets, runs and job records, wherever they are kept. ``FolderStorage``
+    documents each method; ``str()`` names the storage for messages."""
+
+    layout: DataLayout
+
+    def check(self, thorough: bool = False) -> None: ...
+    def publish_dataset(self, record: DatasetRecord) -> None: ...
+    def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]: ...
+    def remove_dataset(self, dataset_id: str) -> None: ...
+    def saved_datasets(self) -> Iterator[DatasetRecord]: ...
+    def run_folder(self, job_id: str, lease: Lease) -> RunFolder: ...
+    def end_run(self, folder: RunFolder) -> None: ...
+    def run_file(self, job_id: str, name: str) -> AbstractContextManager[Path | None]: ...
+    def derived_file(
+        self, job_id: str, name: str, source: Path, make: Callable[[Path, Path], None]
+    ) -> AbstractContextManager[Path]: ...
+    def history(self, job_id: str) -> list[dict[str, Any]]: ...
+    def remove_run(self, job_id: str) -> None: ...
+    def save_job(self, record: JobRecord, create: bool = False) -> bool: ...
+    def keep_job(self, record: JobRecord | None) -> None: ...
+    def read_job(self, job_id: str) -> JobRecord | None: ...
+    def saved_job_ids(self) -> list[str]: ...
+
+
 class FolderStorage:
     """Datasets and runs in the data folder, which every process of the service shares."""
 
@@ -41,8 +67,9 @@ class FolderStorage:
     def __str__(self) -> str:
         return f"the data folder {self.layout.root}"
 
-    def check(self) -> None:
-        """Raises StorageUnavailable unless datasets and runs can be stored."""
+    def check(self, thorough: bool = False) -> None:
+        """Raises StorageUnavailable unless datasets and runs can be stored. ``thorough``: also what is
+        too slow to check on every readiness probe (at start-up)."""
         try:
             self.layout.datasets_dir.mkdir(parents=True, exist_ok=True)
             self.layout.runs_dir.mkdir(parents=True, exist_ok=True)
@@ -57,7 +84,7 @@ class FolderStorage:
 
     def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]:
         """The folder to read the dataset from (``model.data.read_dataset``), for a ``with`` block."""
-        return _as_context(self.layout.dataset_dir(record.id) / record.root)
+        return nullcontext(self.layout.dataset_dir(record.id) / record.root)
 
     def remove_dataset(self, dataset_id: str) -> None:
         """Delete a dataset's files: renamed aside first, so a half-deleted folder is never read."""
@@ -87,7 +114,7 @@ class FolderStorage:
     def run_file(self, job_id: str, name: str) -> AbstractContextManager[Path | None]:
         """A readable copy of the run's file ``name`` for a ``with`` block, or None if it has none."""
         path = self.layout.run_dir(job_id) / name
-        return _as_context(path if path.is_file() else None)
+        return nullcontext(path if path.is_file() else None)
 
     def derived_file(
         self, job_id: str, name: str, source: Path, make: Callable[[Path, Path], None]
@@ -100,7 +127,7 @@ class FolderStorage:
         path = self.layout.run_dir(job_id) / name
         if not path.is_file():
             make(source, path)
-        return _as_context(path)
+        return nullcontext(path)
 
     def history(self, job_id: str) -> list[dict[str, Any]]:
         """The run's epoch records (``metrics.jsonl``), oldest first."""
@@ -132,11 +159,6 @@ class FolderStorage:
         return _ids_with(self.layout.runs_dir, JOB_FILE)
 
 
-@contextmanager
-def _as_context(value):
-    yield value
-
-
 def _ids_with(root: Path, name: str) -> list[str]:
     if not root.is_dir():
         return []
@@ -151,11 +173,10 @@ def _parse(model, path: Path):
         return None
 
 
-Storage = FolderStorage  # the interface; ``worker.bucket_storage.BucketStorage`` is the other kind
-
-
-def open_storage(url: str | None, layout: DataLayout, cache_bytes: int) -> FolderStorage:
-    """The storage ``SSD_STORAGE_URL`` names: None is the data folder; ``s3://bucket/prefix`` a bucket."""
+@lru_cache(maxsize=8)
+def open_storage(url: str | None, layout: DataLayout, cache_bytes: int) -> Storage:
+    """The storage ``SSD_STORAGE_URL`` names: None is the data folder; ``s3://bucket/prefix`` a bucket.
+    One per process for the same arguments (a bucket's client is made once)."""
     if not url:
         return FolderStorage(layout)
     from worker.bucket_storage import BucketStorage

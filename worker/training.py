@@ -35,6 +35,7 @@ from model.device import resolve_device
 from model.engine import Callbacks, FitResult, StepProgress, fit
 from model.layout import BEST_CHECKPOINT
 from model.storage import RunFolder
+from worker.bucket import BucketError, Conflict
 from worker.lease import Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
 from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
@@ -361,11 +362,11 @@ def _run(
     """Train the job this run has just started (its lease held) in ``folder``, and record how it ended."""
     job_id = job.id
     try:
-        folder.claim()
+        _claim(folder, settings.lease_seconds / 2)
     except (LeaseLost, RunFolderBusy) as error:
         reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
         return _record(job, _Outcome("paused", reason=reason), store, lease, settings, dispatch)
-    except OSError as error:  # the storage is unreachable (a bucket refusing this worker): said, not retried
+    except BucketError as error:  # refused, or away for longer than the claim waits: the job says so
         log.error("job %s: cannot read its run from %s: %s", job_id, settings.storage, error)
         outcome = _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
         return _record(job, outcome, store, lease, settings, dispatch)
@@ -387,6 +388,24 @@ def _run(
     return _record(job, outcome, store, lease, settings, dispatch)
 
 
+def _claim(folder: RunFolder, patience: float) -> None:
+    """``folder.claim()``, tried again for up to ``patience`` seconds while a bucket is away (not when
+    it refuses): a short outage delays the job instead of failing it. The lease is not renewed yet,
+    so the patience stays well inside it."""
+    deadline = time.monotonic() + patience
+    delay = 1.0
+    while True:
+        try:
+            folder.claim()
+            return
+        except BucketError as error:
+            if error.refused or isinstance(error, Conflict) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("the bucket is away (%s); trying again in %.0fs", error, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 10.0)
+
+
 def _train_and_judge(
     job: JobRecord,
     store: Store,
@@ -403,6 +422,11 @@ def _train_and_judge(
         return None
     except RunFolderBusy as error:
         return _Outcome("paused", reason=f"{worker_name} could not write the run folder ({error}); the job resumes")
+    except BucketError as error:
+        if error.refused:  # the set-up is wrong: resuming elsewhere would fail the same way
+            return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
+        # Away for longer than the client's retries: the job resumes from its last committed checkpoint.
+        return _Outcome("paused", reason=f"{worker_name} could not reach the bucket ({error}); the job resumes")
     except Exception as error:  # a training error ends the job: retrying it would fail the same way
         log.exception("job %s failed", job.id)
         return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -10,9 +13,17 @@ from fastapi import APIRouter, File, Header, HTTPException, Query, Response, Upl
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
-from app.inference import ACCEPTED_FORMATS, DetectionsBusy, DeviceUnavailable, ImageRejected
+from app.inference import (
+    ACCEPTED_FORMATS,
+    CheckpointMissing,
+    CheckpointSource,
+    DetectionsBusy,
+    DeviceUnavailable,
+    ImageRejected,
+)
 from app.schemas import DetectResponse
 from worker.settings import Settings
+from worker.storage import Storage
 from worker.store import Store
 
 router = APIRouter(tags=["detection"])
@@ -52,7 +63,7 @@ def wants_png(accept: str | None) -> bool:
     return quality("image/png") > quality("application/json")
 
 
-def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, Path]:
+def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, CheckpointSource]:
     """The job whose model answers, and its checkpoint: ``job_id``'s, or the newest succeeded job's.
 
     Raises:
@@ -65,12 +76,16 @@ def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple
     job = job_or_404(store, job_id)
     if not job.model_ready:
         raise HTTPException(409, f"job {job_id} is {job.status} and has no trained model to detect with")
-    name = Path(job.checkpoint).name
-    # A bucket's copy stays in the cache after the block: just used, it is the last one evicted.
-    with settings.storage.run_file(job_id, name) as checkpoint:
-        if checkpoint is None:
-            raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
-    return job_id, checkpoint
+    return job_id, partial(open_checkpoint, settings.storage, job_id, Path(job.checkpoint).name)
+
+
+@contextmanager
+def open_checkpoint(storage: Storage, job_id: str, name: str) -> Iterator[Path]:
+    """The job's checkpoint ``name`` for a ``with`` block (CheckpointMissing if its run has none)."""
+    with storage.run_file(job_id, name) as path:
+        if path is None:
+            raise CheckpointMissing(f"job {job_id}'s checkpoint {name} is missing from its run folder")
+        yield path
 
 
 @router.post(
@@ -131,6 +146,8 @@ async def detect(
             ) from error
         except DeviceUnavailable as error:
             raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
+        except CheckpointMissing as error:
+            raise HTTPException(409, str(error)) from error
         except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
             raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
         if format == "png" or (format is None and wants_png(accept)):

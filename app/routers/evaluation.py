@@ -19,7 +19,7 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep, dataset_or_404
-from app.inference import DetectionService, DeviceUnavailable
+from app.inference import CheckpointMissing, DetectionService, DeviceUnavailable
 from app.routers.detect import resolve_model
 from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
 from model.data import DatasetError, read_dataset
@@ -92,6 +92,8 @@ async def _detector(detection: DetectionService, job_id: str, checkpoint):
         return await detection.cache.get(job_id, checkpoint)
     except DeviceUnavailable as error:
         raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
+    except CheckpointMissing as error:
+        raise HTTPException(409, str(error)) from error
     except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
         raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 

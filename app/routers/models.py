@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import threading
+from contextlib import ExitStack
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 from fastapi.responses import FileResponse
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import SettingsDep, StoreDep, job_or_404
@@ -25,8 +27,9 @@ router = APIRouter(tags=["jobs"])
 _exporting = threading.Lock()
 
 
-def onnx_file(store: Store, settings: Settings, job_id: str) -> Path:
-    """The job's ONNX file in its run folder, exported on its first request.
+def onnx_file(store: Store, settings: Settings, job_id: str, held: ExitStack) -> Path:
+    """The job's ONNX file, exported on its first request; kept (with a bucket, in the cache) until
+    ``held`` closes.
 
     A succeeded job's checkpoint never changes, so the export is written once (atomically, so
     that a reader never sees half of it) and stays until the job is deleted with its files.
@@ -43,14 +46,14 @@ def onnx_file(store: Store, settings: Settings, job_id: str) -> Path:
     except OnnxUnavailable as error:
         raise HTTPException(501, f"this server cannot export ONNX models: {error}") from error
     name = Path(job.checkpoint).name
-    with settings.storage.run_file(job_id, name) as checkpoint, _exporting:
-        if checkpoint is None:
-            raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
+    checkpoint = held.enter_context(settings.storage.run_file(job_id, name))
+    if checkpoint is None:
+        raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
+    with _exporting:
         try:
             # Never creates the run folder: a deleted job stays deleted. With a bucket, the export is
             # cached on this machine beside the checkpoint version it was made from.
-            with settings.storage.derived_file(job_id, ONNX_MODEL, checkpoint, export_onnx) as exported:
-                return exported
+            return held.enter_context(settings.storage.derived_file(job_id, ONNX_MODEL, checkpoint, export_onnx))
         except FileNotFoundError as error:
             raise HTTPException(404, f"job {job_id} was deleted while its model was exported") from error
         except CheckpointError as error:
@@ -76,5 +79,12 @@ async def model_onnx(job_id: str, store: StoreDep, settings: SettingsDep) -> Fil
     0 = empty slot), best first, after a 0.01 score threshold and NMS. The class names are a
     JSON list in the metadata key ``classes``. The first request exports (a few seconds).
     """
-    path = await run_in_threadpool(onnx_file, store, settings, job_id)
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job_id}.onnx")
+    held = ExitStack()  # the file stays until it is sent
+    try:
+        path = await run_in_threadpool(onnx_file, store, settings, job_id, held)
+    except BaseException:
+        held.close()
+        raise
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=f"{job_id}.onnx", background=BackgroundTask(held.close)
+    )

@@ -86,14 +86,17 @@ def test_a_newer_run_fences_an_older_one_and_resumes_from_what_it_committed(buck
 
 
 class LostAnswer(Bucket):
-    """A bucket whose next manifest put lands but whose answer is lost: the client's retry is refused."""
+    """A bucket whose next manifest put lands but whose answer is lost: the client's retry is refused.
+    ``meanwhile`` runs between the two (another run's claim, say)."""
 
     lose_next = True
+    meanwhile = staticmethod(lambda: None)
 
     def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
         etag = super().put(key, data, if_match, if_absent)
         if key.endswith("manifest.json") and self.lose_next:
             self.lose_next = False
+            self.meanwhile()
             raise Conflict("the retry of a put that landed is refused")
         return etag
 
@@ -107,6 +110,36 @@ def test_a_commit_whose_answer_was_lost_still_counts(bucket_url, tmp_path):
     write(run, "last.pt", b"epoch 2")  # and the next commit matches the ETag it left
     with storage_in(bucket_url, tmp_path / "other").run_file("job1", "last.pt") as path:
         assert path.read_bytes() == b"epoch 2"
+
+
+def test_a_lost_answer_then_a_takeover_keeps_the_version_the_new_run_carries_on(bucket_url, tmp_path):
+    old_machine, new_machine = storage_in(bucket_url, tmp_path / "a"), storage_in(bucket_url, tmp_path / "b")
+    old = old_machine.run_folder("job1", lease("old"))
+    old.claim()
+    new = new_machine.run_folder("job1", lease("new"))
+    old.bucket = LostAnswer(old.bucket.location)
+    old.bucket.meanwhile = new.claim  # the old run's put landed; the new run claims before its retry
+    with pytest.raises(LeaseLost):
+        write(old, "last.pt", b"epoch 1")
+    assert (new.path / "last.pt").read_bytes() == b"epoch 1"  # it resumed from the version that landed
+    with storage_in(bucket_url, tmp_path / "c").run_file("job1", "last.pt") as path:
+        assert path.read_bytes() == b"epoch 1"  # which is still there
+
+
+class IgnoresConditions(Bucket):
+    """A store that drops If-Match / If-None-Match on the floor."""
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        return super().put(key, data)
+
+
+def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path)
+    storage.check(thorough=True)  # moto's server honours them
+    storage.bucket = IgnoresConditions(storage.bucket.location)
+    with pytest.raises(StorageUnavailable, match="ignores conditional writes"):
+        storage.check(thorough=True)
+    assert list(storage.bucket.keys("")) == []  # the probe object is gone
 
 
 def test_a_run_whose_job_was_deleted_writes_nothing_more(bucket_url, tmp_path):

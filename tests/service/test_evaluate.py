@@ -8,6 +8,8 @@ import shutil
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,8 @@ from model.data import AnnotatedImage, make_shapes_dataset, read_dataset
 from model.detector import Detector
 from model.metrics import DetectorEvaluation, evaluate_detector
 from tests.service.helpers import TINY, image_bytes, shapes, wait_for_job, zip_folder
+
+UNUSED_CHECKPOINT = partial(nullcontext, Path("unused.pt"))  # the test's model needs no file
 
 
 def _evaluate(client, job_id: str, dataset_id: str):
@@ -251,12 +255,12 @@ def test_a_detection_waits_for_one_evaluation_batch_not_the_whole_evaluation(few
     service = _service(model)
 
     async def scenario():
-        detector = await service.cache.get("job", Path("unused.pt"))
+        detector = await service.cache.get("job", UNUSED_CHECKPOINT)
         evaluation = DetectorEvaluation(detector.classes)
         scoring = asyncio.create_task(score_in_batches(service, detector, evaluation, few_images, 1, _Client()))
         while not model.calls:  # the evaluation's first forward pass is running
             await asyncio.sleep(0.005)
-        await service.detect("job", Path("unused.pt"), Image.open(few_images[0].path), 0.5, 10)
+        await service.detect("job", UNUSED_CHECKPOINT, Image.open(few_images[0].path), 0.5, 10)
         answered_during_evaluation = not scoring.done()
         return answered_during_evaluation, await scoring
 
@@ -276,7 +280,7 @@ def test_an_evaluation_stops_when_its_client_leaves(few_images):
     service = _service(model)
 
     async def scenario():
-        detector = await service.cache.get("job", Path("unused.pt"))
+        detector = await service.cache.get("job", UNUSED_CHECKPOINT)
         evaluation = DetectorEvaluation(detector.classes)
         await score_in_batches(service, detector, evaluation, few_images, 2, _Client(checks=2))
 
