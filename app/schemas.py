@@ -30,6 +30,9 @@ JobStatus = Status
 
 
 Side = Annotated[int, Field(ge=16, le=2048, strict=True)]
+# The largest integer JSON carries exactly (2^53 - 1): a client that parses numbers as doubles (JavaScript,
+# schema-driven generators) compares against the same bound the server does.
+MAX_SEED = 2**53 - 1
 
 
 class SyntheticDatasetRequest(BaseModel):
@@ -41,7 +44,7 @@ class SyntheticDatasetRequest(BaseModel):
 
     # Strict: a JSON true is not one image.
     num_images: int = Field(64, ge=1, strict=True, description="Images to draw (at most SSD_MAX_SYNTHETIC_IMAGES).")
-    seed: int = Field(0, ge=0, le=2**63 - 1, strict=True, description="The same seed draws the same dataset.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, strict=True, description="The same seed draws the same dataset.")
     image_size: Side | tuple[Side, Side] | None = Field(
         None, description="Image side in pixels, or [min, max] to draw each side from; default [240, 400]."
     )
@@ -92,7 +95,7 @@ class TrainRequest(BaseModel):
     warmup_steps: int = Field(_DEFAULTS.warmup_steps, ge=0)
     val_fraction: float = Field(_DEFAULTS.val_fraction, ge=0, lt=1)
     image_size: int = Field(_DEFAULTS.image_size, ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)
-    seed: int = Field(_DEFAULTS.seed, ge=0, le=2**63 - 1)
+    seed: int = Field(_DEFAULTS.seed, ge=0, le=MAX_SEED)
     device: Literal["auto", "cpu", "cuda"] = Field(
         _DEFAULTS.device, description="'auto' leaves the choice to the worker (SSD_DEVICE)."
     )

@@ -28,7 +28,9 @@ router = APIRouter(tags=["jobs"])
 # The event stream also takes the API key as ?api_key= (browsers' EventSource sends no headers).
 stream_router = APIRouter(tags=["jobs"])
 
-MAX_EPOCH = 2**53  # larger epochs cannot exist; bounding them keeps stream ids valid
+# Larger epochs cannot exist; bounding them keeps stream ids valid. 2^53 - 1: the largest integer a
+# double holds exactly, so clients that parse numbers as doubles agree on the bound.
+MAX_EPOCH = 2**53 - 1
 _NOT_FOUND = {404: {"description": "No such job."}}
 _BUSY_STREAMS = {503: {"description": "Too many event streams are open (SSD_MAX_EVENT_STREAMS), or Redis is away."}}
 
