@@ -22,6 +22,7 @@ from app.inference import (
     ImageRejected,
 )
 from app.schemas import DetectResponse
+from app.timing import ServerTiming
 from worker.settings import Settings
 from worker.storage import Storage
 from worker.store import Store
@@ -108,6 +109,7 @@ def open_checkpoint(storage: Storage, job_id: str, name: str) -> Iterator[Path]:
 )
 async def detect(
     file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP or BMP image.")],
+    response: Response,
     store: StoreDep,
     settings: SettingsDep,
     detection: DetectorDep,
@@ -118,7 +120,9 @@ async def detect(
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ):
     """Detect objects in an image. Boxes are ``[x1, y1, x2, y2]`` in the uploaded image's pixels
-    (after its EXIF orientation), sorted by score."""
+    (after its EXIF orientation), sorted by score. The ``Server-Timing`` header says how long
+    decoding, detection (waiting for a batch included) and the whole handler took, in ms."""
+    timing = ServerTiming()
     try:
         admission = detection.admit()  # before the image is decoded: a refusal costs next to nothing
     except DetectionsBusy as error:
@@ -130,14 +134,16 @@ async def detect(
             raise HTTPException(413, detail)
         data = await file.read()
         try:
-            image = await detection.decode(data, settings.max_image_pixels)
+            with timing.phase("decode"):
+                image = await detection.decode(data, settings.max_image_pixels)
         except ImageRejected as error:
             raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
         try:
-            detections = await asyncio.wait_for(
-                detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
-                settings.detect_timeout_seconds,
-            )
+            with timing.phase("detect"):
+                detections = await asyncio.wait_for(
+                    detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
+                    settings.detect_timeout_seconds,
+                )
         except asyncio.TimeoutError as error:
             raise HTTPException(
                 503,
@@ -151,6 +157,12 @@ async def detect(
         except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
             raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
         if format == "png" or (format is None and wants_png(accept)):
-            png = await detection.draw(image, detections)
-            return Response(png, media_type="image/png", headers={"X-Job-Id": job_id})
+            with timing.phase("draw"):
+                png = await detection.draw(image, detections)
+            return Response(png, media_type="image/png", headers={"X-Job-Id": job_id, **_timed(timing)})
+        response.headers.update(_timed(timing))
         return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}
+
+
+def _timed(timing: ServerTiming) -> dict[str, str]:
+    return {"Server-Timing": timing.header()}

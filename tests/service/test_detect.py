@@ -114,6 +114,18 @@ def test_png_webp_and_bmp_are_accepted(trained, client, fmt):
     assert response.json()["image"] == {"width": 120, "height": 90}
 
 
+@pytest.mark.parametrize("fmt", ["json", "png"])
+def test_server_timing_says_where_the_time_went(trained, client, fmt):
+    response = post_image(client, image_bytes(120, 90), "x.jpg", job_id=trained["job"]["id"], format=fmt)
+    assert response.status_code == 200, response.text
+    phases = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
+    expected = ["decode", "detect", "draw", "total"] if fmt == "png" else ["decode", "detect", "total"]
+    assert list(phases) == expected
+    durations = {name: float(ms) for name, ms in phases.items()}
+    assert all(ms >= 0 for ms in durations.values())
+    assert durations["total"] >= sum(ms for name, ms in durations.items() if name != "total")
+
+
 def test_mpo_jpegs_are_accepted(trained, client):
     response = post_image(client, _mpo(), "phone.jpg", job_id=trained["job"]["id"])
     assert response.status_code == 200, response.text
