@@ -2,6 +2,10 @@
 # A GPU session in two calls of under 10 minutes each. Writes logs and JSON to $OUT (or ./gpu-out).
 #   bash bench/gpu_run.sh          CUDA correctness checks, then throughput against torchvision
 #                                  (inference first, then matching + loss, then the training step)
+#   bash bench/gpu_run.sh service  the whole service on CUDA as docker-compose.yml runs it (bench/service_e2e.py):
+#                                  Redis, the worker pool and the API; a job over POST /train with its epochs
+#                                  streamed, /detect, then /detect under 1 and 64 closed-loop clients. Needs the
+#                                  service's wheels in .whl/ (bash bench/gpu_wheels.sh here; carry: [".whl"])
 #   bash bench/gpu_run.sh shapes   the synthetic-shapes sanity run (needs pycocotools: wheels in .whl/
 #                                  when the machine lacks it: pip download pycocotools --only-binary :all:
 #                                  --python-version 3.12 --no-deps -d .whl), then inference with its trained weights
@@ -9,7 +13,12 @@ set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-if [ "${1:-}" = shapes ]; then
+if [ "${1:-}" = service ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
+  timeout 420 python3 bench/service_e2e.py --images 1000 --epochs 3 --batch-size 32 --num-workers 12 \
+    --clients 1,64 --processes 6 --seconds 15 --json "$OUT/service_e2e.json" 2>&1 | tee "$OUT/service_e2e.log"
+elif [ "${1:-}" = shapes ]; then
   if ! python3 -c "import pycocotools" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site
   fi
