@@ -27,6 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image, UnidentifiedImageError
 
 from model.data.images import decode_rgb
@@ -93,6 +94,11 @@ def annotated_png(image: Image.Image, detections: Detections) -> bytes:
     buffer = io.BytesIO()
     draw_detections(image, detections).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def detects_on_gpu(device: str) -> bool:
+    """Whether detection with ``SSD_DEVICE=device`` runs on a GPU here."""
+    return device != "cpu" and torch.cuda.is_available()
 
 
 def load_detector(checkpoint: Path, device: str) -> Detector:

@@ -16,7 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.dataset_import import ImportAdmission, ImportSlots
 from app.event_streams import EventStreams
-from app.inference import DetectionService, load_detector
+from app.inference import DetectionService, detects_on_gpu, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, evaluation, jobs, models, ops, web
@@ -62,13 +62,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     mask_keys_in_access_log()
     store = Store.from_url(settings.redis_url, settings.key_prefix, max_connections=SYNC_REDIS_CONNECTIONS)
     metrics = Metrics(store.status_counts)
+    on_gpu = detects_on_gpu(settings.device)
     detection = DetectionService(
         load=partial(load_detector, device=settings.device),
         cache_size=settings.detector_cache_size,
         threads=settings.inference_threads,
-        max_batch=settings.batch_max_size,
+        max_batch=settings.detect_batch_size(on_gpu),
         max_wait_ms=settings.batch_max_wait_ms,
-        max_pending=settings.max_pending_detections,
+        max_pending=settings.pending_detections(on_gpu),
         image_threads=settings.image_threads,
         on_batch=metrics.detect_batch_size.observe,
         on_pending=metrics.detect_pending.set,

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
+CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_BATCH_MAX_SIZE unset)
 
 
 class Settings(BaseSettings):
@@ -128,14 +129,14 @@ class Settings(BaseSettings):
     detect_timeout_seconds: float = Field(
         60.0, gt=0, description="Longest a /detect request waits for its model and forward pass (then 503)."
     )
-    max_pending_detections: int = Field(
-        32,
+    max_pending_detections: int | None = Field(
+        None,
         ge=1,
         description=(
             "Most /detect requests admitted and not yet answered (decoding, waiting for the model or a batch, "
             "running); more answer 503 with Retry-After before their image is decoded. It bounds the memory their "
-            "images hold. The default, four batches of the default SSD_BATCH_MAX_SIZE, lets one batch run while "
-            "the next ones gather: a request past that would wait several forward passes anyway."
+            "images hold. Unset: four batches (SSD_BATCH_MAX_SIZE), which lets one batch run while the next ones "
+            "gather: a request past that would wait several forward passes anyway."
         ),
     )
     image_threads: int = Field(
@@ -149,7 +150,15 @@ class Settings(BaseSettings):
     )
 
     # Inference: the micro-batcher and the detector cache.
-    batch_max_size: int = Field(8, ge=1, le=256, description="Most images in one batched forward pass.")
+    batch_max_size: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        description=(
+            "Most images in one batched forward pass of /detect. Unset: 8 where detection runs on the CPU (one "
+            "image already keeps every core busy), 64 on a GPU (a batch costs little more than one image there)."
+        ),
+    )
     batch_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join.")
     inference_threads: int = Field(
         1,
@@ -217,6 +226,14 @@ class Settings(BaseSettings):
         if any(len(key) < 16 for key in self.api_keys):
             raise ValueError("SSD_API_KEY: each key (comma-separated) must have at least 16 characters")
         return self
+
+    def detect_batch_size(self, on_gpu: bool) -> int:
+        """SSD_BATCH_MAX_SIZE, or its default for where detection runs."""
+        return self.batch_max_size or (GPU_DETECT_BATCH if on_gpu else CPU_DETECT_BATCH)
+
+    def pending_detections(self, on_gpu: bool) -> int:
+        """SSD_MAX_PENDING_DETECTIONS, or four batches."""
+        return self.max_pending_detections or 4 * self.detect_batch_size(on_gpu)
 
     @property
     def api_keys(self) -> tuple[bytes, ...]:

@@ -68,7 +68,8 @@ async def evaluate_job(
         root = await run_in_threadpool(held.enter_context, settings.storage.dataset_files(dataset))
         evaluation, images = await run_in_threadpool(_prepare, detector.classes, dataset, root, settings)
         try:
-            scores = await score_in_batches(detection, detector, evaluation, images, settings.batch_max_size, request)
+            batch = detection.batcher.max_batch
+            scores = await score_in_batches(detection, detector, evaluation, images, batch, request)
         except ClientGone:
             log.info("evaluation of job %s on dataset %s stopped: the client went away", job_id, dataset.id)
             return Response(status_code=CLIENT_CLOSED_REQUEST)

@@ -22,10 +22,22 @@ def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
     assert settings.runs_dir == tmp_path / "runs" and settings.datasets_dir == tmp_path / "datasets"
 
 
+def test_detect_batching_defaults_suit_the_device():
+    default = Settings(_env_file=None)
+    assert (default.detect_batch_size(on_gpu=False), default.pending_detections(on_gpu=False)) == (8, 32)
+    assert (default.detect_batch_size(on_gpu=True), default.pending_detections(on_gpu=True)) == (64, 256)
+    chosen = Settings(_env_file=None, batch_max_size=16)
+    assert chosen.detect_batch_size(on_gpu=True) == 16 and chosen.pending_detections(on_gpu=True) == 64
+    assert Settings(_env_file=None, max_pending_detections=5).pending_detections(on_gpu=False) == 5
+
+
 @pytest.mark.parametrize(
     "values",
     [
         {"redis_url": "http://localhost:6379"},
+        {"storage_url": "http://bucket"},
+        {"storage_url": "s3://"},
+        {"cache_bytes": -1},
         {"device": "tpu"},
         {"batch_max_size": 0},
         {"max_upload_bytes": -1},
