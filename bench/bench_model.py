@@ -7,9 +7,10 @@ Both networks get the same random 300x300 images and targets on the same device.
   batched SSDLoss and Adam as ``fit`` uses them).
 - match+loss: matching and loss alone on fixed head outputs.
 - infer net: backbone + heads only. infer full: preprocessing + network + decoding + NMS.
+- bytes->boxes: 640x480 JPEG bytes in, boxes out (decoding on the device: nvJPEG on CUDA).
 
 Usage: python bench/bench_model.py [--quick] [--device cpu|cuda] [--json out.json]
-       [--only train|loss|infer] [--checkpoint best.pt (inference with trained weights)]
+       [--only train|loss|infer|bytes] [--checkpoint best.pt (inference with trained weights)]
 """
 
 from __future__ import annotations
@@ -233,12 +234,65 @@ def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: s
             print(row, flush=True)
 
 
+def photo_jpegs(count: int, width: int = 640, height: int = 480) -> list[bytes]:
+    """``count`` distinct photo-like JPEGs (the synthetic shapes generator's textured scenes)."""
+    import tempfile
+    from pathlib import Path
+
+    from model.data import make_shapes_dataset
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = make_shapes_dataset(Path(folder), count, seed=0, image_size=(height, width))
+        return [image.path.read_bytes() for image in data.images]
+
+
+@torch.inference_mode()
+def run_torchvision_from_bytes(model, jpegs: list[bytes], device, dtype):
+    """torchvision's whole path from JPEG bytes: its decoder (nvJPEG in one batch on CUDA), its transform,
+    network and postprocessing."""
+    import warnings
+
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = [torch.frombuffer(bytearray(j), dtype=torch.uint8) for j in jpegs]
+        images = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
+    with autocast(device, dtype):
+        model([image.float() / 255 for image in images])
+
+
+def bench_encoded(rows: list, device: torch.device, quick: bool, checkpoint: str | None = None) -> None:
+    """Bytes in, boxes out: ``Detector.detect_encoded`` on a list of 640x480 JPEGs against torchvision's
+    pipeline from the same bytes (both decode on the device: nvJPEG on CUDA)."""
+    count = 8 if quick else (128 if device.type == "cuda" else 16)
+    jpegs = photo_jpegs(count)
+    ours, classes = inference_models(checkpoint)
+    backbone, net = next(iter(ours.items()))
+    detector = Detector(net, classes, device)
+    dtype = detector.autocast_dtype
+    tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(classes) + 1).to(device).eval()
+    if dtype:
+        tv = tv.to(memory_format=torch.channels_last)
+    iters, warm = (2, 1) if quick else (10, 3)
+    timed = {
+        "tv_from_bytes": partial(run_torchvision_from_bytes, tv, jpegs, device, dtype),
+        f"{backbone}_from_bytes@0.5": partial(detector.detect_encoded, jpegs, 0.5, 100),
+    }
+    t = {key: median_seconds(fn, device, iters, warm) for key, fn in timed.items()}
+    weights = "trained" if checkpoint else "random"
+    row = {"row": f"bytes->boxes {count} jpegs 640x480 {weights}", **{f"{k}_img_s": count / v for k, v in t.items()}}
+    row["ours / tv"] = t["tv_from_bytes"] / t[f"{backbone}_from_bytes@0.5"]
+    rows.append(row)
+    print(row, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json")
-    parser.add_argument("--only", choices=["train", "loss", "infer"])
+    parser.add_argument("--only", choices=["train", "loss", "infer", "bytes"])
     parser.add_argument("--checkpoint", help="inference rows with this trained checkpoint instead of random weights")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -261,6 +315,8 @@ def main() -> None:
         bench_training(rows, device, args.quick)
     if args.only in (None, "infer"):
         bench_inference(rows, device, args.quick, args.checkpoint)
+    if args.only in (None, "bytes"):
+        bench_encoded(rows, device, args.quick, args.checkpoint)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

@@ -2,7 +2,8 @@
 
 Checks: matching + loss on CUDA equal the CPU's; decoding + NMS on CUDA equal the CPU's;
 the network under bf16/fp16 autocast stays close to fp32; a few AMP training steps stay
-finite and lower the loss; the Detector on CUDA finds what it finds on the CPU.
+finite and lower the loss; the Detector on CUDA finds what it finds on the CPU; nvJPEG decoding
+with the EXIF orientation applied on the GPU gives the CPU path's pixels.
 Exits non-zero on the first failure. Usage: python bench/cuda_check.py
 """
 
@@ -121,6 +122,32 @@ def check_detector() -> None:
         )
 
 
+def check_jpeg_decoding() -> None:
+    """nvJPEG with the orientation applied on the GPU gives the pixels the CPU path gives (JPEG decoders
+    differ by a level or two in chroma upsampling)."""
+    import io
+
+    from PIL import Image
+
+    from model.data.tensor_decode import decode_images
+
+    jpegs = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        generator = torch.Generator().manual_seed(orientation)
+        pixels = torch.randint(0, 256, (48, 64, 3), dtype=torch.uint8, generator=generator)
+        buffer = io.BytesIO()
+        Image.fromarray(pixels.numpy()).resize((640, 480)).save(buffer, format="JPEG", quality=90, exif=exif)
+        jpegs.append(buffer.getvalue())
+    on_cpu, on_gpu = decode_images(jpegs, "cpu"), decode_images(jpegs, "cuda")
+    for orientation, cpu, gpu in zip(range(1, 9), on_cpu, on_gpu, strict=True):
+        same_shape = cpu.shape == gpu.shape and gpu.device.type == "cuda"
+        difference = float((gpu.cpu().float() - cpu.float()).abs().mean()) if same_shape else float("inf")
+        ok = same_shape and difference < 2.0
+        check(f"nvJPEG orientation {orientation} ~ cpu", ok, f"mean |diff| {difference:.2f}")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
@@ -132,6 +159,7 @@ def main() -> None:
     check_amp_forward()
     check_amp_training()
     check_detector()
+    check_jpeg_decoding()
     print("all CUDA checks passed", flush=True)
 
 

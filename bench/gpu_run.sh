@@ -4,7 +4,8 @@
 #                                  (inference first, then matching + loss, then the training step)
 #   bash bench/gpu_run.sh service  the whole service on CUDA as docker-compose.yml runs it (bench/service_e2e.py):
 #                                  Redis, the worker pool and the API; a job over POST /train with its epochs
-#                                  streamed, /detect, then /detect under 1 and 64 closed-loop clients. Needs the
+#                                  streamed, /detect, then /detect under 1 and 64 closed-loop clients; then
+#                                  128 JPEG bytes to boxes (bench_model.py --only bytes). Needs the
 #                                  service's wheels in .whl/ (bash bench/gpu_wheels.sh here; carry: [".whl"])
 #   bash bench/gpu_run.sh shapes   the synthetic-shapes sanity run (needs pycocotools: wheels in .whl/
 #                                  when the machine lacks it: pip download pycocotools --only-binary :all:
@@ -16,8 +17,10 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 if [ "${1:-}" = service ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
-  timeout 420 python3 bench/service_e2e.py --images 1000 --epochs 3 --batch-size 32 --num-workers 12 \
+  timeout 400 python3 bench/service_e2e.py --images 1000 --epochs 3 --batch-size 32 --num-workers 12 \
     --clients 1,64 --processes 6 --seconds 15 --json "$OUT/service_e2e.json" 2>&1 | tee "$OUT/service_e2e.log"
+  # Bytes in, boxes out: 128 JPEGs through Detector.detect_encoded (nvJPEG) against torchvision's pipeline.
+  timeout 120 python3 bench/bench_model.py --only bytes --json "$OUT/bench_bytes.json" 2>&1 | tee "$OUT/bench_bytes.log"
 elif [ "${1:-}" = shapes ]; then
   if ! python3 -c "import pycocotools" 2>/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && export PYTHONPATH=$PYTHONPATH:/tmp/site

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from torchvision.transforms.v2 import functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
+from .data.tensor_decode import decode_images
 from .device import amp_dtype, autocast, memory_format, resolve_device
 from .fusion import fold_batch_norms
 from .network import SSD300
@@ -154,6 +156,13 @@ class Detector:
                 ]
             )
         return results
+
+    def detect_encoded(
+        self, data: Sequence[bytes], score_threshold: float = 0.5, max_detections: int = 100
+    ) -> list[list[dict]]:
+        """``detect`` on encoded images (JPEG, PNG, WebP... bytes), decoded on the detector's device:
+        JPEGs in one batch (nvJPEG on CUDA), with the project's decoding rule (``decode_images``)."""
+        return self.detect(decode_images(data, self.device), score_threshold, max_detections)
 
 
 def load_model(path: Path | str) -> tuple[SSD300, list[str]]:
