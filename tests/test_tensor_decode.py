@@ -50,7 +50,7 @@ def test_orient_is_pillows_exif_transpose(orientation):
     stored = _asymmetric()
     buffer = io.BytesIO()
     stored.save(buffer, format="PNG", exif=_exif(orientation))
-    expected = np.asarray(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
+    expected = np.array(ImageOps.exif_transpose(Image.open(io.BytesIO(buffer.getvalue()))).convert("RGB"))
     oriented = orient(torch.from_numpy(np.array(stored)).permute(2, 0, 1), orientation)
     assert torch.equal(oriented.permute(1, 2, 0), torch.from_numpy(expected))
 
