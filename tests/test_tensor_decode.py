@@ -42,7 +42,7 @@ def _encoded(image: Image.Image, fmt: str, orientation: int = 1) -> bytes:
 
 def _reference(data: bytes) -> torch.Tensor:
     """What the project's one rule gives: Pillow's decode, EXIF orientation applied, RGB."""
-    return torch.from_numpy(np.asarray(decode_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)
+    return torch.from_numpy(np.array(decode_rgb(Image.open(io.BytesIO(data))))).permute(2, 0, 1)
 
 
 @pytest.mark.parametrize("orientation", range(1, 9))
