@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import checkpoint_writer, load_checkpoint
 from .config import ModelConfig, TrainConfig
-from .data.dataset import DetectionDataset, collate_detections, split_train_val
+from .data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
 from .device import amp_dtype, autocast, memory_format, resolve_device
@@ -161,7 +161,12 @@ def build_optimizer(model: SSD300, config: TrainConfig, device: torch.device) ->
 def build_loaders(
     data: DetectionData, config: TrainConfig, model_config: ModelConfig, device: torch.device
 ) -> tuple[DataLoader, DataLoader | None]:
-    """Training loader (augmented, shuffled by a per-epoch seed) and validation loader (resize only)."""
+    """Training loader (augmented, shuffled by a per-epoch seed) and validation loader (resize only).
+
+    The training loader's ``SeededSampler`` draws the order and each image's augmentation seed
+    in this process, so the loader's workers can live for the whole run (no start-up at each
+    epoch) and their number changes nothing but speed.
+    """
     train_idx, val_idx = split_train_val(len(data.images), config.val_fraction, config.seed)
     if config.max_train_images is not None:
         train_idx = train_idx[: config.max_train_images]
@@ -172,9 +177,10 @@ def build_loaders(
         "num_workers": config.num_workers,
         "collate_fn": collate_detections,
         "pin_memory": device.type == "cuda",
+        "persistent_workers": config.num_workers > 0,
     }
     train_set = DetectionDataset([data.images[i] for i in train_idx], augment)
-    train_loader = DataLoader(train_set, shuffle=True, generator=torch.Generator(), **common)
+    train_loader = DataLoader(train_set, sampler=SeededSampler(len(train_set)), **common)
     val_loader = None
     if val_idx:
         val_set = DetectionDataset([data.images[i] for i in val_idx], eval_transforms(config.image_size))
@@ -252,15 +258,14 @@ def train_one_epoch(
     """
     start = start or EpochState()
     run.model.train()
-    steps = len(run.train_loader)
+    steps = steps_per_epoch(run.train_loader)
     if start.steps_done >= steps:  # paused during validation: training is already done
         return "done", start
     sums = torch.tensor(start.loss_sums, device=run.device, dtype=torch.float64)
     first_bad_step = torch.full((), -1, device=run.device, dtype=torch.int64)
     reporter = _Reporter(callbacks, epoch, epochs, steps, validation_seconds)
-    for step, batch in enumerate(run.train_loader, start=1):
-        if step <= start.steps_done:
-            continue  # replays the interrupted run's data order and augmentation draws
+    # The sampler skips the steps done before a pause (see _run_epoch): the rest come as they would have.
+    for step, batch in enumerate(run.train_loader, start=start.steps_done + 1):
         interruption = callbacks.interruption()
         if interruption is not None:
             _raise_if_diverged(first_bad_step, epoch)
@@ -276,6 +281,11 @@ def train_one_epoch(
             reporter.report(step, float(sums[0]) / step)
     _raise_if_diverged(first_bad_step, epoch)
     return "done", EpochState(steps, tuple(sums.tolist()))
+
+
+def steps_per_epoch(loader: DataLoader) -> int:
+    """Batches in a whole pass over ``loader``'s dataset (the last one may be short)."""
+    return math.ceil(len(loader.dataset) / loader.batch_size)
 
 
 def train_step(run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> SSDLossOutput:
@@ -381,7 +391,7 @@ def build_training_run(
     model_config = model.config
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
     optimizer = build_optimizer(model, config, device)
-    steps = total_steps if total_steps is not None else config.epochs * len(train_loader)
+    steps = total_steps if total_steps is not None else config.epochs * steps_per_epoch(train_loader)
     schedule = WarmupSchedule(steps, config.warmup_steps, config.lr_schedule == "cosine")
     dtype = amp_dtype(device, config.amp)
     if dtype is not None and precision is not None:
@@ -496,8 +506,10 @@ def _run_epoch(
 
     Returns ("done", the epoch record), ("paused", the state to carry on from) or ("cancelled", None).
     """
-    run.train_loader.generator.manual_seed(_epoch_seed(config.seed, epoch))  # same order on resume
-    torch.manual_seed(_epoch_seed(config.seed, epoch))  # same augmentation with num_workers=0
+    # The epoch's order and augmentation follow from its seed; a resumed epoch skips what was done.
+    done = start.steps_done if start is not None else 0
+    run.train_loader.sampler.set_epoch(_epoch_seed(config.seed, epoch), skip=done * run.train_loader.batch_size)
+    torch.manual_seed(_epoch_seed(config.seed, epoch))  # anything else random draws the same on resume
     started = time.perf_counter()
     outcome, state = train_one_epoch(run, epoch, config.epochs, callbacks, validation_seconds, start)
     if outcome != "done":

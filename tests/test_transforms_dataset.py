@@ -15,8 +15,10 @@ from model.data import (
     AnnotatedImage,
     DatasetError,
     DetectionDataset,
+    SeededSampler,
     collate_detections,
     eval_transforms,
+    make_shapes_dataset,
     split_train_val,
     train_transforms,
 )
@@ -180,3 +182,50 @@ def test_split_is_deterministic_per_seed():
     assert split_train_val(0, 0.2, seed=0) == ([], [])
     with pytest.raises(ValueError, match="val_fraction"):
         split_train_val(10, 1.0, seed=0)
+
+
+def _epoch_batches(data, num_workers: int, epochs: list[int]) -> list[list]:
+    from model.config import ModelConfig, TrainConfig
+    from model.engine import _epoch_seed, build_loaders
+
+    config = TrainConfig(batch_size=3, num_workers=num_workers, val_fraction=0.0, seed=5)
+    loader, _ = build_loaders(data, config, ModelConfig(num_classes=4), torch.device("cpu"))
+    batches = []
+    for epoch in epochs:
+        loader.sampler.set_epoch(_epoch_seed(config.seed, epoch))
+        batches.append([[t.clone() for t in batch] for batch in loader])
+    return batches
+
+
+def test_augmentation_follows_the_epoch_seed_whatever_the_loader_workers(tmp_path):
+    data = make_shapes_dataset(tmp_path, 7, seed=2, image_size=(80, 120))
+    alone = _epoch_batches(data, 0, [1, 2])
+    with_workers = _epoch_batches(data, 2, [1, 2])  # persistent workers, kept from epoch 1 to epoch 2
+    assert [len(epoch) for epoch in alone] == [3, 3]
+    for epoch_alone, epoch_workers in zip(alone, with_workers, strict=True):
+        for batch_alone, batch_workers in zip(epoch_alone, epoch_workers, strict=True):
+            for a, b in zip(batch_alone, batch_workers, strict=True):
+                assert torch.equal(a, b)
+    assert not torch.equal(alone[0][0][0], alone[1][0][0])  # each epoch draws anew
+
+
+def test_a_seeded_sampler_skips_to_where_a_paused_epoch_stopped():
+    sampler = SeededSampler(10)
+    sampler.set_epoch(123)
+    whole = list(sampler)
+    assert sorted(index for index, _ in whole) == list(range(10))
+    sampler.set_epoch(123, skip=4)
+    assert len(sampler) == 6 and list(sampler) == whole[4:]
+    sampler.set_epoch(124)
+    assert list(sampler) != whole
+
+
+def test_a_seeded_sample_leaves_the_callers_random_state_alone(tmp_path):
+    data = make_shapes_dataset(tmp_path, 2, seed=1, image_size=(64, 64))
+    dataset = DetectionDataset(data.images, train_transforms(64, (0, 0, 0)))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    first = dataset[(1, 99)]
+    assert torch.equal(torch.rand(3), expected)
+    assert all(torch.equal(a, b) for a, b in zip(first, dataset[(1, 99)], strict=True))

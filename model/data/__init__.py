@@ -4,7 +4,7 @@ Boxes everywhere are absolute pixel ``[x1, y1, x2, y2]``; class ids are 1-based 
 """
 
 from model.data.coco import read_coco, write_coco
-from model.data.dataset import DetectionDataset, collate_detections, split_train_val
+from model.data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
 from model.data.reader import read_dataset
 from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.synthetic import make_shapes_dataset
@@ -17,6 +17,7 @@ __all__ = [
     "DatasetError",
     "DetectionData",
     "DetectionDataset",
+    "SeededSampler",
     "collate_detections",
     "eval_transforms",
     "make_shapes_dataset",

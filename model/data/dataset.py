@@ -1,13 +1,14 @@
-"""The torch ``Dataset`` of annotated images, its batch collation and the train/validation split."""
+"""The torch ``Dataset`` of annotated images, its seeded sampler, its batch collation and the
+train/validation split."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
@@ -15,6 +16,7 @@ from model.data.images import open_rgb
 from model.data.records import AnnotatedImage, DatasetError
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+SeededIndex = tuple[int, int]  # (image index, the seed of its augmentation draws)
 
 
 class DetectionDataset(Dataset):
@@ -29,6 +31,10 @@ class DetectionDataset(Dataset):
     An item is ``(image, boxes, labels)``: image uint8 Tensor[3, S, S]; boxes float32
     Tensor[N, 4], xyxy normalised to [0, 1] by the output size; labels int64 Tensor[N].
     N may be 0, and may be smaller than the image's box count after augmentation.
+
+    Indexed by ``(index, seed)`` (what ``SeededSampler`` yields), the transforms draw their
+    random numbers from a generator seeded with ``seed`` alone: the same augmentation in any
+    process, with any number of loader workers, persistent or not, and on resume.
     """
 
     def __init__(self, images: list[AnnotatedImage], transforms: Callable[..., Any]):
@@ -38,7 +44,15 @@ class DetectionDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, index: int) -> Sample:
+    def __getitem__(self, index: int | SeededIndex) -> Sample:
+        if isinstance(index, tuple):
+            index, seed = index
+            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
+                torch.manual_seed(seed)
+                return self._sample(index)
+        return self._sample(index)
+
+    def _sample(self, index: int) -> Sample:
         record = self.images[index]
         # The reader chose the orientation once; no EXIF is read here (None, for records built
         # by hand, reads it from the header: microseconds against the decode's milliseconds).
@@ -57,6 +71,33 @@ class DetectionDataset(Dataset):
         scale = torch.tensor([out_width, out_height, out_width, out_height], dtype=torch.float32)
         boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float32) / scale
         return image.as_subclass(torch.Tensor), boxes, target["labels"].to(torch.int64)
+
+
+class SeededSampler(Sampler[SeededIndex]):
+    """Shuffled ``(index, augmentation seed)`` pairs, drawn in the loading process from ``set_epoch``'s
+    seed: the order and every sample's augmentation follow from the epoch's seed alone.
+
+    ``set_epoch(seed, skip)`` also skips the first ``skip`` pairs of the epoch, without loading
+    them: a run resumed mid-epoch goes on with the same data and draws as the interrupted one.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self._seed = 0
+        self._skip = 0
+
+    def set_epoch(self, seed: int, skip: int = 0) -> None:
+        self._seed, self._skip = seed, skip
+
+    def __len__(self) -> int:
+        return max(0, self.size - self._skip)
+
+    def __iter__(self) -> Iterator[SeededIndex]:
+        generator = torch.Generator().manual_seed(self._seed)
+        order = torch.randperm(self.size, generator=generator)
+        seeds = torch.randint(0, 2**62, (self.size,), generator=generator)
+        for position in range(self._skip, self.size):
+            yield int(order[position]), int(seeds[position])
 
 
 def collate_detections(batch: Sequence[Sample]) -> Sample:
