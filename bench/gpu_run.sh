@@ -9,7 +9,8 @@
 #                                  service's wheels in .whl/ (bash bench/gpu_wheels.sh here; carry: [".whl"])
 #   bash bench/gpu_run.sh shapes   the synthetic-shapes sanity run (needs pycocotools: wheels in .whl/
 #                                  when the machine lacks it: pip download pycocotools --only-binary :all:
-#                                  --python-version 3.12 --no-deps -d .whl), then inference with its trained weights
+#                                  --python-version 3.12 --no-deps -d .whl), the loader's costs (bench/loader_profile.py),
+#                                  then inference with its trained weights
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -29,6 +30,9 @@ elif [ "${1:-}" = shapes ]; then
     --num-workers 14 --max-seconds 170 --out /tmp/shapes 2>&1 | tee "$OUT/train_shapes.log"
   cp /tmp/shapes/summary.json "$OUT/train_shapes_summary.json" 2>/dev/null
   cp /tmp/shapes/run/losses.png "$OUT/train_shapes_losses.png" 2>/dev/null
+  # Can the loader feed the step? Augmentation costs per step on one core, then fit's loader at 0, 8 and 14 workers.
+  timeout 120 python3 bench/loader_profile.py --images 256 --workers 0,8,14 --json "$OUT/loader_profile.json" \
+    2>&1 | tee "$OUT/loader_profile.log"
   # Inference again with those trained weights: the candidate counts real images give to NMS.
   timeout 150 python3 bench/bench_model.py --only infer --checkpoint /tmp/shapes/run/best.pt \
     --json "$OUT/bench_infer_trained.json" 2>&1 | tee "$OUT/bench_infer_trained.log"
