@@ -73,9 +73,11 @@ def test_a_batch_of_every_format_decodes_as_the_one_rule_does(orientation):
         assert difference.float().mean() < 1.0 and difference.max() <= 16, Image.open(io.BytesIO(data)).format
 
 
-def test_a_corrupt_image_is_an_error():
+def test_a_corrupt_image_or_one_over_the_pixel_limit_is_an_error():
     with pytest.raises(OSError):
         decode_images([b"not an image"])
+    with pytest.raises(Image.DecompressionBombError):
+        decode_images([_encoded(_asymmetric(), "JPEG")], max_pixels=48 * 32 - 1)
 
 
 def test_the_detector_gives_the_same_boxes_from_bytes_as_from_pillow_images():

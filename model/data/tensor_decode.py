@@ -47,19 +47,28 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
-def decode_images(data: Sequence[bytes], device: torch.device | str = "cpu") -> list[torch.Tensor]:
+def decode_images(
+    data: Sequence[bytes], device: torch.device | str = "cpu", max_pixels: int | None = None
+) -> list[torch.Tensor]:
     """Each encoded image as uint8 Tensor[3, H, W] on ``device``: RGB, its EXIF orientation applied.
+
+    ``max_pixels``: the most pixels an image may have, checked on its header before anything is
+    decoded (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
 
     Raises:
         OSError: an image that is not one, or is truncated (``PIL.UnidentifiedImageError`` is one);
+        PIL.Image.DecompressionBombError: an image over ``max_pixels``;
         RuntimeError: a JPEG the decoder refuses.
     """
     device = torch.device(device)
+    limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
     decoded: list[torch.Tensor | None] = [None] * len(data)
     jpegs: list[int] = []
     orientations = []
     for i, encoded in enumerate(data):
         with Image.open(io.BytesIO(encoded)) as image:  # the header only
+            if limit and image.width * image.height > limit:
+                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels is over the limit of {limit}")
             orientations.append(exif_orientation(image))
             if image.format == "JPEG" and image.mode in _JPEG_MODES:
                 jpegs.append(i)
