@@ -10,12 +10,13 @@ the moment of the rename, whether this run may still write there (``worker.lease
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .layout import TEMP_SUFFIX, temp_prefix
+from .layout import TEMP_SUFFIX, temp_prefix, trash_name
 
 Writer = Callable[[IO[bytes]], None]
 
@@ -56,6 +57,19 @@ def atomic_write(path: Path, write: Writer) -> None:
         commit_temp(temp, Path(path))
     finally:
         temp.unlink(missing_ok=True)
+
+
+def remove_aside(folder: Path) -> None:
+    """Delete ``folder`` (if it exists): renamed aside first (``layout.trash_name``), so a half-deleted
+    folder is never read and a writer still at work finds it gone; a crash leaves the trash, which the
+    next start removes."""
+    folder = Path(folder)
+    trash = folder.parent / trash_name(folder.name)
+    try:
+        os.rename(folder, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def fsync_dir(folder: Path) -> None:

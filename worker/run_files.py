@@ -18,7 +18,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +26,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from model.layout import JOB_FILE, METRICS_FILE, RUN_LOCK_FILE, DataLayout, trash_name
-from model.storage import atomic_write
+from model.layout import JOB_FILE, METRICS_FILE, RUN_LOCK_FILE, DataLayout
+from model.storage import atomic_write, remove_aside
 from worker.records import JobRecord
 
 log = logging.getLogger(__name__)
@@ -130,12 +129,5 @@ def parse_history(text: str) -> list[dict[str, Any]]:
 
 
 def remove_run(layout: DataLayout, job_id: str) -> None:
-    """Delete a job's run folder: renamed aside first, so a half-deleted folder is never read (and
-    a run still writing it finds it gone); what a crash leaves is removed at the next start."""
-    folder = layout.run_dir(job_id)
-    trash = layout.runs_dir / trash_name(job_id)
-    try:
-        os.rename(folder, trash)
-    except FileNotFoundError:
-        return
-    shutil.rmtree(trash, ignore_errors=True)
+    """Delete a job's run folder (``model.storage.remove_aside``: a run still writing it finds it gone)."""
+    remove_aside(layout.run_dir(job_id))

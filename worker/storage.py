@@ -10,8 +10,6 @@ one file system; with a bucket, each needs only the bucket and Redis.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
@@ -20,8 +18,8 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from model.layout import DATASET_FILE, JOB_FILE, DataLayout, trash_name
-from model.storage import RunFolder
+from model.layout import DATASET_FILE, JOB_FILE, DataLayout
+from model.storage import RunFolder, remove_aside
 from worker.lease import FencedRunFolder, Lease
 from worker.records import DatasetRecord, JobRecord
 from worker.run_files import keep_job_file, read_history, read_job_file, remove_run, save_job_file
@@ -87,13 +85,8 @@ class FolderStorage:
         return nullcontext(self.layout.dataset_dir(record.id) / record.root)
 
     def remove_dataset(self, dataset_id: str) -> None:
-        """Delete a dataset's files: renamed aside first, so a half-deleted folder is never read."""
-        folder = self.layout.dataset_dir(dataset_id)
-        if not folder.exists():
-            return
-        trash = self.layout.datasets_dir / trash_name(dataset_id)
-        os.rename(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
+        """Delete a dataset's files (``model.storage.remove_aside``: a half-deleted folder is never read)."""
+        remove_aside(self.layout.dataset_dir(dataset_id))
 
     def saved_datasets(self) -> Iterator[DatasetRecord]:
         """Every dataset's saved record (``worker.rebuild`` puts back those Redis lost)."""
