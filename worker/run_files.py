@@ -22,15 +22,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from model.layout import JOB_FILE, METRICS_FILE, RUN_LOCK_FILE, DataLayout
 from model.storage import atomic_write, remove_aside
 from worker.records import JobRecord
 
 log = logging.getLogger(__name__)
+
+R = TypeVar("R", bound=BaseModel)
 
 LOCK_TIMEOUT_SECONDS = 10.0  # a commit takes well under a second; longer means a frozen holder
 
@@ -65,9 +67,13 @@ def run_lock(run_dir: Path, timeout: float = LOCK_TIMEOUT_SECONDS) -> Iterator[N
 
 def read_job_file(run_dir: Path) -> JobRecord | None:
     """The record in ``run_dir/job.json``, or None if there is none or it cannot be read."""
-    path = Path(run_dir) / JOB_FILE
+    return read_record(JobRecord, Path(run_dir) / JOB_FILE)
+
+
+def read_record(model: type[R], path: Path) -> R | None:
+    """The JSON file ``path`` as a ``model``, or None if there is none or it cannot be read (logged)."""
     try:
-        return JobRecord.model_validate_json(path.read_bytes())
+        return model.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         return None
     except (OSError, ValidationError) as error:

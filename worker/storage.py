@@ -9,22 +9,17 @@ one file system; with a bucket, each needs only the bucket and Redis.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from pydantic import ValidationError
-
 from model.layout import DATASET_FILE, JOB_FILE, DataLayout
 from model.storage import RunFolder, remove_aside
 from worker.lease import FencedRunFolder, Lease
 from worker.records import DatasetRecord, JobRecord
-from worker.run_files import keep_job_file, read_history, read_job_file, remove_run, save_job_file
-
-log = logging.getLogger(__name__)
+from worker.run_files import keep_job_file, read_history, read_job_file, read_record, remove_run, save_job_file
 
 
 class StorageUnavailable(OSError):
@@ -91,7 +86,7 @@ class FolderStorage:
     def saved_datasets(self) -> Iterator[DatasetRecord]:
         """Every dataset's saved record (``worker.rebuild`` puts back those Redis lost)."""
         for dataset_id in _ids_with(self.layout.datasets_dir, DATASET_FILE):
-            record = _parse(DatasetRecord, self.layout.dataset_dir(dataset_id) / DATASET_FILE)
+            record = read_record(DatasetRecord, self.layout.dataset_dir(dataset_id) / DATASET_FILE)
             if record is not None and record.id == dataset_id:
                 yield record
 
@@ -156,14 +151,6 @@ def _ids_with(root: Path, name: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / name).is_file())
-
-
-def _parse(model, path: Path):
-    try:
-        return model.model_validate_json(path.read_bytes())
-    except (OSError, ValidationError) as error:
-        log.warning("cannot read %s: %s", path, error)
-        return None
 
 
 @lru_cache(maxsize=8)
