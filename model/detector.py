@@ -158,11 +158,20 @@ class Detector:
         return results
 
     def detect_encoded(
-        self, data: Sequence[bytes], score_threshold: float = 0.5, max_detections: int = 100
+        self,
+        data: Sequence[bytes],
+        score_threshold: float = 0.5,
+        max_detections: int = 100,
+        max_pixels: int | None = None,
     ) -> list[list[dict]]:
         """``detect`` on encoded images (JPEG, PNG, WebP... bytes), decoded on the detector's device:
-        JPEGs in one batch (nvJPEG on CUDA), with the project's decoding rule (``decode_images``)."""
-        return self.detect(decode_images(data, self.device), score_threshold, max_detections)
+        JPEGs in one batch (nvJPEG on CUDA), with the project's decoding rule (``decode_images``).
+
+        Raises:
+            ImageDecodeError (``ImageTooLarge`` over ``max_pixels``): naming the first image that
+                could not be decoded; no image of the batch is detected on.
+        """
+        return self.detect(decode_images(data, self.device, max_pixels), score_threshold, max_detections)
 
 
 def load_model(path: Path | str) -> tuple[SSD300, list[str]]:

@@ -13,7 +13,7 @@ from PIL import Image, ImageOps
 
 from model.config import ModelConfig
 from model.data.images import decode_rgb
-from model.data.tensor_decode import decode_images, orient
+from model.data.tensor_decode import ImageDecodeError, ImageTooLarge, decode_images, orient
 from model.detector import Detector
 from model.network import SSD300
 
@@ -73,11 +73,24 @@ def test_a_batch_of_every_format_decodes_as_the_one_rule_does(orientation):
         assert difference.float().mean() < 1.0 and difference.max() <= 16, Image.open(io.BytesIO(data)).format
 
 
-def test_a_corrupt_image_or_one_over_the_pixel_limit_is_an_error():
-    with pytest.raises(OSError):
-        decode_images([b"not an image"])
-    with pytest.raises(Image.DecompressionBombError):
-        decode_images([_encoded(_asymmetric(), "JPEG")], max_pixels=48 * 32 - 1)
+def test_a_corrupt_image_or_one_over_the_pixel_limit_is_an_error_naming_it():
+    good = _encoded(_asymmetric(), "JPEG")
+    with pytest.raises(ImageDecodeError, match="image 1: not a readable image") as raised:
+        decode_images([good, b"not an image"])
+    assert raised.value.index == 1
+    with pytest.raises(ImageTooLarge, match="image 0: 48x32 pixels is over the limit of 1535"):
+        decode_images([good], max_pixels=48 * 32 - 1)
+
+
+def test_a_jpeg_the_decoder_refuses_is_named_and_the_others_are_not_blamed():
+    good = _encoded(_asymmetric(), "JPEG")
+    start_of_scan = good.index(b"\xff\xda")
+    cut_in_its_pixels, cut_in_its_header = good[: start_of_scan + 20], good[: start_of_scan // 2]
+    with pytest.raises(ImageDecodeError, match="image 1: the JPEG decoder refused it") as raised:
+        decode_images([good, cut_in_its_pixels, good])  # Pillow reads its header: the batch decode refuses it
+    assert raised.value.index == 1
+    with pytest.raises(ImageDecodeError, match="image 2: not a readable image"):
+        decode_images([good, good, cut_in_its_header])
 
 
 def test_the_detector_gives_the_same_boxes_from_bytes_as_from_pillow_images():

@@ -47,6 +47,18 @@ def orient(image: torch.Tensor, orientation: int) -> torch.Tensor:
     return image
 
 
+class ImageDecodeError(ValueError):
+    """One image of a batch could not be decoded; ``index`` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"image {index}: {reason}")
+        self.index = index
+
+
+class ImageTooLarge(ImageDecodeError):
+    """One image of a batch has more pixels than allowed (checked on its header, before decoding)."""
+
+
 def decode_images(
     data: Sequence[bytes], device: torch.device | str = "cpu", max_pixels: int | None = None
 ) -> list[torch.Tensor]:
@@ -56,9 +68,9 @@ def decode_images(
     decoded (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
 
     Raises:
-        OSError: an image that is not one, or is truncated (``PIL.UnidentifiedImageError`` is one);
-        PIL.Image.DecompressionBombError: an image over ``max_pixels``;
-        RuntimeError: a JPEG the decoder refuses.
+        ImageTooLarge: naming the first image with more than ``max_pixels`` pixels;
+        ImageDecodeError: naming the first image that is not one, or is corrupt.
+        Either way nothing of the batch is returned.
     """
     device = torch.device(device)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
@@ -66,20 +78,44 @@ def decode_images(
     jpegs: list[int] = []
     orientations = []
     for i, encoded in enumerate(data):
-        with Image.open(io.BytesIO(encoded)) as image:  # the header only
-            if limit and image.width * image.height > limit:
-                raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels is over the limit of {limit}")
-            orientations.append(exif_orientation(image))
-            if image.format == "JPEG" and image.mode in _JPEG_MODES:
-                jpegs.append(i)
-            else:
-                decoded[i] = F.pil_to_tensor(decode_rgb(image, orientation=1)).to(device, non_blocking=True)
-    if jpegs:
-        raw = [torch.frombuffer(bytearray(data[i]), dtype=torch.uint8) for i in jpegs]
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's
-            warnings.simplefilter("ignore", UserWarning)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            pixels = decode_jpeg(raw, mode=ImageReadMode.RGB, device=device)
-        for i, tensor in zip(jpegs, pixels, strict=True):
-            decoded[i] = tensor
+        try:
+            with Image.open(io.BytesIO(encoded)) as image:  # the header only
+                if limit and image.width * image.height > limit:
+                    raise ImageTooLarge(i, f"{image.width}x{image.height} pixels is over the limit of {limit}")
+                orientations.append(exif_orientation(image))
+                if image.format == "JPEG" and image.mode in _JPEG_MODES:
+                    jpegs.append(i)
+                else:
+                    decoded[i] = F.pil_to_tensor(decode_rgb(image, orientation=1)).to(device, non_blocking=True)
+        except ImageDecodeError:
+            raise
+        except Image.DecompressionBombError as error:
+            raise ImageTooLarge(i, str(error)) from error
+        except (OSError, SyntaxError, ValueError) as error:
+            raise ImageDecodeError(i, f"not a readable image ({error})") from error
+    for i, tensor in zip(jpegs, _decode_jpegs([data[i] for i in jpegs], device), strict=True):
+        if isinstance(tensor, Exception):
+            raise ImageDecodeError(i, f"the JPEG decoder refused it ({tensor})") from tensor
+        decoded[i] = tensor
     return [orient(tensor, orientation) for tensor, orientation in zip(decoded, orientations, strict=True)]
+
+
+def _decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tensor | Exception]:
+    """``decode_jpeg`` on all of ``data`` as one batch; if the batch fails, image by image, so the
+    refused one is named and the others are not blamed for it."""
+    if not data:
+        return []
+    raw = [torch.frombuffer(bytearray(encoded), dtype=torch.uint8) for encoded in data]
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders for TorchCodec's
+        warnings.simplefilter("ignore", UserWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except RuntimeError:
+            results: list[torch.Tensor | Exception] = []
+            for one in raw:
+                try:
+                    results.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                except RuntimeError as error:
+                    results.append(error)
+            return results
