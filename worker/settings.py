@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_BATCH_MAX_SIZE unset)
+# Each pending /detect holds its decoded image: 64 phone photos of 12 MP are about 2.3 GB.
+MAX_DEFAULT_PENDING_DETECTIONS = 64
 
 
 class Settings(BaseSettings):
@@ -135,8 +137,9 @@ class Settings(BaseSettings):
         description=(
             "Most /detect requests admitted and not yet answered (decoding, waiting for the model or a batch, "
             "running); more answer 503 with Retry-After before their image is decoded. It bounds the memory their "
-            "images hold. Unset: four batches (SSD_BATCH_MAX_SIZE), which lets one batch run while the next ones "
-            "gather: a request past that would wait several forward passes anyway."
+            "images hold (each up to SSD_MAX_IMAGE_PIXELS x 3 bytes decoded). Unset: four batches "
+            "(SSD_BATCH_MAX_SIZE), which lets one batch run while the next ones gather (a request past that would "
+            "wait several forward passes anyway), and at most 64."
         ),
     )
     image_threads: int = Field(
@@ -232,8 +235,8 @@ class Settings(BaseSettings):
         return self.batch_max_size or (GPU_DETECT_BATCH if on_gpu else CPU_DETECT_BATCH)
 
     def pending_detections(self, on_gpu: bool) -> int:
-        """SSD_MAX_PENDING_DETECTIONS, or four batches."""
-        return self.max_pending_detections or 4 * self.detect_batch_size(on_gpu)
+        """SSD_MAX_PENDING_DETECTIONS, or four batches, at most ``MAX_DEFAULT_PENDING_DETECTIONS``."""
+        return self.max_pending_detections or min(4 * self.detect_batch_size(on_gpu), MAX_DEFAULT_PENDING_DETECTIONS)
 
     @property
     def api_keys(self) -> tuple[bytes, ...]:
