@@ -47,8 +47,10 @@ class DetectionDataset(Dataset):
     def __getitem__(self, index: int | SeededIndex) -> Sample:
         if isinstance(index, tuple):
             index, seed = index
-            with torch.random.fork_rng(devices=[]):  # the caller's random state is left as it was
-                torch.manual_seed(seed)
+            # The transforms draw from torch's CPU generator only: that one is seeded (not the CUDA
+            # ones, which torch.manual_seed would reseed too) and given back as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(seed)
                 return self._sample(index)
         return self._sample(index)
 
