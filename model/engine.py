@@ -446,6 +446,16 @@ def fit(
     if not data.images:
         raise ValueError("the dataset has no images")
     run = _build_training(config, data)
+    try:
+        return _train(run, config, data, folder, callbacks)
+    finally:
+        _stop_loader_workers(run)
+
+
+def _train(
+    run: TrainingRun, config: TrainConfig, data: DetectionData, folder: RunFolder, callbacks: Callbacks
+) -> FitResult:
+    """``fit``'s body, once the run is built: resume, then the epochs."""
     history: list[dict] = []
     best: float | None = None  # the lowest selection score so far (see _selection_score)
     partial: EpochState | None = None
@@ -479,6 +489,16 @@ def fit(
         if epoch < config.epochs and (interruption := callbacks.interruption()) is not None:
             return _result(interruption, folder, history, best)
     return _result("completed", folder, history, best)
+
+
+def _stop_loader_workers(run: TrainingRun) -> None:
+    """Stop the loaders' persistent worker processes now, not when the loaders are collected: an
+    exception's traceback keeps them (and every worker process) alive for as long as it is held."""
+    for loader in (run.train_loader, run.val_loader):
+        iterator = getattr(loader, "_iterator", None)
+        if iterator is not None and hasattr(iterator, "_shutdown_workers"):
+            iterator._shutdown_workers()
+            loader._iterator = None
 
 
 class _Interruption:

@@ -276,3 +276,17 @@ def test_a_paused_run_carries_on_to_the_same_result_as_an_uninterrupted_one(
     a, b = load_checkpoint(straight.last_checkpoint)["model"], load_checkpoint(resumed.last_checkpoint)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_failed_run_stops_its_loader_workers_while_the_error_is_still_held(shapes, tmp_path):
+    import multiprocessing
+
+    def fail(record):
+        raise RuntimeError("the caller gave up")
+
+    config = TrainConfig(epochs=2, val_fraction=0.25, **{**TINY, "num_workers": 2})
+    with pytest.raises(RuntimeError, match="the caller gave up") as raised:
+        fit(config, shapes, tmp_path, Callbacks(on_epoch=fail))
+    # The traceback (held by `raised`) references fit's frames and so its loaders: their persistent
+    # workers (two per loader) must be gone all the same.
+    assert raised.traceback and multiprocessing.active_children() == []
