@@ -68,10 +68,9 @@ def test_horizontal_flip_mirrors_the_box(tmp_path):
 
 def test_geometric_train_transforms_keep_each_box_on_its_object(tmp_path):
     record = _record(tmp_path, [[12, 8, 40, 30]], size=(60, 40))
-    pipeline = train_transforms(S, fill=(0, 0, 0))
-    # Photometric distortion is left out so that the object stays the only bright thing.
-    geometric = v2.Compose(pipeline.transforms[1:])
-    dataset = DetectionDataset([record], geometric)
+    # The loader's steps are all geometric (colours are distorted later, on the batch): the object
+    # stays the only bright thing.
+    dataset = DetectionDataset([record], train_transforms(S, fill=(0, 0, 0)))
     kept = 0
     for seed in range(40):
         torch.manual_seed(seed)
@@ -116,6 +115,39 @@ def test_iou_crop_leaves_images_without_boxes_unchanged_at_once():
     torch.testing.assert_close(torch.get_rng_state(), rng_state)
     torch.testing.assert_close(out_image, image)
     assert out_target["boxes"].shape == (0, 4)
+
+
+def _crop_draws(transform: v2.RandomIoUCrop, count: int, seed: int) -> torch.Tensor:
+    """Float64 Tensor[count, 6] of (left, top, width, height, area, kept whole) drawn on a 160x120 image
+    with two boxes; the whole image for the "keep it" option."""
+    image = tv_tensors.Image(torch.zeros(3, 120, 160, dtype=torch.uint8))
+    boxes = tv_tensors.BoundingBoxes([[10, 10, 50, 40], [90, 60, 150, 115]], format="XYXY", canvas_size=(120, 160))
+    torch.manual_seed(seed)
+    rows = []
+    for _ in range(count):
+        params = transform.make_params([image, boxes])
+        left, top, width, height = (
+            params.get(k, d) for k, d in (("left", 0), ("top", 0), ("width", 160), ("height", 120))
+        )
+        rows.append((left, top, width, height, width * height, float(not params)))
+        if params:  # the boxes kept are exactly those whose centre is strictly inside the crop
+            centres = (boxes[:, :2] + boxes[:, 2:]) / 2
+            inside = (centres[:, 0] > left) & (centres[:, 0] < left + width)
+            inside &= (centres[:, 1] > top) & (centres[:, 1] < top + height)
+            assert torch.equal(params["is_within_crop_area"], inside)
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def test_iou_crop_draws_crops_as_torchvisions_does():
+    count = 1500
+    ours, theirs = _crop_draws(IoUCropWithBoxes(), count, seed=0), _crop_draws(v2.RandomIoUCrop(), count, seed=1)
+    # Each statistic's means agree within 4.5 standard errors of their difference.
+    spread = ((ours.var(dim=0) + theirs.var(dim=0)) / count).sqrt()
+    assert ((ours.mean(dim=0) - theirs.mean(dim=0)).abs() <= 4.5 * spread).all(), (ours.mean(0), theirs.mean(0))
+    for column in range(4):  # and so do their quartiles, within a tenth of the range
+        quartiles = torch.tensor([0.25, 0.5, 0.75], dtype=torch.float64)
+        a, b = ours[:, column].quantile(quartiles), theirs[:, column].quantile(quartiles)
+        assert ((a - b).abs() <= 0.1 * theirs[:, column].max()).all(), (column, a, b)
 
 
 def test_dataset_with_train_transforms_survives_pickling(tmp_path):
