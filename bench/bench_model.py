@@ -136,6 +136,19 @@ def bench_training(rows: list, device: torch.device, quick: bool) -> None:
                 del ours
 
 
+def bench_photometric(rows: list, device: torch.device, quick: bool) -> None:
+    """The batch photometric distortion ``fit`` adds to each training step, alone."""
+    from model.data import photometric
+
+    for batch in [2] if quick else [32, 64]:
+        images = torch.randint(0, 256, (batch, 3, 300, 300), dtype=torch.uint8, device=device)
+        params = photometric.draw_params(batch, torch.Generator().manual_seed(0)).to(device)
+        iters, warm = (2, 1) if quick else (20, 3)
+        seconds = median_seconds(partial(photometric.distort, images, params), device, iters, warm)
+        rows.append({"row": f"photometric distortion bs{batch}", "ms": seconds * 1000, "img_s": batch / seconds})
+        print(rows[-1], flush=True)
+
+
 def bench_match_and_loss(rows: list, device: torch.device, quick: bool) -> None:
     batch = 4 if quick else 64
     tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=NUM_CLASSES).to(device)
@@ -312,6 +325,7 @@ def main() -> None:
     if args.only in (None, "loss"):
         bench_match_and_loss(rows, device, args.quick)
     if args.only in (None, "train"):
+        bench_photometric(rows, device, args.quick)
         bench_training(rows, device, args.quick)
     if args.only in (None, "infer"):
         bench_inference(rows, device, args.quick, args.checkpoint)

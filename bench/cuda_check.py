@@ -3,7 +3,8 @@
 Checks: matching + loss on CUDA equal the CPU's; decoding + NMS on CUDA equal the CPU's;
 the network under bf16/fp16 autocast stays close to fp32; a few AMP training steps stay
 finite and lower the loss; the Detector on CUDA finds what it finds on the CPU; nvJPEG decoding
-with the EXIF orientation applied on the GPU gives the CPU path's pixels.
+with the EXIF orientation applied on the GPU gives the CPU path's pixels; the batched
+photometric distortion on CUDA gives the CPU's colours.
 Exits non-zero on the first failure. Usage: python bench/cuda_check.py
 """
 
@@ -148,6 +149,18 @@ def check_jpeg_decoding() -> None:
         check(f"nvJPEG orientation {orientation} ~ cpu", ok, f"mean |diff| {difference:.2f}")
 
 
+def check_photometric() -> None:
+    from model.data import photometric
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (64, 3, 300, 300), dtype=torch.uint8, generator=generator)
+    params = photometric.draw_params(64, generator)
+    on_cpu = photometric.distort(images, params)
+    on_gpu = photometric.distort(images.cuda(), params.to("cuda")).cpu()
+    difference = float((on_gpu - on_cpu).abs().max())
+    check("photometric distortion cuda == cpu (64 images)", difference < 1e-5, f"max |diff| {difference:.1e}")
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("no CUDA device")
@@ -160,6 +173,7 @@ def main() -> None:
     check_amp_training()
     check_detector()
     check_jpeg_decoding()
+    check_photometric()
     print("all CUDA checks passed", flush=True)
 
 

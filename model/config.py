@@ -122,7 +122,8 @@ class TrainConfig:
         frozen_layers: leading VGG layers (torchvision's ``vgg16().features`` numbering, where
             conv, ReLU and pool each count one; 10 = conv blocks 1 and 2) kept frozen. ``None``
             means 10 with a pretrained backbone and 0 from scratch.
-        augment: SSD's photometric distortion, zoom out, IoU crop and flip on training images.
+        augment: SSD's zoom out, IoU crop and flip on training images (in the loader), and its
+            photometric distortion on each training batch (on the training device).
         num_workers: data-loading worker processes (0 loads in the training process).
         max_train_images: use at most this many training images (quick experiments).
     """

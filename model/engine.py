@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader
 
 from .checkpoint import checkpoint_writer, load_checkpoint
 from .config import ModelConfig, TrainConfig
+from .data import photometric
 from .data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
@@ -205,6 +206,7 @@ class TrainingRun:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     autocast_dtype: torch.dtype | None
+    distort_colours: bool = False  # SSD's photometric distortion on each training batch (config.augment)
 
 
 class _Reporter:
@@ -251,8 +253,12 @@ def train_one_epoch(
     callbacks: Callbacks,
     validation_seconds: float = 0.0,
     start: EpochState | None = None,
+    augment_seed: int = 0,
 ) -> tuple[Literal["done", "cancelled", "paused"], EpochState]:
     """One pass over the training loader, or the rest of one from ``start``.
+
+    Each step's batch augmentation is drawn from ``augment_seed`` and the step's number, so a
+    resumed epoch draws what the interrupted one would have.
 
     Returns the outcome and the epoch's totals so far (all of its steps when "done").
     """
@@ -270,7 +276,7 @@ def train_one_epoch(
         if interruption is not None:
             _raise_if_diverged(first_bad_step, epoch)
             return interruption, EpochState(step - 1, tuple(sums.tolist()))
-        losses = train_step(run, batch)
+        losses = train_step(run, batch, _step_seed(augment_seed, step))
         # Accumulated on the device: reading a loss each step would stall the GPU queue.
         sums += torch.stack([losses.total.detach(), losses.loc.detach(), losses.conf.detach()]).double()
         bad = ~torch.isfinite(losses.total.detach())
@@ -288,15 +294,23 @@ def steps_per_epoch(loader: DataLoader) -> int:
     return math.ceil(len(loader.dataset) / loader.batch_size)
 
 
-def train_step(run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> SSDLossOutput:
+def train_step(
+    run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], augment_seed: int | None = None
+) -> SSDLossOutput:
     """Forward, loss, backward and optimiser step on one batch.
 
     Args:
         batch: images uint8/float Tensor[B, 3, S, S], boxes Tensor[B, M, 4] relative
             ``(x1, y1, x2, y2)``, labels int64 Tensor[B, M] (0 = padding), on any device.
+        augment_seed: where ``run.distort_colours``, the seed of this batch's photometric
+            distortion, applied on ``run.device``; None leaves the images as they come.
     """
     images, gt_boxes, gt_labels = batch
-    images = images.to(run.device, non_blocking=True).contiguous(memory_format=memory_format(run.device))
+    images = images.to(run.device, non_blocking=True)
+    if run.distort_colours and augment_seed is not None:
+        draws = photometric.draw_params(images.shape[0], torch.Generator().manual_seed(augment_seed))
+        images = photometric.distort(images, draws.to(run.device))
+    images = images.contiguous(memory_format=memory_format(run.device))
     gt_boxes, gt_labels = gt_boxes.to(run.device, non_blocking=True), gt_labels.to(run.device, non_blocking=True)
     with autocast(run.device, run.autocast_dtype):
         loc, logits = run.model(images)
@@ -307,6 +321,11 @@ def train_step(run: TrainingRun, batch: tuple[torch.Tensor, torch.Tensor, torch.
     run.scaler.update()
     run.scheduler.step()
     return losses
+
+
+def _step_seed(epoch_seed: int, step: int) -> int:
+    """The seed of one training step's batch augmentation (steps count from 1 in each epoch)."""
+    return (epoch_seed * 1_000_003 + step) % 2**63
 
 
 def _raise_if_diverged(first_bad_step: torch.Tensor, epoch: int) -> None:
@@ -406,6 +425,7 @@ def build_training_run(
         scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
         scaler=torch.amp.GradScaler(device.type, enabled=dtype == torch.float16),
         autocast_dtype=dtype,
+        distort_colours=config.augment,
     )
 
 
@@ -531,7 +551,9 @@ def _run_epoch(
     run.train_loader.sampler.set_epoch(_epoch_seed(config.seed, epoch), skip=done * run.train_loader.batch_size)
     torch.manual_seed(_epoch_seed(config.seed, epoch))  # anything else random draws the same on resume
     started = time.perf_counter()
-    outcome, state = train_one_epoch(run, epoch, config.epochs, callbacks, validation_seconds, start)
+    outcome, state = train_one_epoch(
+        run, epoch, config.epochs, callbacks, validation_seconds, start, augment_seed=_epoch_seed(config.seed, epoch)
+    )
     if outcome != "done":
         return outcome, state if outcome == "paused" else None
     validation_started = time.perf_counter()

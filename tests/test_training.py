@@ -290,3 +290,23 @@ def test_a_failed_run_stops_its_loader_workers_while_the_error_is_still_held(sha
     # The traceback (held by `raised`) references fit's frames and so its loaders: their persistent
     # workers (two per loader) must be gone all the same.
     assert raised.traceback and multiprocessing.active_children() == []
+
+
+def test_the_training_step_distorts_colours_by_its_seed_only_when_augmenting():
+    from model.engine import build_training_run, train_step
+
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 300, 300), dtype=torch.uint8, generator=generator)
+    batch = (images, torch.tensor([[[0.1, 0.1, 0.6, 0.7]]] * 2), torch.ones(2, 1, dtype=torch.int64))
+
+    def first_loss(augment: bool, seed: int | None) -> float:
+        torch.manual_seed(0)
+        config = TrainConfig(augment=augment, warmup_steps=0, **TINY)
+        model = build_model(config.model_config(num_classes=2), config)
+        run = build_training_run(model, config, torch.device("cpu"), total_steps=10)
+        return float(train_step(run, batch, seed).total.detach())
+
+    plain = first_loss(True, None)
+    assert first_loss(True, 5) == first_loss(True, 5) != plain
+    assert first_loss(True, 5) != first_loss(True, 6)
+    assert first_loss(False, 5) == plain
