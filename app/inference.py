@@ -307,25 +307,31 @@ class DetectionService:
         self.pending = 0
         self.on_pending = on_pending
 
-    def admit(self) -> AbstractContextManager[None]:
-        """Takes one of the ``max_pending`` places; leaving the returned context gives it back.
+    def admit(self, images: int = 1) -> AbstractContextManager[None]:
+        """Takes ``images`` of the ``max_pending`` places, all or none; leaving the returned context gives
+        them back.
 
         Raises:
-            DetectionsBusy: every place is taken.
+            DetectionsBusy: not that many places are free.
         """
-        if self.pending >= self.max_pending:
-            raise DetectionsBusy(
-                f"{self.max_pending} detections are already waiting or running (the limit): try again shortly"
-            )
-        self._count(1)
-        return self._admitted()
+        if self.pending + images > self.max_pending:
+            if images == 1:
+                detail = f"{self.max_pending} detections are already waiting or running (the limit)"
+            else:
+                detail = (
+                    f"this request's {images} images do not fit: {self.pending} of the {self.max_pending} "
+                    "detections allowed at once are already waiting or running"
+                )
+            raise DetectionsBusy(f"{detail}: try again shortly")
+        self._count(images)
+        return self._admitted(images)
 
     @contextmanager
-    def _admitted(self) -> Iterator[None]:
+    def _admitted(self, images: int) -> Iterator[None]:
         try:
             yield
         finally:
-            self._count(-1)
+            self._count(-images)
 
     def _count(self, change: int) -> None:
         self.pending += change

@@ -48,7 +48,8 @@ Train SSD300 object detectors on your own labelled images and serve them.
 
 1. `POST /datasets` (a COCO, VOC or YOLO zip) or `POST /datasets/synthetic`
 2. `POST /train` with the dataset id -> a job; watch `GET /jobs/{id}` and `GET /jobs/{id}/losses/stream`
-3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn)
+3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn); `POST /detect/batch`
+   with several
 
 Errors are `{"detail": "..."}`. Boxes are `[x1, y1, x2, y2]` in the image's pixels.
 When the server has API keys (`SSD_API_KEY`), send one in the `X-API-Key` header
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_batch=settings.detect_batch_size(on_gpu),
         max_wait_ms=settings.batch_max_wait_ms,
         max_pending=settings.pending_detections(on_gpu),
-        image_threads=settings.image_threads,
+        image_threads=settings.detect_image_threads(on_gpu),
         on_batch=metrics.detect_batch_size.observe,
         on_pending=metrics.detect_pending.set,
     )
@@ -119,7 +120,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     web.mount_static(app)
     app.add_middleware(
         BodyLimitMiddleware,
-        limits={("POST", "/datasets"): settings.max_upload_bytes, ("POST", "/detect"): settings.max_image_bytes},
+        limits={
+            ("POST", "/datasets"): settings.max_upload_bytes,
+            ("POST", "/detect"): settings.max_image_bytes,
+            ("POST", "/detect/batch"): settings.max_batch_bytes,
+        },
         default=settings.max_body_bytes,
     )
     app.add_middleware(ImportAdmission, slots=imports)
@@ -136,7 +141,24 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_unavailable(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"the job store (Redis) is unreachable: {error}"}, status_code=503)
 
+    document_batch_limit(app, min(settings.max_batch_images, detection.max_pending))
     return app
+
+
+def document_batch_limit(app: FastAPI, most: int) -> None:
+    """Give POST /detect/batch's ``files`` this server's image limit (``maxItems``) in the OpenAPI
+    document: it is a setting, which the route's static declaration cannot know."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            body = schema["paths"]["/detect/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
+            name = body["schema"]["$ref"].rsplit("/", 1)[-1]
+            schema["components"]["schemas"][name]["properties"]["files"]["maxItems"] = most
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def _check_storage(settings: Settings) -> None:

@@ -174,6 +174,37 @@ class DetectResponse(BaseModel):
     detections: list[Detection]
 
 
+class ImageDetections(BaseModel):
+    file: str = Field(description="The upload's file name, as sent.")
+    image: ImageSize
+    detections: list[Detection]
+
+
+class DetectBatchResponse(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "job_id": "9b1f0c3a5e7d",
+                    "results": [
+                        {
+                            "file": "a.jpg",
+                            "image": {"width": 640, "height": 480},
+                            "detections": [
+                                {"box": [12.0, 40.5, 200.0, 310.0], "label": "circle", "class_id": 1, "score": 0.97}
+                            ],
+                        },
+                        {"file": "b.jpg", "image": {"width": 640, "height": 480}, "detections": []},
+                    ],
+                }
+            ]
+        }
+    )
+
+    job_id: str
+    results: list[ImageDetections] = Field(description="One per uploaded image, in the order they were sent.")
+
+
 class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dataset_id": "3f9c1a2b7d4e"}]})
 

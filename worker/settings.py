@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_BATCH_MAX_SIZE unset)
+CPU_IMAGE_THREADS, GPU_IMAGE_THREADS = 2, 8  # /detect's default decoding threads (SSD_IMAGE_THREADS unset)
 # Each pending /detect holds its decoded image: 64 phone photos of 12 MP are about 2.3 GB.
 MAX_DEFAULT_PENDING_DETECTIONS = 64
 
@@ -142,14 +143,27 @@ class Settings(BaseSettings):
             "wait several forward passes anyway), and at most 64."
         ),
     )
-    image_threads: int = Field(
-        2,
+    image_threads: int | None = Field(
+        None,
         ge=1,
         le=64,
         description=(
             "Threads that decode /detect images and draw ?format=png answers: a pool apart from the one every "
-            "other route uses. Two keep decoding ahead of the forward passes without taking their cores."
+            "other route uses. Unset: 2 where detection runs on the CPU (they keep decoding ahead of the forward "
+            "passes without taking their cores), 8 on a GPU (where decoding on the CPU is the longer part)."
         ),
+    )
+    max_batch_images: int = Field(
+        64,
+        ge=1,
+        le=1024,
+        description=(
+            "Most images in one POST /detect/batch request (413 above); each takes one of the "
+            "SSD_MAX_PENDING_DETECTIONS places while it is served."
+        ),
+    )
+    max_batch_bytes: int = Field(
+        256 * MiB, ge=1024, description="Largest POST /detect/batch body, all its images together (413 above)."
     )
 
     # Inference: the micro-batcher and the detector cache.
@@ -233,6 +247,10 @@ class Settings(BaseSettings):
     def detect_batch_size(self, on_gpu: bool) -> int:
         """SSD_BATCH_MAX_SIZE, or its default for where detection runs."""
         return self.batch_max_size or (GPU_DETECT_BATCH if on_gpu else CPU_DETECT_BATCH)
+
+    def detect_image_threads(self, on_gpu: bool) -> int:
+        """SSD_IMAGE_THREADS, or its default for where detection runs."""
+        return self.image_threads or (GPU_IMAGE_THREADS if on_gpu else CPU_IMAGE_THREADS)
 
     def pending_detections(self, on_gpu: bool) -> int:
         """SSD_MAX_PENDING_DETECTIONS, or four batches, at most ``MAX_DEFAULT_PENDING_DETECTIONS``."""

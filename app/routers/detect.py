@@ -1,4 +1,5 @@
-"""POST /detect: boxes for an uploaded image from a trained job's model, as JSON or drawn on a PNG."""
+"""POST /detect: boxes for an uploaded image from a trained job's model, as JSON or drawn on a PNG;
+POST /detect/batch: for several images in one request."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Header, HTTPException, Query, Response, UploadFile
+from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
@@ -17,11 +19,13 @@ from app.inference import (
     ACCEPTED_FORMATS,
     CheckpointMissing,
     CheckpointSource,
+    Detections,
     DetectionsBusy,
+    DetectionService,
     DeviceUnavailable,
     ImageRejected,
 )
-from app.schemas import DetectResponse
+from app.schemas import DetectBatchResponse, DetectResponse
 from app.timing import ServerTiming
 from worker.settings import Settings
 from worker.storage import Storage
@@ -89,23 +93,28 @@ def open_checkpoint(storage: Storage, job_id: str, name: str) -> Iterator[Path]:
         yield path
 
 
+_ERRORS = {
+    400: {"description": "A truncated or corrupt image."},
+    404: {"description": "No such job."},
+    409: {"description": "No trained model yet (or the job has none)."},
+    413: {"description": "The upload or its pixel count is over the limit."},
+    415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
+    503: {
+        "description": (
+            "Too many detections already waiting (with Retry-After), detection took too long (server busy), "
+            "or the model's device is missing."
+        )
+    },
+}
+JobQuery = Annotated[str | None, Query(description="Default: the newest succeeded job.")]
+ScoreQuery = Annotated[float, Query(ge=0, le=1)]
+MostQuery = Annotated[int, Query(ge=1, le=1000)]
+
+
 @router.post(
     "/detect",
     response_model=DetectResponse,
-    responses={
-        200: {"content": {"image/png": {}}, "description": "JSON detections, or the annotated PNG."},
-        400: {"description": "A truncated or corrupt image."},
-        404: {"description": "No such job."},
-        409: {"description": "No trained model yet (or the job has none)."},
-        413: {"description": "The upload or its pixel count is over the limit."},
-        415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
-        503: {
-            "description": (
-                "Too many detections already waiting (with Retry-After), detection took too long (server busy), "
-                "or the model's device is missing."
-            )
-        },
-    },
+    responses={200: {"content": {"image/png": {}}, "description": "JSON detections, or the annotated PNG."}, **_ERRORS},
 )
 async def detect(
     file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP or BMP image.")],
@@ -113,9 +122,9 @@ async def detect(
     store: StoreDep,
     settings: SettingsDep,
     detection: DetectorDep,
-    job_id: Annotated[str | None, Query(description="Default: the newest succeeded job.")] = None,
-    score_threshold: Annotated[float, Query(ge=0, le=1)] = 0.5,
-    max_detections: Annotated[int, Query(ge=1, le=1000)] = 100,
+    job_id: JobQuery = None,
+    score_threshold: ScoreQuery = 0.5,
+    max_detections: MostQuery = 100,
     format: Annotated[Literal["json", "png"] | None, Query(description="png: the image with boxes drawn.")] = None,
     accept: Annotated[str | None, Header(include_in_schema=False)] = None,
 ):
@@ -123,45 +132,120 @@ async def detect(
     (after its EXIF orientation), sorted by score. The ``Server-Timing`` header says how long
     decoding, detection (waiting for a batch included) and the whole handler took, in ms."""
     timing = ServerTiming()
-    try:
-        admission = detection.admit()  # before the image is decoded: a refusal costs next to nothing
-    except DetectionsBusy as error:
-        raise HTTPException(503, str(error), {"Retry-After": "2"}) from error
-    with admission:
+    with _admitted(detection, 1):
         job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
-        if file.size is not None and file.size > settings.max_image_bytes:
-            detail = f"the image is {file.size} bytes; the limit is {settings.max_image_bytes} bytes"
-            raise HTTPException(413, detail)
-        data = await file.read()
-        try:
-            with timing.phase("decode"):
-                image = await detection.decode(data, settings.max_image_pixels)
-        except ImageRejected as error:
-            raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
-        try:
-            with timing.phase("detect"):
-                detections = await asyncio.wait_for(
-                    detection.detect(job_id, checkpoint, image, score_threshold, max_detections),
-                    settings.detect_timeout_seconds,
-                )
-        except asyncio.TimeoutError as error:
-            raise HTTPException(
-                503,
-                f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
-                {"Retry-After": "5"},
-            ) from error
-        except DeviceUnavailable as error:
-            raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
-        except CheckpointMissing as error:
-            raise HTTPException(409, str(error)) from error
-        except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
-            raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
+        data = await _read(file, settings)
+        with timing.phase("decode"):
+            image = await _decode(detection, data, file, settings)
+        with timing.phase("detect"):
+            [detections] = await _detect(
+                detection, settings, job_id, checkpoint, [image], score_threshold, max_detections
+            )
         if format == "png" or (format is None and wants_png(accept)):
             with timing.phase("draw"):
                 png = await detection.draw(image, detections)
             return Response(png, media_type="image/png", headers={"X-Job-Id": job_id, **_timed(timing)})
         response.headers.update(_timed(timing))
         return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}
+
+
+@router.post("/detect/batch", response_model=DetectBatchResponse, responses=_ERRORS)
+async def detect_batch(
+    files: Annotated[
+        list[UploadFile],
+        File(min_length=1, description="JPEG, PNG, WebP or BMP images (SSD_MAX_BATCH_IMAGES at most)."),
+    ],
+    response: Response,
+    store: StoreDep,
+    settings: SettingsDep,
+    detection: DetectorDep,
+    job_id: JobQuery = None,
+    score_threshold: ScoreQuery = 0.5,
+    max_detections: MostQuery = 100,
+):
+    """Detect objects in several images at once: one answer per image, in the order sent, each as
+    ``/detect`` gives it. The images share batched forward passes; if any image is refused (not an
+    image, corrupt, too large), the request fails naming it and nothing is detected. Each image
+    takes one of the detections allowed at once while the request is served."""
+    timing = ServerTiming()
+    most = min(settings.max_batch_images, detection.max_pending)
+    if len(files) > most:
+        raise HTTPException(413, f"{len(files)} images in one request; the limit is {most}")
+    with _admitted(detection, len(files)):
+        job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
+        uploads = [await _read(file, settings) for file in files]
+        with timing.phase("decode"):
+            decoded = await asyncio.gather(
+                *(_decode(detection, data, file, settings) for data, file in zip(uploads, files, strict=True)),
+                return_exceptions=True,
+            )
+        # The first refused image in the order sent is the one named, however the decodes interleaved.
+        for outcome in decoded:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        images = list(decoded)
+        with timing.phase("detect"):
+            found = await _detect(detection, settings, job_id, checkpoint, images, score_threshold, max_detections)
+        response.headers.update(_timed(timing))
+        results = [
+            {"file": file.filename or "", "image": {"width": image.width, "height": image.height}, "detections": d}
+            for file, image, d in zip(files, images, found, strict=True)
+        ]
+        return {"job_id": job_id, "results": results}
+
+
+@contextmanager
+def _admitted(detection: DetectionService, images: int) -> Iterator[None]:
+    """Admission for ``images`` detections, before any image is decoded: a refusal costs next to nothing."""
+    try:
+        admission = detection.admit(images)
+    except DetectionsBusy as error:
+        raise HTTPException(503, str(error), {"Retry-After": "2"}) from error
+    with admission:
+        yield
+
+
+async def _read(file: UploadFile, settings: Settings) -> bytes:
+    if file.size is not None and file.size > settings.max_image_bytes:
+        limit = settings.max_image_bytes
+        raise HTTPException(
+            413, f"{file.filename or 'upload'}: the image is {file.size} bytes; the limit is {limit} bytes"
+        )
+    return await file.read()
+
+
+async def _decode(detection: DetectionService, data: bytes, file: UploadFile, settings: Settings) -> Image.Image:
+    try:
+        return await detection.decode(data, settings.max_image_pixels)
+    except ImageRejected as error:
+        raise HTTPException(error.status_code, f"{file.filename or 'upload'}: {error}") from error
+
+
+async def _detect(
+    detection: DetectionService,
+    settings: Settings,
+    job_id: str,
+    checkpoint: CheckpointSource,
+    images: list[Image.Image],
+    score_threshold: float,
+    max_detections: int,
+) -> list[Detections]:
+    """Each image's detections from the micro-batcher, within SSD_DETECT_TIMEOUT_SECONDS; errors as HTTP answers."""
+    pending = [detection.detect(job_id, checkpoint, image, score_threshold, max_detections) for image in images]
+    try:
+        return await asyncio.wait_for(asyncio.gather(*pending), settings.detect_timeout_seconds)
+    except asyncio.TimeoutError as error:
+        raise HTTPException(
+            503,
+            f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
+            {"Retry-After": "5"},
+        ) from error
+    except DeviceUnavailable as error:
+        raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
+    except CheckpointMissing as error:
+        raise HTTPException(409, str(error)) from error
+    except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
+        raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 
 
 def _timed(timing: ServerTiming) -> dict[str, str]:

@@ -203,6 +203,59 @@ def test_exif_orientation_is_applied_as_ssd_detect_applies_it(trained, client, s
     assert _same_detections(cli["detections"], served["detections"])
 
 
+def post_batch(client, uploads: list[tuple[str, bytes]], **params) -> httpx.Response:
+    files = [("files", (name, content, "application/octet-stream")) for name, content in uploads]
+    return client.post("/detect/batch", params=params, files=files)
+
+
+def test_a_batch_answers_each_image_as_detect_does_in_the_order_sent(trained, client):
+    query = {"job_id": trained["job"]["id"], "score_threshold": 0.01, "max_detections": 10}
+    uploads = [
+        ("wide.jpg", image_bytes(160, 120)),
+        ("small.png", image_bytes(120, 90, "PNG")),
+        ("phone.jpg", _exif_rotated_jpeg()),
+        ("wide-again.jpg", image_bytes(160, 120)),
+    ]
+    response = post_batch(client, uploads, **query)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["job_id"] == trained["job"]["id"]
+    assert [r["file"] for r in body["results"]] == [name for name, _ in uploads]
+    assert [r["image"] for r in body["results"]] == [
+        {"width": 160, "height": 120},
+        {"width": 120, "height": 90},
+        {"width": 100, "height": 200},
+        {"width": 160, "height": 120},
+    ]
+    for (name, content), result in zip(uploads, body["results"], strict=True):
+        alone = post_image(client, content, name, **query).json()
+        assert result["detections"], "the comparison needs detections"
+        assert _same_detections(result["detections"], alone["detections"]), name
+    phases = [part.split(";dur=")[0] for part in response.headers["Server-Timing"].split(", ")]
+    assert phases == ["decode", "detect", "total"]
+
+
+def test_a_refused_image_fails_its_batch_naming_the_first_one(trained, client, settings):
+    job_id, good = trained["job"]["id"], ("good.jpg", image_bytes(64, 64))
+    before = sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*"))
+    cases = [
+        ([good, ("notes.txt", b"not an image"), ("anim.gif", image_bytes(64, 64, "GIF"))], 415, "notes.txt"),
+        ([good, ("cut.jpg", _truncated_jpeg())], 400, "cut.jpg: "),
+        ([("huge.png", _huge_png_header()), good], 413, "huge.png: "),
+        ([good] * 7, 413, "7 images in one request; the limit is 6"),
+        ([good, ("big.bin", bytes(2_200_000)), ("big2.bin", bytes(900_000))], 413, "limit"),
+    ]
+    for uploads, status, words in cases:
+        response = post_batch(client, uploads, job_id=job_id)
+        assert response.status_code == status, (words, response.text)
+        assert words in response.json()["detail"], response.text
+    assert client.post("/detect/batch", params={"job_id": job_id}).status_code == 422
+    document = client.get("/openapi.json").json()["components"]["schemas"]
+    assert document["Body_detect_batch_detect_batch_post"]["properties"]["files"]["maxItems"] == 6
+    assert post_batch(client, [good], job_id="no-such-job").status_code == 404
+    assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*")) == before
+
+
 def test_bad_detect_parameters(trained, client):
     job_id = trained["job"]["id"]
     assert post_image(client, image_bytes(64, 64), job_id="no-such-job").status_code == 404
@@ -345,6 +398,24 @@ def test_detections_past_the_cap_answer_503_with_retry_after(trained, capped_api
             assert "2 detections are already waiting or running" in refused.json()["detail"]
         wait_until(lambda: _pending(client) == 0, 30, "every admission to be given back")
         assert post_image(client, content, job_id=job_id).status_code == 200
+
+
+def test_a_batch_takes_a_place_per_image_all_or_none(trained, capped_api):
+    job_id, content = trained["job"]["id"], image_bytes(160, 120)
+    with httpx.Client(base_url=capped_api, timeout=60) as client:
+        too_many = post_batch(client, [("a.jpg", content)] * 3, job_id=job_id)
+        assert too_many.status_code == 413 and "the limit is 2" in too_many.json()["detail"]
+        held_threads, held = _in_threads(1, lambda: post_image(client, content, job_id=job_id))
+        wait_until(lambda: _pending(client) == 1, 30, "one admitted detection")
+        refused = post_batch(client, [("a.jpg", content), ("b.jpg", content)], job_id=job_id)
+        assert refused.status_code == 503 and refused.headers["retry-after"] == "2", refused.text
+        assert "this request's 2 images do not fit: 1 of the 2" in refused.json()["detail"]
+        held_threads[0].join()
+        assert held[0].status_code == 200
+        wait_until(lambda: _pending(client) == 0, 30, "the admission to be given back")
+        answered = post_batch(client, [("a.jpg", content), ("b.jpg", content)], job_id=job_id)
+        assert answered.status_code == 200 and len(answered.json()["results"]) == 2
+        wait_until(lambda: _pending(client) == 0, 30, "both places to be given back")
 
 
 def _send_without_reading(base_url: str, request: httpx.Request) -> socket.socket:

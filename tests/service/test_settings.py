@@ -29,6 +29,8 @@ def test_detect_batching_defaults_suit_the_device():
     chosen = Settings(_env_file=None, batch_max_size=16)
     assert chosen.detect_batch_size(on_gpu=True) == 16 and chosen.pending_detections(on_gpu=True) == 64
     assert Settings(_env_file=None, max_pending_detections=5).pending_detections(on_gpu=False) == 5
+    assert (default.detect_image_threads(on_gpu=False), default.detect_image_threads(on_gpu=True)) == (2, 8)
+    assert Settings(_env_file=None, image_threads=3).detect_image_threads(on_gpu=True) == 3
 
 
 @pytest.mark.parametrize(
