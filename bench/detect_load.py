@@ -1,5 +1,6 @@
 """A closed-loop load generator for POST /detect: N clients, each sending its next image as soon as
-its last answer came, for a fixed time; throughput, latency percentiles, errors, and the time spent
+its last answer came, for a fixed time (or several images a request, to POST /detect/batch, with
+``--per-request``); throughput, latency percentiles, errors, and the time spent
 inside the server (the ``Server-Timing`` header) told apart from the time on the wire.
 
 The clients are spread over several processes (one Python event loop saturates near a thousand
@@ -34,6 +35,7 @@ class Sample:
     seconds: float  # as the client saw it
     status: int  # 0: no answer (a connection error or a timeout)
     server_ms: dict[str, float] = field(default_factory=dict)  # the Server-Timing phases
+    images: int = 1  # in the request
 
 
 def server_timing(header: str | None) -> dict[str, float]:
@@ -46,24 +48,37 @@ def server_timing(header: str | None) -> dict[str, float]:
     return phases
 
 
-async def _clients(url: str, job_id: str, images: list[bytes], clients: int, warmup: float, seconds: float):
+def _request(job_id: str, images: list[bytes]) -> dict:
+    """POST /detect for one image, POST /detect/batch for several."""
+    if len(images) == 1:
+        return {"url": "/detect", "params": {"job_id": job_id}, "files": {"file": ("i.jpg", images[0])}}
+    files = [("files", (f"{i}.jpg", image)) for i, image in enumerate(images)]
+    return {"url": "/detect/batch", "params": {"job_id": job_id}, "files": files}
+
+
+async def _clients(
+    url: str, job_id: str, images: list[bytes], clients: int, warmup: float, seconds: float, per_request: int
+):
     samples: list[Sample] = []
     start = time.perf_counter()
     measure_from, stop_at = start + warmup, start + warmup + seconds
 
     async def client(session: httpx.AsyncClient, index: int) -> None:
-        turn = index
+        turn = index * per_request
         while time.perf_counter() < stop_at:
-            image = images[turn % len(images)]
-            turn += clients
+            sending = [images[(turn + k) % len(images)] for k in range(per_request)]
+            turn += clients * per_request
             sent = time.perf_counter()
             try:
-                answer = await session.post("/detect", params={"job_id": job_id}, files={"file": ("i.jpg", image)})
+                answer = await session.post(**_request(job_id, sending))
                 sample = Sample(
-                    time.perf_counter() - sent, answer.status_code, server_timing(answer.headers.get("server-timing"))
+                    time.perf_counter() - sent,
+                    answer.status_code,
+                    server_timing(answer.headers.get("server-timing")),
+                    per_request,
                 )
             except httpx.HTTPError:
-                sample = Sample(time.perf_counter() - sent, 0)
+                sample = Sample(time.perf_counter() - sent, 0, images=per_request)
             if sent >= measure_from:
                 samples.append(sample)
 
@@ -74,15 +89,24 @@ async def _clients(url: str, job_id: str, images: list[bytes], clients: int, war
 
 
 def _process(args: tuple) -> list[dict]:
-    url, job_id, images, clients, warmup, seconds = args
-    return [asdict(s) for s in asyncio.run(_clients(url, job_id, images, clients, warmup, seconds))]
+    return [asdict(s) for s in asyncio.run(_clients(*args))]
 
 
-def run_load(url: str, job_id: str, images: list[bytes], clients: int, processes: int, warmup: float, seconds: float):
-    """``clients`` closed-loop clients over ``processes`` processes; the samples sent after ``warmup`` s."""
+def run_load(
+    url: str,
+    job_id: str,
+    images: list[bytes],
+    clients: int,
+    processes: int,
+    warmup: float,
+    seconds: float,
+    per_request: int = 1,
+):
+    """``clients`` closed-loop clients over ``processes`` processes, each request carrying ``per_request``
+    images (/detect/batch when more than one); the samples sent after ``warmup`` s."""
     processes = max(1, min(processes, clients))
     shares = [clients // processes + (i < clients % processes) for i in range(processes)]
-    jobs = [(url, job_id, images, share, warmup, seconds) for share in shares]
+    jobs = [(url, job_id, images, share, warmup, seconds, per_request) for share in shares]
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
         return [Sample(**s) for part in pool.map(_process, jobs) for s in part]
 
@@ -97,11 +121,12 @@ def summary(samples: list[Sample], clients: int, seconds: float) -> dict:
     latencies = [s.seconds * 1000 for s in ok]
     result = {
         "clients": clients,
+        "images_per_request": samples[0].images if samples else None,
         "seconds": seconds,
         "requests": len(samples),
         "errors": len(samples) - len(ok),
         "error_statuses": sorted({s.status for s in samples if s.status != 200}),
-        "images_per_second": len(ok) / seconds,
+        "images_per_second": sum(s.images for s in ok) / seconds,
         "latency_ms": {q: round(percentile(latencies, p), 2) for q, p in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
         "latency_ms_max": round(max(latencies), 2) if latencies else None,
         "server_ms": {},
@@ -123,7 +148,7 @@ def test_images(count: int, width: int, height: int) -> list[bytes]:
         return [image.path.read_bytes() for image in data.images]
 
 
-def own_service(device: str, batch_max_size: int | None):
+def own_service(device: str, batch_max_size: int | None, width_multiplier: float = 1.0):
     """A Redis, an API and a succeeded bench job (untrained SSD300-VGG16) in a temporary folder:
     (url, job id, stop function)."""
     sys.path.insert(0, str(REPO / "bench"))
@@ -137,7 +162,7 @@ def own_service(device: str, batch_max_size: int | None):
     folder = tempfile.TemporaryDirectory()
     data_dir = Path(folder.name)
     redis_url, redis_process = start_redis(data_dir / "redis")
-    job_id = write_job(Store.from_url(redis_url, "bench"), DataLayout(data_dir).runs_dir)
+    job_id = write_job(Store.from_url(redis_url, "bench"), DataLayout(data_dir).runs_dir, width_multiplier)
     batching = {"SSD_BATCH_MAX_SIZE": str(batch_max_size)} if batch_max_size else {}
     api, url = start_api(redis_url, data_dir, SSD_DEVICE=device, SSD_KEY_PREFIX="bench", **batching)
 
@@ -155,7 +180,14 @@ def main() -> None:
     parser.add_argument("--job-id", help="with --url: the succeeded job whose model answers")
     parser.add_argument("--device", default="cpu", help="without --url: SSD_DEVICE of the API started here")
     parser.add_argument("--batch-max-size", type=int, help="without --url: SSD_BATCH_MAX_SIZE (else its default)")
+    parser.add_argument(
+        "--width-multiplier",
+        type=float,
+        default=1.0,
+        help="without --url: the job's network width (0.125: a near-free forward, to time the service itself)",
+    )
     parser.add_argument("--clients", default="1,64", help="concurrency levels, comma-separated")
+    parser.add_argument("--per-request", type=int, default=1, help="images per request (over 1: POST /detect/batch)")
     parser.add_argument("--processes", type=int, default=4, help="client processes")
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time per level")
     parser.add_argument("--warmup", type=float, default=3.0, help="time per level before measuring")
@@ -170,11 +202,13 @@ def main() -> None:
             parser.error("--url needs --job-id")
         url, job_id, stop_all = args.url, args.job_id, lambda: None
     else:
-        url, job_id, stop_all = own_service(args.device, args.batch_max_size)
+        url, job_id, stop_all = own_service(args.device, args.batch_max_size, args.width_multiplier)
     results = []
     try:
         for clients in (int(v) for v in args.clients.split(",")):
-            samples = run_load(url, job_id, images, clients, args.processes, args.warmup, args.seconds)
+            samples = run_load(
+                url, job_id, images, clients, args.processes, args.warmup, args.seconds, args.per_request
+            )
             results.append(summary(samples, clients, args.seconds))
             print(json.dumps(results[-1]), flush=True)
     finally:

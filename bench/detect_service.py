@@ -112,9 +112,10 @@ def single_image_latencies(image: Image.Image, jpeg: bytes, checkpoint: Path, ur
     return times
 
 
-def write_job(store: Store, runs_dir: Path) -> str:
-    """A succeeded job whose checkpoint is an untrained SSD300-VGG16, as the API expects one."""
-    config = ModelConfig(num_classes=len(CLASSES) + 1, backbone="vgg16", width_multiplier=1.0)
+def write_job(store: Store, runs_dir: Path, width_multiplier: float = 1.0) -> str:
+    """A succeeded job whose checkpoint is an untrained SSD300-VGG16 (narrower with ``width_multiplier``:
+    a near-free forward, to time the service around it), as the API expects one."""
+    config = ModelConfig(num_classes=len(CLASSES) + 1, backbone="vgg16", width_multiplier=width_multiplier)
     torch.manual_seed(0)
     model = SSD300(config)
     job_id = "bench-" + now_iso().replace(":", "")

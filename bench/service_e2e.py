@@ -6,7 +6,8 @@ under a closed-loop load. On a GPU machine everything runs on CUDA; here it runs
    from docker-compose.yml (``python -m worker.pool``: a worker per GPU; ``python -m app``);
 2. POST /datasets/synthetic (``--images`` JPEGs of ``--size``);
 3. POST /train, then the SSE stream's epochs as they come; the job says which device ran it;
-4. POST /detect with the trained model; then ``bench/detect_load.py``'s closed loop at ``--clients``.
+4. POST /detect with the trained model; then ``bench/detect_load.py``'s closed loop at ``--clients``,
+   and POST /detect/batch under ``--batch-load``.
 
 Writes a JSON summary (``--json``) and the processes' logs beside it.
 
@@ -84,6 +85,11 @@ def main() -> None:
     parser.add_argument("--clients", default="1,64", help="/detect load: concurrency levels")
     parser.add_argument("--processes", type=int, default=4, help="/detect load: client processes")
     parser.add_argument("--seconds", type=float, default=15.0, help="/detect load: measured seconds per level")
+    parser.add_argument(
+        "--batch-load",
+        default="8x16",
+        help="then POST /detect/batch under CLIENTSxIMAGES (clients x images a request); empty: skip",
+    )
     parser.add_argument("--json", type=Path, default=Path("service_e2e.json"))
     args = parser.parse_args()
     logs = args.json.parent
@@ -156,6 +162,11 @@ def train_and_serve(url: str, args) -> dict:
         out["load"] = []
         for clients in (int(v) for v in args.clients.split(",")):
             samples = run_load(url, job["id"], images, clients, args.processes, 3.0, args.seconds)
+            out["load"].append(summary(samples, clients, args.seconds))
+            print(json.dumps(out["load"][-1]), flush=True)
+        if args.batch_load:
+            clients, per_request = (int(v) for v in args.batch_load.split("x"))
+            samples = run_load(url, job["id"], images, clients, args.processes, 3.0, args.seconds, per_request)
             out["load"].append(summary(samples, clients, args.seconds))
             print(json.dumps(out["load"][-1]), flush=True)
     return out
