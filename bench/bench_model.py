@@ -27,6 +27,7 @@ from torchvision.models.detection import ssd300_vgg16
 from torchvision.ops import box_iou
 
 from model.config import ModelConfig, TrainConfig
+from model.data.tensor_decode import decode_images
 from model.detector import Detector, load_model
 from model.device import autocast, memory_format
 from model.engine import build_training_run, train_step
@@ -275,7 +276,9 @@ def run_torchvision_from_bytes(model, jpegs: list[bytes], device, dtype):
         model([image.float() / 255 for image in images])
 
 
-def bench_encoded(rows: list, device: torch.device, quick: bool, checkpoint: str | None = None) -> None:
+def bench_encoded(
+    rows: list, device: torch.device, quick: bool, checkpoint: str | None = None, compiled: bool = False
+) -> None:
     """Bytes in, boxes out: ``Detector.detect_encoded`` on a list of 640x480 JPEGs against torchvision's
     pipeline from the same bytes (both decode on the device: nvJPEG on CUDA)."""
     count = 8 if quick else (128 if device.type == "cuda" else 16)
@@ -298,6 +301,34 @@ def bench_encoded(rows: list, device: torch.device, quick: bool, checkpoint: str
     row["ours / tv"] = t["tv_from_bytes"] / t[f"{backbone}_from_bytes@0.5"]
     rows.append(row)
     print(row, flush=True)
+    if compiled:
+        bench_compiled(rows, detector, jpegs, iters, warm)
+
+
+def bench_compiled(rows: list, detector: Detector, jpegs: list[bytes], iters: int, warm: int) -> None:
+    """The same bytes through a compiled copy of the detector (``compile=True``), and its network alone."""
+    started = time.perf_counter()
+    fast = Detector(detector.model, detector.classes, detector.device, compile=True)
+    fast.detect_encoded(jpegs, 0.5, 100)  # compiles for this batch size
+    compile_seconds = time.perf_counter() - started
+    batch, _ = fast._prepare(decode_images(jpegs, fast.device))
+
+    @torch.inference_mode()
+    def network_alone():
+        with autocast(fast.device, fast.autocast_dtype):
+            fast.network(batch)
+
+    device, count = fast.device, len(jpegs)
+    t_full = median_seconds(partial(fast.detect_encoded, jpegs, 0.5, 100), device, iters, warm)
+    t_net = median_seconds(network_alone, device, iters, warm)
+    row = {
+        "row": f"compiled, {count} jpegs 640x480",
+        "from_bytes_img_s": count / t_full,
+        "network_alone_img_s": count / t_net,
+        "compile_seconds": round(compile_seconds, 1),
+    }
+    rows.append(row)
+    print(row, flush=True)
 
 
 def main() -> None:
@@ -307,6 +338,7 @@ def main() -> None:
     parser.add_argument("--json")
     parser.add_argument("--only", choices=["train", "loss", "infer", "bytes"])
     parser.add_argument("--checkpoint", help="inference rows with this trained checkpoint instead of random weights")
+    parser.add_argument("--compile", action="store_true", help="bytes rows: also a compiled detector (compiles first)")
     args = parser.parse_args()
     device = torch.device(args.device)
     torch.backends.cudnn.benchmark = True
@@ -330,7 +362,7 @@ def main() -> None:
     if args.only in (None, "infer"):
         bench_inference(rows, device, args.quick, args.checkpoint)
     if args.only in (None, "bytes"):
-        bench_encoded(rows, device, args.quick, args.checkpoint)
+        bench_encoded(rows, device, args.quick, args.checkpoint, args.compile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"info": info, "rows": rows}, f, indent=2)

@@ -7,11 +7,12 @@
 #        against torchvision's SSD300 on the same files (bench/time_to_map.py);
 #     2. the whole service on CUDA as docker-compose.yml runs it: Redis, the Celery worker pool and the
 #        API; a job over POST /train with its epochs streamed, /detect, then /detect under 1 and 64
-#        closed-loop clients (bench/service_e2e.py);
-#     3. 128 JPEGs' bytes to boxes, ours against torchvision's pipeline (bench_model.py --only bytes);
-#     4. the CUDA paths against the CPU's (bench/cuda_check.py).
-#   bash bench/gpu_run.sh model   the pieces: CUDA checks, then inference, matching + loss and the
-#                                 training step against torchvision (bench/bench_model.py), the loader's costs
+#        closed-loop clients and POST /detect/batch under 8 clients of 16 images (bench/service_e2e.py);
+#     3. 128 JPEGs' bytes to boxes, ours (eager, then compiled, with the network alone) against
+#        torchvision's pipeline (bench_model.py --only bytes --compile).
+#   bash bench/gpu_run.sh model   the pieces: the CUDA paths against the CPU's (bench/cuda_check.py), then
+#                                 inference, matching + loss and the training step against torchvision
+#                                 (bench/bench_model.py), then the loader's costs (bench/loader_profile.py)
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -31,13 +32,13 @@ if [ "${1:-}" = model ]; then
 else
   # The peer stops once it has run 3.2x our time to the target without reaching it: that already
   # shows ours at under a third of its time.
-  timeout 280 python3 bench/time_to_map.py --train-images 10000 --val-images 500 --batch-size 32 \
-    --num-workers $((CORES - 2)) --max-seconds 90 --peer-max-seconds 140 --peer-stop-ratio 3.2 \
+  timeout 270 python3 bench/time_to_map.py --train-images 10000 --val-images 500 --batch-size 32 \
+    --num-workers $((CORES - 2)) --max-seconds 90 --peer-max-seconds 130 --peer-stop-ratio 3.2 \
     --json "$OUT/time_to_map.json" 2>&1 | tee "$OUT/time_to_map.log"
   timeout -s INT 140 python3 bench/service_e2e.py --images 640 --epochs 2 --batch-size 32 \
     --num-workers $((CORES - 4)) --clients 1,64 --processes 6 --seconds 10 \
     --json "$OUT/service_e2e.json" 2>&1 | tee "$OUT/service_e2e.log"
-  timeout 60 python3 bench/bench_model.py --only bytes --json "$OUT/bench_bytes.json" 2>&1 | tee "$OUT/bench_bytes.log"
-  timeout 50 python3 bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.log"
+  timeout 110 python3 bench/bench_model.py --only bytes --compile --json "$OUT/bench_bytes.json" 2>&1 \
+    | tee "$OUT/bench_bytes.log"
 fi
 echo done

@@ -56,3 +56,17 @@ def test_detections_of_an_image_do_not_depend_on_its_batch_neighbours(detector):
 def test_a_tensor_that_is_not_rgb_is_refused(detector):
     with pytest.raises(ValueError, match=r"RGB image tensor \[3, H, W\]"):
         detector.predict([torch.zeros(1, 40, 40)])
+
+
+def test_a_compiled_detector_finds_what_the_eager_one_finds(detector):
+    generator = torch.Generator().manual_seed(3)
+    images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=generator) for _ in range(2)]
+    compiled = Detector(detector.model, detector.classes, compile=True)
+    assert compiled.network is not compiled.model  # the compiled wrapper runs, not the plain module
+    eager, fused = detector.detect(images, 0.01, 20), compiled.detect(images, 0.01, 20)
+    for mine, theirs in zip(fused, eager, strict=True):
+        assert [d["class_id"] for d in mine] == [d["class_id"] for d in theirs]
+        assert mine[0]["score"] == pytest.approx(theirs[0]["score"], abs=1e-4)
+        torch.testing.assert_close(
+            torch.tensor([d["box"] for d in mine]), torch.tensor([d["box"] for d in theirs]), atol=0.05, rtol=0
+        )
