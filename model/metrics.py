@@ -1,4 +1,6 @@
-"""Detection accuracy: COCO-style mean average precision through torchmetrics (pycocotools).
+"""Detection accuracy: COCO-style mean average precision through torchmetrics, with faster-coco-eval
+(the same evaluation as pycocotools, about three times faster: it counts in every epoch's validation)
+where installed, else pycocotools.
 
 Overall and per-class figures come from one COCO evaluation: the per-class ones are read off
 its precision array (``extended_summary``) the way ``COCOeval.summarize`` reads the overall
@@ -8,6 +10,7 @@ gives no per-class AP@0.5 at all).
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypedDict
 
@@ -17,6 +20,7 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from .postprocess import Detections
 
+COCO_BACKEND = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
 # What COCO scores with: every detection down to a low score, at most 100 per image.
 SCORE_THRESHOLD = 0.01
 MAX_DETECTIONS = 100
@@ -54,7 +58,7 @@ class MeanAP:
     def __init__(self, num_classes: int) -> None:
         self.num_classes = num_classes
         self._metric = MeanAveragePrecision(
-            box_format="xyxy", iou_type="bbox", backend="pycocotools", extended_summary=True
+            box_format="xyxy", iou_type="bbox", backend=COCO_BACKEND, extended_summary=True
         )
         self._boxes_per_class = torch.zeros(num_classes + 1, dtype=torch.int64)
         self._updated = False

@@ -170,3 +170,10 @@ def test_evaluate_detector_moves_the_datasets_labels_onto_the_models_ids(tmp_pat
     # Taken as the model's own order, the same labels name the wrong classes.
     unmatched = evaluate_detector(_TruthDetector(data.images), relabelled, batch_size=2)
     assert unmatched["map50"] < 0.5
+
+
+def test_validation_scores_with_faster_coco_eval_checked_against_pycocotools_above():
+    # The tests above hold MeanAP (on this backend) to torchmetrics' pycocotools evaluation.
+    from model.metrics import COCO_BACKEND
+
+    assert COCO_BACKEND == "faster_coco_eval"
