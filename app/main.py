@@ -141,7 +141,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_unavailable(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"the job store (Redis) is unreachable: {error}"}, status_code=503)
 
-    document_batch_limit(app, min(settings.max_batch_images, detection.max_pending))
+    document_batch_limit(app, detect.batch_image_limit(settings, detection))
     return app
 
 

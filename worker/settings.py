@@ -23,8 +23,9 @@ MiB = 1024 * 1024
 GiB = 1024 * MiB
 CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_BATCH_MAX_SIZE unset)
 CPU_IMAGE_THREADS, GPU_IMAGE_THREADS = 2, 8  # /detect's default decoding threads (SSD_IMAGE_THREADS unset)
-# Each pending /detect holds its decoded image: 64 phone photos of 12 MP are about 2.3 GB.
-MAX_DEFAULT_PENDING_DETECTIONS = 64
+# Each pending /detect holds its decoded image: 128 photos of 640x480 are 118 MB, of 12 MP 4.6 GB.
+# Two GPU batches: one runs while the next gathers.
+MAX_DEFAULT_PENDING_DETECTIONS = 128
 
 
 class Settings(BaseSettings):
@@ -140,7 +141,7 @@ class Settings(BaseSettings):
             "running); more answer 503 with Retry-After before their image is decoded. It bounds the memory their "
             "images hold (each up to SSD_MAX_IMAGE_PIXELS x 3 bytes decoded). Unset: four batches "
             "(SSD_BATCH_MAX_SIZE), which lets one batch run while the next ones gather (a request past that would "
-            "wait several forward passes anyway), and at most 64."
+            "wait several forward passes anyway), and at most 128."
         ),
     )
     image_threads: int | None = Field(
@@ -156,10 +157,10 @@ class Settings(BaseSettings):
     max_batch_images: int = Field(
         64,
         ge=1,
-        le=1024,
+        le=500,  # under the multipart parser's 1,000 parts
         description=(
-            "Most images in one POST /detect/batch request (413 above); each takes one of the "
-            "SSD_MAX_PENDING_DETECTIONS places while it is served."
+            "Most images in one POST /detect/batch request (422 above), and at most half of "
+            "SSD_MAX_PENDING_DETECTIONS: each image takes one of those places while it is served."
         ),
     )
     max_batch_bytes: int = Field(

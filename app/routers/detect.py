@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Header, HTTPException, Query, Response, UploadFile
+from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
@@ -166,11 +167,13 @@ async def detect_batch(
     """Detect objects in several images at once: one answer per image, in the order sent, each as
     ``/detect`` gives it. The images share batched forward passes; if any image is refused (not an
     image, corrupt, too large), the request fails naming it and nothing is detected. Each image
-    takes one of the detections allowed at once while the request is served."""
+    takes one of the detections allowed at once while the request is served; more images than
+    the limit (the document's ``maxItems``) answer 422."""
     timing = ServerTiming()
-    most = min(settings.max_batch_images, detection.max_pending)
-    if len(files) > most:
-        raise HTTPException(413, f"{len(files)} images in one request; the limit is {most}")
+    most = batch_image_limit(settings, detection)
+    if len(files) > most:  # the OpenAPI document's maxItems: answered as FastAPI answers its own checks
+        message = f"{len(files)} images in one request; the limit is {most}"
+        raise RequestValidationError([{"type": "too_long", "loc": ("body", "files"), "msg": message, "input": None}])
     with _admitted(detection, len(files)):
         job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
         uploads = [await _read(file, settings) for file in files]
@@ -192,6 +195,12 @@ async def detect_batch(
             for file, image, d in zip(files, images, found, strict=True)
         ]
         return {"job_id": job_id, "results": results}
+
+
+def batch_image_limit(settings: Settings, detection: DetectionService) -> int:
+    """The most images one /detect/batch request may send: SSD_MAX_BATCH_IMAGES, and at most half the
+    detections admitted at once, so that a full batch request is admitted beside other traffic."""
+    return max(1, min(settings.max_batch_images, detection.max_pending // 2))
 
 
 @contextmanager
@@ -231,20 +240,37 @@ async def _detect(
     max_detections: int,
 ) -> list[Detections]:
     """Each image's detections from the micro-batcher, within SSD_DETECT_TIMEOUT_SECONDS; errors as HTTP answers."""
-    pending = [detection.detect(job_id, checkpoint, image, score_threshold, max_detections) for image in images]
+    tasks = [
+        asyncio.ensure_future(detection.detect(job_id, checkpoint, image, score_threshold, max_detections))
+        for image in images
+    ]
     try:
-        return await asyncio.wait_for(asyncio.gather(*pending), settings.detect_timeout_seconds)
+        with model_load_errors(job_id):
+            return await asyncio.wait_for(asyncio.gather(*tasks), settings.detect_timeout_seconds)
     except asyncio.TimeoutError as error:
         raise HTTPException(
             503,
             f"detection took longer than {settings.detect_timeout_seconds:g}s (the server is busy): try again",
             {"Retry-After": "5"},
         ) from error
+    finally:
+        # One image failed or the time ran out: the others leave their batches too, before the request
+        # gives back its places (the micro-batcher skips what is cancelled).
+        for task in tasks:
+            task.cancel()
+
+
+@contextmanager
+def model_load_errors(job_id: str) -> Iterator[None]:
+    """A job's model that cannot be loaded, as an HTTP answer: 503 (its device is not here), 409 (its
+    checkpoint is gone) or 500 (the checkpoint is truncated or foreign)."""
+    try:
+        yield
     except DeviceUnavailable as error:
         raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
     except CheckpointMissing as error:
         raise HTTPException(409, str(error)) from error
-    except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
+    except ValueError as error:  # CheckpointError
         raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 
 

@@ -19,8 +19,8 @@ from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, SettingsDep, StoreDep, dataset_or_404
-from app.inference import CheckpointMissing, DetectionService, DeviceUnavailable
-from app.routers.detect import resolve_model
+from app.inference import DetectionService
+from app.routers.detect import model_load_errors, resolve_model
 from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
 from model.data import DatasetError, read_dataset
 from worker.records import DatasetRecord
@@ -89,14 +89,8 @@ def _resolve(store: Store, settings: Settings, job_id: str, dataset_id: str):
 
 async def _detector(detection: DetectionService, job_id: str, checkpoint):
     """/detect's cached detector for the job (loaded once for both)."""
-    try:
+    with model_load_errors(job_id):
         return await detection.cache.get(job_id, checkpoint)
-    except DeviceUnavailable as error:
-        raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
-    except CheckpointMissing as error:
-        raise HTTPException(409, str(error)) from error
-    except ValueError as error:  # CheckpointError: a truncated or foreign checkpoint file
-        raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
 
 
 def _prepare(model_classes: list[str], dataset: DatasetRecord, root: Path, settings: Settings):

@@ -25,7 +25,7 @@ def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
 def test_detect_batching_defaults_suit_the_device():
     default = Settings(_env_file=None)
     assert (default.detect_batch_size(on_gpu=False), default.pending_detections(on_gpu=False)) == (8, 32)
-    assert (default.detect_batch_size(on_gpu=True), default.pending_detections(on_gpu=True)) == (64, 64)
+    assert (default.detect_batch_size(on_gpu=True), default.pending_detections(on_gpu=True)) == (64, 128)
     chosen = Settings(_env_file=None, batch_max_size=16)
     assert chosen.detect_batch_size(on_gpu=True) == 16 and chosen.pending_detections(on_gpu=True) == 64
     assert Settings(_env_file=None, max_pending_detections=5).pending_detections(on_gpu=False) == 5
