@@ -35,8 +35,9 @@ class Detector:
         device: where to run; with CUDA, inference runs in mixed precision and channels_last.
         nms_threshold, topk_candidates: decoding settings (see ``postprocess``).
         compile: run the network through ``torch.compile`` (the same outputs, faster on a GPU).
-            Each new batch size compiles again, for up to a minute: it suits fixed batch sizes
-            (offline detection, benchmarks), not a server's varying ones.
+            Each new batch size compiles again, for up to a minute (past torch's recompile limit,
+            8 by default, it runs uncompiled): it suits fixed batch sizes (offline detection,
+            benchmarks), not a server's varying ones.
 
     Attributes:
         autocast_dtype: the mixed-precision dtype of the forward pass (bf16 or fp16 on CUDA);

@@ -253,7 +253,8 @@ def train_one_epoch(
     callbacks: Callbacks,
     validation_seconds: float = 0.0,
     start: EpochState | None = None,
-    augment_seed: int = 0,
+    *,
+    augment_seed: int,
 ) -> tuple[Literal["done", "cancelled", "paused"], EpochState]:
     """One pass over the training loader, or the rest of one from ``start``.
 
@@ -517,7 +518,10 @@ def _stop_loader_workers(run: TrainingRun) -> None:
     for loader in (run.train_loader, run.val_loader):
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
-            iterator._shutdown_workers()
+            try:
+                iterator._shutdown_workers()
+            except Exception:  # never hide what ended the run; the collector stops them later
+                log.warning("could not stop the data loader's workers", exc_info=True)
             loader._iterator = None
 
 

@@ -9,7 +9,8 @@ per-image transform cost a loader worker about half of its time (bench/loader_pr
 It runs after the geometric steps (``model.data.transforms.train_transforms``), on the
 resized batch, so two things differ from the per-image transform placed first: the
 zoom-out canvas is distorted along with the image, and contrast blends with the mean grey
-of the crop rather than of the whole photo. Both are still the same kind of colour noise.
+of the crop rather than of the whole photo. Both are still the same kind of colour noise. And it
+works in float throughout, where the per-image transform on uint8 images rounds after each step.
 """
 
 from __future__ import annotations

@@ -68,9 +68,11 @@ def decode_images(
     decoded (default: Pillow's ``Image.MAX_IMAGE_PIXELS``).
 
     Raises:
-        ImageTooLarge: naming the first image with more than ``max_pixels`` pixels;
-        ImageDecodeError: naming the first image that is not one, or is corrupt.
+        ImageTooLarge: naming an image with more than ``max_pixels`` pixels;
+        ImageDecodeError: naming an image that is not one, or is corrupt (headers are all read
+            before any JPEG is decoded: a bad header is named before a corrupt JPEG earlier on).
         Either way nothing of the batch is returned.
+        torch.cuda.OutOfMemoryError: the device's, passed on as it is.
     """
     device = torch.device(device)
     limit = max_pixels if max_pixels is not None else Image.MAX_IMAGE_PIXELS
@@ -111,11 +113,15 @@ def _decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Ten
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
             return list(decode_jpeg(raw, mode=ImageReadMode.RGB, device=device))
+        except torch.cuda.OutOfMemoryError:
+            raise  # the device's fault, not an image's
         except RuntimeError:
             results: list[torch.Tensor | Exception] = []
             for one in raw:
                 try:
                     results.append(decode_jpeg(one, mode=ImageReadMode.RGB, device=device))
+                except torch.cuda.OutOfMemoryError:
+                    raise
                 except RuntimeError as error:
                     results.append(error)
             return results
