@@ -2,8 +2,9 @@
 
 Forward passes never run on the event loop: they run in a thread pool (``inference_threads``
 threads, 1 by default since one forward already uses every core) behind a micro-batcher
-that gathers requests for the same model for up to ``batch_max_wait_ms`` (or until
-``batch_max_size`` are waiting) and answers all of them from one batched forward. Each
+that gathers the requests for the same model that arrive while its forward pass runs (and,
+with ``batch_max_wait_ms`` above 0, waits that long for more before an idle model runs) and
+answers up to ``batch_max_size`` of them from one batched forward. Each
 model has one lane that runs one batch at a time, so more threads only let different
 models' batches run at once.
 
@@ -192,8 +193,9 @@ class _Lane:
 class MicroBatcher:
     """Serves concurrent ``detect`` calls for the same model from shared batched forward passes.
 
-    A request waits at most ``max_wait_s`` for others to join (less if ``max_batch`` are
-    waiting); requests arriving while a forward runs are gathered for the next one. The
+    Requests arriving while a forward runs are gathered for the next one; with ``max_wait_s``
+    above 0, a request that finds the model idle also waits that long for others to join (less
+    if ``max_batch`` are waiting). The
     batch runs with the lowest score threshold and the highest ``max_detections`` of its
     requests, and each answer is then cut to its own: NMS only lets a higher-scoring box
     remove a lower one, so this equals running each request alone.

@@ -177,7 +177,16 @@ class Settings(BaseSettings):
             "image already keeps every core busy), 64 on a GPU (a batch costs little more than one image there)."
         ),
     )
-    batch_max_wait_ms: float = Field(5.0, ge=0, le=1000, description="Longest a request waits for others to join.")
+    batch_max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        le=1000,
+        description=(
+            "Longest a request waits for others to join before an idle model runs. 0: an idle model runs at once; "
+            "requests that arrive while a forward pass runs are gathered for the next one, so batches fill under "
+            "load and a lone request is not held back."
+        ),
+    )
     inference_threads: int = Field(
         1,
         ge=1,

@@ -72,6 +72,36 @@ def test_max_batch_one_turns_batching_off(executor):
     assert [b[0] for b in detector.batches] == [1, 1, 1]
 
 
+class GatedDetector(CountingDetector):
+    """Its first forward pass waits for ``gate``: requests that arrive meanwhile find the model busy."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = threading.Event()
+
+    def detect(self, images, score_threshold, max_detections):
+        if not self.batches:
+            assert self.gate.wait(10), "the test never opened the gate"
+        return super().detect(images, score_threshold, max_detections)
+
+
+def test_without_a_wait_an_idle_model_runs_at_once_and_a_busy_one_gathers_the_next_batch(executor):
+    detector = GatedDetector()
+    batcher = MicroBatcher(executor, max_batch=8, max_wait_s=0)
+
+    async def main():
+        lone = asyncio.create_task(batcher.detect("job", detector, 0, 0.5, 10))
+        await asyncio.sleep(0.05)
+        assert not detector.batches and not lone.done()  # in its forward pass, held by the gate, alone
+        arriving = [asyncio.create_task(batcher.detect("job", detector, i, 0.5, 10)) for i in range(1, 6)]
+        await asyncio.sleep(0.05)
+        detector.gate.set()
+        await asyncio.gather(lone, *arriving)
+
+    asyncio.run(main())
+    assert [size for size, _, _ in detector.batches] == [1, 5]
+
+
 def test_a_failed_forward_fails_its_requests_only(executor):
     batcher = MicroBatcher(executor, max_batch=4, max_wait_s=0.01)
     results = run(batcher, CountingDetector(fail=True), [(1, 0.5, 10), (2, 0.5, 10)])
