@@ -170,6 +170,8 @@ def test_records_redis_lost_are_rebuilt_from_the_data_folder(faults, tmp_path):
         # A worker sees the new server: datasets and jobs come back from their folders, and the
         # unfinished job is queued again and resumes from its checkpoint.
         wait_until(lambda: client.get(f"/datasets/{dataset_id}").status_code == 200, 30, "the dataset rebuilt")
+        # Jobs come back after the datasets they use: until then the job is unknown (404).
+        wait_until(lambda: client.get(f"/jobs/{job['id']}").status_code == 200, 30, "the job rebuilt")
         done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
         assert done["status"] == "succeeded", (done, service.worker_logs()[-3000:])
         assert "rebuilt from its run folder" in done["restart_reason"] and done["restarts"] >= 1
