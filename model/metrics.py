@@ -11,6 +11,7 @@ gives no per-class AP@0.5 at all).
 from __future__ import annotations
 
 import importlib.util
+import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import TypedDict
 
@@ -21,6 +22,9 @@ from torchmetrics.detection import MeanAveragePrecision
 from .postprocess import Detections
 
 COCO_BACKEND = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+# faster-coco-eval logs its summary table at INFO after every evaluation (a dozen lines an epoch in the
+# worker's log); the figures are in the epoch records.
+logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
 # What COCO scores with: every detection down to a low score, at most 100 per image.
 SCORE_THRESHOLD = 0.01
 MAX_DETECTIONS = 100

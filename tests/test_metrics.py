@@ -1,5 +1,6 @@
 """mAP overall and per class, checked against torchmetrics' own per-class evaluation; matching class names."""
 
+import logging
 from dataclasses import replace
 
 import pytest
@@ -172,8 +173,12 @@ def test_evaluate_detector_moves_the_datasets_labels_onto_the_models_ids(tmp_pat
     assert unmatched["map50"] < 0.5
 
 
-def test_validation_scores_with_faster_coco_eval_checked_against_pycocotools_above():
+def test_validation_scores_with_faster_coco_eval_checked_against_pycocotools_above(caplog):
     # The tests above hold MeanAP (on this backend) to torchmetrics' pycocotools evaluation.
     from model.metrics import COCO_BACKEND
 
     assert COCO_BACKEND == "faster_coco_eval"
+    caplog.set_level(logging.INFO)
+    targets = [{"boxes": torch.tensor([[0.0, 0, 50, 50]]), "labels": torch.tensor([1])}]
+    _scores([_detections([[0, 0, 50, 50]], [0.9], [1])], targets, num_classes=1)
+    assert not [r for r in caplog.records if "Average Precision" in r.getMessage()]  # no summary table in the logs
