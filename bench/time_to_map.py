@@ -38,15 +38,12 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
-from torchvision import tv_tensors
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.transforms import v2
-from torchvision.transforms.v2 import functional as F
 
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
-from model.data.dataset import split_train_val
-from model.data.images import open_rgb
+from model.data.dataset import load_annotated, split_train_val
 from model.data.records import DetectionData
 from model.device import autocast, memory_format, resolve_device
 from model.engine import Callbacks, WarmupSchedule, build_model, build_training_run, fit, train_step
@@ -170,10 +167,7 @@ class PeerDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
-        record = self.records[index]
-        image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path, record.orientation)))
-        boxes = tv_tensors.BoundingBoxes(record.boxes.clone(), format="XYXY", canvas_size=image.shape[-2:])
-        target = {"boxes": boxes, "labels": record.labels.clone()}
+        image, target = load_annotated(self.records[index])
         if self.transforms is not None:
             image, target = self.transforms(image, target)
         return image.as_subclass(torch.Tensor), {k: v.as_subclass(torch.Tensor) for k, v in target.items()}

@@ -55,24 +55,34 @@ class DetectionDataset(Dataset):
         return self._sample(index)
 
     def _sample(self, index: int) -> Sample:
-        record = self.images[index]
-        # The reader chose the orientation once; no EXIF is read here (None, for records built
-        # by hand, reads it from the header: microseconds against the decode's milliseconds).
-        image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path, record.orientation)))
-        height, width = image.shape[-2:]
-        if (width, height) != (record.width, record.height):
-            raise DatasetError(
-                f"{record.path}: image is {width}x{height} but was annotated as {record.width}x{record.height}"
-            )
-        target = {
-            "boxes": tv_tensors.BoundingBoxes(record.boxes.clone(), format="XYXY", canvas_size=(height, width)),
-            "labels": record.labels.clone(),
-        }
-        image, target = self.transforms(image, target)
+        image, target = self.transforms(*load_annotated(self.images[index]))
         out_height, out_width = image.shape[-2:]
         scale = torch.tensor([out_width, out_height, out_width, out_height], dtype=torch.float32)
         boxes = target["boxes"].as_subclass(torch.Tensor).to(torch.float32) / scale
         return image.as_subclass(torch.Tensor), boxes, target["labels"].to(torch.int64)
+
+
+def load_annotated(record: AnnotatedImage) -> tuple[tv_tensors.Image, dict[str, Any]]:
+    """A record's image and target as torchvision's v2 transforms take them: uint8 ``Image[3, H, W]``
+    (in the record's orientation) and ``{"boxes": BoundingBoxes[N, 4] XYXY pixels, "labels": int64 [N]}``
+    (copies: transforms may change them in place).
+
+    Raises:
+        DatasetError: the decoded image is not the size it was annotated at.
+    """
+    # The reader chose the orientation once; no EXIF is read here (None, for records built
+    # by hand, reads it from the header: microseconds against the decode's milliseconds).
+    image = tv_tensors.Image(F.pil_to_tensor(open_rgb(record.path, record.orientation)))
+    height, width = image.shape[-2:]
+    if (width, height) != (record.width, record.height):
+        raise DatasetError(
+            f"{record.path}: image is {width}x{height} but was annotated as {record.width}x{record.height}"
+        )
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(record.boxes.clone(), format="XYXY", canvas_size=(height, width)),
+        "labels": record.labels.clone(),
+    }
+    return image, target
 
 
 class SeededSampler(Sampler[SeededIndex]):
