@@ -174,8 +174,8 @@ class Detector:
         JPEGs in one batch (nvJPEG on CUDA), with the project's decoding rule (``decode_images``).
 
         Raises:
-            ImageDecodeError (``ImageTooLarge`` over ``max_pixels``): naming the first image that
-                could not be decoded; no image of the batch is detected on.
+            ImageDecodeError (``ImageTooLarge`` over ``max_pixels``): naming an image that could
+                not be decoded (see ``decode_images``); no image of the batch is detected on.
         """
         return self.detect(decode_images(data, self.device, max_pixels), score_threshold, max_detections)
 

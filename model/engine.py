@@ -552,12 +552,11 @@ def _run_epoch(
     """
     # The epoch's order and augmentation follow from its seed; a resumed epoch skips what was done.
     done = start.steps_done if start is not None else 0
-    run.train_loader.sampler.set_epoch(_epoch_seed(config.seed, epoch), skip=done * run.train_loader.batch_size)
-    torch.manual_seed(_epoch_seed(config.seed, epoch))  # anything else random draws the same on resume
+    seed = _epoch_seed(config.seed, epoch)
+    run.train_loader.sampler.set_epoch(seed, skip=done * run.train_loader.batch_size)
+    torch.manual_seed(seed)  # anything else random draws the same on resume
     started = time.perf_counter()
-    outcome, state = train_one_epoch(
-        run, epoch, config.epochs, callbacks, validation_seconds, start, augment_seed=_epoch_seed(config.seed, epoch)
-    )
+    outcome, state = train_one_epoch(run, epoch, config.epochs, callbacks, validation_seconds, start, augment_seed=seed)
     if outcome != "done":
         return outcome, state if outcome == "paused" else None
     validation_started = time.perf_counter()
