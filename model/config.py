@@ -113,7 +113,9 @@ class TrainConfig:
         image_size: network input side in pixels (see ``ModelConfig``).
         seed: seeds the split, the augmentations and the weight initialisation.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        amp: mixed precision where the device computes it natively: bf16 on CUDA where supported,
+            else fp16 with loss scaling; bf16 on a CPU with AVX512-BF16 or AMX (``model.device``).
+            Weights, optimiser state, loss and checkpoints stay float32.
         backbone, width_multiplier: see ``ModelConfig``.
         pretrained_backbone: ``None`` (random weights), ``"imagenet"`` (torchvision's ImageNet
             weights, downloaded only when asked for), or a path to a local state dict of the same
