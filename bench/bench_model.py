@@ -29,7 +29,7 @@ from torchvision.ops import box_iou
 from model.config import ModelConfig, TrainConfig
 from model.data.tensor_decode import decode_images
 from model.detector import Detector, load_model
-from model.device import autocast, memory_format
+from model.device import amp_dtype, autocast, memory_format
 from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
@@ -96,15 +96,20 @@ def our_train_step(model, images, boxes, labels, device, dtype):
     config = TrainConfig(learning_rate=1e-4, amp=amp, warmup_steps=0, lr_schedule="constant")
     # bf16 or fp16 as asked, not just what the card prefers.
     run = build_training_run(model, config, device, total_steps=1000, precision=dtype)
-    batch = (images.contiguous(memory_format=memory_format(device)), boxes, labels)
+    batch = (images.contiguous(memory_format=memory_format(device, dtype)), boxes, labels)
     return partial(train_step, run, batch)
 
 
+def precisions_on(device: torch.device) -> list[tuple[str, torch.dtype | None]]:
+    """fp32, and the reduced precisions ``fit`` and the Detector use there (bf16 on a CPU only where native)."""
+    if device.type == "cuda":
+        return [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)]
+    return [("fp32", None)] + ([("bf16", torch.bfloat16)] if amp_dtype(device, enabled=True) else [])
+
+
 def bench_training(rows: list, device: torch.device, quick: bool) -> None:
-    batches = [2] if quick else ([32, 64] if device.type == "cuda" else [4])
-    precisions = [("fp32", None)] + (
-        [("bf16", torch.bfloat16), ("fp16", torch.float16)] if device.type == "cuda" else []
-    )
+    batches = [2] if quick else ([32, 64] if device.type == "cuda" else [8])
+    precisions = precisions_on(device)
     for batch in batches:
         images = torch.rand(batch, 3, 300, 300, device=device)
         targets, boxes, labels = random_targets(batch, device)
@@ -117,7 +122,7 @@ def bench_training(rows: list, device: torch.device, quick: bool) -> None:
             del tv
             for backbone in ("vgg16", "vgg16_bn"):
                 ours = SSD300(ModelConfig(num_classes=NUM_CLASSES, backbone=backbone)).to(device)
-                ours = ours.to(memory_format=memory_format(device)).train()
+                ours = ours.to(memory_format=memory_format(device, dtype)).train()
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats()
                 step = our_train_step(ours, images, boxes, labels, device, dtype)
@@ -213,13 +218,12 @@ def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: s
     """Both backbones: vgg16 is the peer's architecture; vgg16_bn (the default) shows what
     the Detector's batch-norm folding buys ("<backbone>_net" times the unfolded network)."""
     batches = [1, 8] if quick else ([1, 32, 128] if device.type == "cuda" else [1, 8])
-    precisions = [("fp32", None)] + ([("bf16", torch.bfloat16)] if device.type == "cuda" else [])
     ours, classes = inference_models(checkpoint)
     # The peer's network time does not depend on its weights; it gets the same class count.
     tv = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=len(classes) + 1).to(device).eval()
-    detectors = {b: Detector(net, classes, device) for b, net in ours.items()}
-    ours = {b: net.to(device, memory_format=memory_format(device)) for b, net in ours.items()}
-    for name, dtype in precisions:
+    for name, dtype in precisions_on(device)[:2]:
+        detectors = {b: Detector(net, classes, device, amp=dtype is not None) for b, net in ours.items()}
+        nets = {b: net.to(device, memory_format=memory_format(device, dtype)) for b, net in ours.items()}
         # The peer's best layout: channels_last helps it only in reduced precision.
         tv_layout = torch.channels_last if dtype else torch.contiguous_format
         tv = tv.to(memory_format=tv_layout)
@@ -231,10 +235,10 @@ def bench_inference(rows: list, device: torch.device, quick: bool, checkpoint: s
                 "tv_net": partial(run_torchvision_net, tv, images.contiguous(memory_format=tv_layout), device, dtype),
                 "tv_full": partial(run_torchvision_full, tv, image_list, device, dtype),
             }
-            ours_layout = images.contiguous(memory_format=memory_format(device))
+            ours_layout = images.contiguous(memory_format=memory_format(device, dtype))
             for backbone, detector in detectors.items():
-                detector.autocast_dtype = dtype
-                timed[f"{backbone}_net"] = partial(run_our_net, ours[backbone], ours_layout, device, dtype)
+                detector.autocast_dtype = dtype  # fp16 too on CUDA, where the default would be bf16
+                timed[f"{backbone}_net"] = partial(run_our_net, nets[backbone], ours_layout, device, dtype)
                 timed[f"{backbone}_full@0.01"] = partial(detector.predict, image_list, 0.01, 200)
             first = next(iter(detectors))
             timed[f"{first}_full@0.5"] = partial(detectors[first].predict, image_list, 0.5, 100)

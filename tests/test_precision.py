@@ -106,8 +106,8 @@ def test_a_cpu_without_native_bf16_trains_and_detects_in_float32(shapes, tmp_pat
 
 # The overfitted model is confident on the images it learned and knows nothing else (its mAP@0.5 on new
 # shapes images is under 0.01, and there its boxes move with sub-pixel noise in fp32 alone): the agreement
-# is checked here on its own images, and on held-out photos-like images with full-width models trained to
-# convergence in bench/cpu_bf16.py (recorded in bench/RESULTS.md).
+# is checked here on its own images, and on held-out images with models trained until they generalise in
+# bench/precision_agreement.py (recorded in bench/RESULTS.md).
 
 
 def test_bf16_detections_match_float32_ones(overfitted, shapes, monkeypatch):

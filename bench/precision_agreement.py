@@ -1,0 +1,129 @@
+"""Mixed precision against float32 with trained models: convergence, detections and mAP on held-out images.
+
+On ``--device`` (default: the CPU; bf16 there where it computes it natively, bf16 or fp16 on CUDA):
+
+1. Trains the synthetic shapes set twice with ``fit``, the same seed, split, epochs and width: once in the
+   device's mixed precision, once with ``amp=False`` (float32).
+   Records both validation mAP@0.5 curves and the final gap.
+2. For each of the two trained models, on ``--held-out`` new images (another seed): every float32
+   detection above 0.3 must have a mixed-precision counterpart of the same class with IoU >= 0.9 and a score
+   within 0.03 (its detections down to 0.2 are candidates), and mAP@0.5 and mAP@0.5:0.95 from
+   ``evaluate_detector`` may move by at most 0.01 between the two precisions.
+
+Usage: python bench/precision_agreement.py [--images 300] [--held-out 100] [--epochs 12] [--width 0.5]
+       [--batch-size 16] [--device cpu|cuda] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+from model.config import TrainConfig
+from model.data import make_shapes_dataset
+from model.detector import Detector, load_model
+from model.engine import Callbacks, fit
+from model.metrics import evaluate_detector
+
+
+def train(data, config: TrainConfig, folder: Path) -> dict:
+    started = time.perf_counter()
+    curve: list[dict] = []
+
+    def on_epoch(record: dict) -> None:
+        curve.append({"epoch": record["epoch"], "minutes": (time.perf_counter() - started) / 60, **_map(record)})
+        print(f"  {'amp' if config.amp else 'fp32'} epoch {record['epoch']}: {curve[-1]}", flush=True)
+
+    result = fit(config, data, folder, Callbacks(on_epoch=on_epoch))
+    return {"precision": result.precision, "curve": curve, "checkpoint": str(result.last_checkpoint)}
+
+
+def _map(record: dict) -> dict:
+    return {"val_map50": record["val_map50"], "val_map": record["val_map"], "train_loss": record["train_loss"]}
+
+
+def agreement(checkpoint: str, held_out, device: str) -> dict:
+    """The detection rule and the mAP shift between float32 and mixed-precision inference of one trained model."""
+    network, classes = load_model(checkpoint)
+    fp32, bf16 = Detector(network, classes, device, amp=False), Detector(network, classes, device)
+    images = [Image.open(record.path) for record in held_out.images]
+    compared, unpartnered, worst_iou, largest_score_gap = 0, [], 1.0, 0.0
+    for start in range(0, len(images), 16):
+        chunk = images[start : start + 16]
+        for ref, got in zip(fp32.predict(chunk, 0.3), bf16.predict(chunk, 0.2), strict=True):
+            if not len(ref["scores"]):
+                continue
+            same_class = ref["labels"][:, None] == got["labels"][None, :]
+            iou = torch.where(same_class, box_iou(ref["boxes"], got["boxes"]), 0.0) if len(got["scores"]) else None
+            if iou is None:
+                unpartnered += ref["scores"].tolist()
+                continue
+            gap = (ref["scores"][:, None] - got["scores"][None, :]).abs()
+            partnered = ((iou >= 0.9) & (gap <= 0.03)).any(dim=1)
+            unpartnered += ref["scores"][~partnered].tolist()
+            best = iou.argmax(dim=1)
+            worst_iou = min(worst_iou, float(iou.max(dim=1).values.min()))
+            largest_score_gap = max(largest_score_gap, float(gap.gather(1, best[:, None]).max()))
+            compared += len(ref["scores"])
+    maps = {
+        name: evaluate_detector(detector, held_out.images, 16, None, held_out.classes)
+        for name, detector in (("fp32", fp32), (bf16.precision, bf16))
+    }
+    (a, b) = maps.values()
+    return {
+        "inference_precisions": list(maps),
+        "fp32_detections_above_0.3": compared,
+        "without_bf16_partner": len(unpartnered),
+        "worst_best_iou": worst_iou,
+        "largest_score_gap_to_best_match": largest_score_gap,
+        "map50": {k: v["map50"] for k, v in maps.items()},
+        "map": {k: v["map"] for k, v in maps.items()},
+        "map50_shift": abs(a["map50"] - b["map50"]),
+        "map_shift": abs(a["map"] - b["map"]),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--held-out", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--width", type=float, default=0.5)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    summary: dict = {"args": vars(args) | {"json": str(args.json)}, "torch": torch.__version__}
+
+    def save() -> None:
+        if args.json:
+            args.json.write_text(json.dumps(summary, indent=2))
+
+    with tempfile.TemporaryDirectory() as folder:
+        data = make_shapes_dataset(Path(folder) / "train", args.images, seed=0)
+        held_out = make_shapes_dataset(Path(folder) / "held-out", args.held_out, seed=1)
+        common = {"epochs": args.epochs, "width_multiplier": args.width, "batch_size": args.batch_size}
+        common["device"] = args.device
+        runs = {}
+        for amp in (True, False):
+            run = train(data, TrainConfig(amp=amp, **common), Path(folder) / f"amp-{amp}")
+            runs[run["precision"]] = run
+            summary["runs"] = runs
+            save()
+        last = {name: run["curve"][-1]["val_map50"] for name, run in runs.items()}
+        summary["final_val_map50"] = last
+        summary["final_val_map50_gap"] = abs(max(last.values()) - min(last.values()))
+        summary["agreement"] = {name: agreement(run["checkpoint"], held_out, args.device) for name, run in runs.items()}
+        save()
+        print(json.dumps({k: summary[k] for k in ("final_val_map50", "final_val_map50_gap", "agreement")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
