@@ -13,6 +13,8 @@
 #   bash bench/gpu_run.sh model   the pieces: the CUDA paths against the CPU's (bench/cuda_check.py), then
 #                                 inference, matching + loss and the training step against torchvision
 #                                 (bench/bench_model.py), then the loader's costs (bench/loader_profile.py)
+#   bash bench/gpu_run.sh precision   bf16 against fp32 on CUDA with trained models: convergence, and
+#                                 detections and mAP on held-out images (bench/precision_agreement.py)
 set -u -o pipefail
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1
@@ -35,6 +37,9 @@ if [ "${1:-}" = model ]; then
   step bench_train 150 python3 bench/bench_model.py --only train --json "$OUT/bench_train.json"
   step loader_profile 90 python3 bench/loader_profile.py --images 256 --workers 0,$((CORES - 2)) \
     --json "$OUT/loader_profile.json"
+elif [ "${1:-}" = precision ]; then
+  step precision_agreement 300 python3 bench/precision_agreement.py --device cuda --images 2000 --held-out 300 \
+    --epochs 6 --width 1.0 --batch-size 32 --workers $((CORES - 2)) --json "$OUT/precision_agreement.json"
 else
   # The peer stops once it has run 3.2x our time to the target without reaching it: that already
   # shows ours at under a third of its time. Each script writes its JSON as it goes.

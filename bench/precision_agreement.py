@@ -11,7 +11,7 @@ On ``--device`` (default: the CPU; bf16 there where it computes it natively, bf1
    ``evaluate_detector`` may move by at most 0.01 between the two precisions.
 
 Usage: python bench/precision_agreement.py [--images 300] [--held-out 100] [--epochs 12] [--width 0.5]
-       [--batch-size 16] [--device cpu|cuda] [--json out.json]
+       [--batch-size 16] [--device cpu|cuda] [--workers 2] [--json out.json]
 """
 
 from __future__ import annotations
@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--width", type=float, default=0.5)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--workers", type=int, default=TrainConfig.num_workers, help="data-loading processes")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     summary: dict = {"args": vars(args) | {"json": str(args.json)}, "torch": torch.__version__}
@@ -110,7 +111,7 @@ def main() -> None:
         data = make_shapes_dataset(Path(folder) / "train", args.images, seed=0)
         held_out = make_shapes_dataset(Path(folder) / "held-out", args.held_out, seed=1)
         common = {"epochs": args.epochs, "width_multiplier": args.width, "batch_size": args.batch_size}
-        common["device"] = args.device
+        common |= {"device": args.device, "num_workers": args.workers}
         runs = {}
         for amp in (True, False):
             run = train(data, TrainConfig(amp=amp, **common), Path(folder) / f"amp-{amp}")

@@ -18,6 +18,8 @@ from typing import Literal
 import torch
 
 Precision = Literal["bf16", "fp16", "fp32"]
+# torch.cpu's checks of the x86 instructions that compute bf16 (each absent from some older releases).
+_X86_NATIVE_BF16 = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -39,7 +41,7 @@ def cpu_has_native_bf16() -> bool:
     if not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()):
         return False
     if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
-        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+        return any(getattr(torch.cpu, check, lambda: False)() for check in _X86_NATIVE_BF16)
     return True  # Arm: oneDNN's check already asks for the BF16 extension
 
 
