@@ -1,9 +1,9 @@
-"""How the API and the workers of one host share its CPU cores (``SSD_API_THREADS``).
+"""How the API and the workers of one host share its CPU cores (``SSD_API_CPU_CORES``).
 
 PyTorch gives every process as many threads as the host has cores. Two such processes
 computing at once (the API detecting while a worker trains) run twice as many threads as
 cores, and each parallel region then waits for threads the other process has descheduled:
-both slow down far more than by half. So with ``SSD_API_THREADS`` set, the API keeps that
+both slow down far more than by half. So with ``SSD_API_CPU_CORES`` set, the API keeps that
 many cores and a worker takes the rest; unset, each process has all of them.
 """
 
@@ -24,18 +24,18 @@ def host_cores() -> int:
 
 
 def api_threads(settings: Settings) -> int:
-    """The API's PyTorch threads: ``SSD_API_THREADS``, or every core."""
-    return settings.api_threads or host_cores()
+    """The API's PyTorch threads: ``SSD_API_CPU_CORES``, or every core."""
+    return settings.api_cpu_cores or host_cores()
 
 
 def worker_threads(settings: Settings) -> int:
     """A worker's PyTorch threads: the cores the API does not keep, at least one."""
     cores = host_cores()
-    return max(1, cores - settings.api_threads) if settings.api_threads else cores
+    return max(1, cores - settings.api_cpu_cores) if settings.api_cpu_cores else cores
 
 
-def shared_host_api_threads() -> int:
-    """``SSD_API_THREADS`` for a host that runs the API and a worker (``ssd-service up``): half the cores."""
+def shared_host_api_cores() -> int:
+    """``SSD_API_CPU_CORES`` for a host that runs the API and a worker (``ssd-service up``): half the cores."""
     return max(1, host_cores() // 2)
 
 
@@ -49,5 +49,5 @@ def threads_line() -> str:
     """This process's thread count, for its log."""
     import torch
 
-    api = os.environ.get("SSD_API_THREADS") or "unset"
-    return f"PyTorch CPU threads: {torch.get_num_threads()} of {host_cores()} cores (SSD_API_THREADS: {api})"
+    api = os.environ.get("SSD_API_CPU_CORES") or "unset"
+    return f"PyTorch CPU threads: {torch.get_num_threads()} of {host_cores()} cores (SSD_API_CPU_CORES: {api})"

@@ -105,7 +105,7 @@ class Settings(BaseSettings):
             "fp32: float32 on the CPU always. GPUs are not affected (a job's `amp` decides there)."
         ),
     )
-    api_threads: int | None = Field(
+    api_cpu_cores: int | None = Field(
         None,
         ge=1,
         le=1024,
