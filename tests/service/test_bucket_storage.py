@@ -133,10 +133,18 @@ class IgnoresConditions(Bucket):
         return super().put(key, data)
 
 
-def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(bucket_url, tmp_path):
+class IgnoresIfMatch(Bucket):
+    """A store that honours If-None-Match but drops If-Match: the put the manifest's fence relies on."""
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        return super().put(key, data, if_absent=if_absent)
+
+
+@pytest.mark.parametrize("store", [IgnoresConditions, IgnoresIfMatch])
+def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(bucket_url, tmp_path, store):
     storage = storage_in(bucket_url, tmp_path)
     storage.check(thorough=True)  # moto's server honours them
-    storage.bucket = IgnoresConditions(storage.bucket.location)
+    storage.bucket = store(storage.bucket.location)
     with pytest.raises(StorageUnavailable, match="ignores conditional writes"):
         storage.check(thorough=True)
     assert list(storage.bucket.keys("")) == []  # the probe object is gone
