@@ -66,14 +66,24 @@ class Location:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def _code(error: Exception) -> str:
+def _code(error: BaseException) -> str:
     response = getattr(error, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def _status(error: Exception) -> int:
+def _status(error: BaseException) -> int:
     response = getattr(error, "response", None) or {}
     return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _answer(error: BaseException) -> BaseException:
+    """The error that carries the store's answer: ``error``, or the one it was raised from. boto3's
+    transfer manager turns a refused upload into an ``S3UploadFailedError`` of its own, with no
+    answer, raised while handling the store's ``ClientError``."""
+    found: BaseException | None = error
+    while found is not None and getattr(found, "response", None) is None:
+        found = found.__cause__ or found.__context__
+    return found or error
 
 
 class Bucket:
@@ -96,7 +106,8 @@ class Bucket:
         return self.location.prefix + key
 
     def _error(self, error: Exception, doing: str) -> BucketError:
-        code, status = _code(error), _status(error)
+        answer = _answer(error)
+        code, status = _code(answer), _status(answer)
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
             return Conflict(f"{doing}: the object changed meanwhile ({code or status})")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken") or status == 403:

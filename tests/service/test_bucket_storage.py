@@ -12,7 +12,7 @@ import pytest
 from model.layout import DataLayout
 from tests.service.bucket import S3Server, s3_server
 from tests.service.helpers import shapes
-from worker.bucket import Bucket, Conflict, Location
+from worker.bucket import Bucket, BucketError, Conflict, Location
 from worker.bucket_storage import BucketStorage
 from worker.cache import LocalCache
 from worker.lease import Lease, LeaseLost, LostReason
@@ -229,6 +229,16 @@ def test_the_cache_evicts_the_least_recently_used_entries_but_not_those_in_use(t
             assert c.exists() and d.exists()  # both in use, over the bound for now
     cache.evict()
     assert sum(1 for p in (a, c, d) if p.exists()) == 2
+
+
+@pytest.mark.parametrize("size", [10, 9 * 1024 * 1024], ids=["one-part", "multipart"])
+def test_a_refused_upload_is_refused_not_away(s3, tmp_path, size):
+    """boto3's transfer manager wraps the store's answer in an error of its own: the answer still decides."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"x" * size)
+    with pytest.raises(BucketError) as refused:
+        Bucket(Location.parse("s3://no-such-bucket-here")).upload("runs/job1/files/last.pt", path)
+    assert refused.value.refused and "does not exist" in str(refused.value), refused.value
 
 
 def test_an_unreachable_bucket_or_a_missing_one_is_named(s3, tmp_path):
