@@ -75,9 +75,20 @@ def quick_retry(retry_class: type = Retry) -> Retry:
     return retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
+# The form of every id ``new_id`` makes. An id from a request is checked against it before it
+# names a Redis key or a storage path: ``:`` would reach another key (a dataset's index of
+# queued jobs), ``*`` and ``?`` are glob characters, ``..`` and ``/`` walk out of a folder.
+ID_PATTERN = r"^[0-9a-f]{12}$"
+
+
 def new_id() -> str:
-    """A fresh opaque id for a job or a dataset."""
+    """A fresh opaque id for a job or a dataset (``ID_PATTERN``)."""
     return secrets.token_hex(6)
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` has the form of the ids the service makes."""
+    return re.fullmatch(ID_PATTERN, value) is not None
 
 
 def epoch_stream_id(epoch: int) -> str:

@@ -15,7 +15,7 @@ from app.dataset_import import (
     create_synthetic,
     import_archive,
 )
-from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
+from app.deps import DatasetId, ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
@@ -113,7 +113,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})
-def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
+def get_dataset(dataset_id: DatasetId, store: StoreDep) -> Dataset:
     return dataset_or_404(store, dataset_id).public()
 
 
@@ -126,7 +126,7 @@ def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
         503: {"description": "The storage (a bucket) could not delete the files; try again."},
     },
 )
-def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep) -> Response:
     outcome, job_id = store.delete_dataset(dataset_id)
     if outcome == "missing":
         raise HTTPException(404, f"no dataset with id {dataset_id!r}")

@@ -17,6 +17,7 @@ from worker.store import Store
 
 KEY = "k" * 20
 OTHER_KEY = "o" * 24
+KNOWN = DATASET.model_copy(update={"id": "0000000000d1"})  # a dataset record with an id of the service's form
 
 
 @pytest.fixture
@@ -154,22 +155,22 @@ CROSS_SITE = [
 
 def test_cross_site_posts_are_refused_before_anything_is_created(local_settings, tmp_path_factory):
     store = Store.from_url(local_settings.redis_url, local_settings.key_prefix)
-    store.put_dataset(DATASET)
+    store.put_dataset(KNOWN)
     # Each request would succeed from curl: a valid archive, a known dataset, a deletable one.
     archive = {"file": ("shapes.zip", coco_zip(tmp_path_factory.mktemp("coco"), 2), "application/zip")}
     requests = []
     for headers in CROSS_SITE:
         requests.append(("POST", "/datasets", {"headers": headers, "files": archive, "data": {"name": "x"}}))
         requests.append(("POST", "/datasets/synthetic", {"headers": headers, "json": {"num_images": 1}}))
-        requests.append(("POST", "/train", {"headers": headers, "json": {"dataset_id": "d1", "epochs": 1}}))
-        requests.append(("DELETE", "/datasets/d1", {"headers": headers}))
+        requests.append(("POST", "/train", {"headers": headers, "json": {"dataset_id": KNOWN.id, "epochs": 1}}))
+        requests.append(("DELETE", f"/datasets/{KNOWN.id}", {"headers": headers}))
     requests += [("GET", "/datasets", {}), ("GET", "/jobs", {})]
     answers = run_requests(local_settings, requests)
     for (method, path, kwargs), answer in zip(requests[:-2], answers, strict=False):
         assert answer.status_code == 403, (method, path, kwargs["headers"], answer.text)
         assert "curl" in answer.json()["detail"] and method in answer.json()["detail"]
     assert "'http://evil.example'" in answers[0].json()["detail"]
-    assert [d["id"] for d in answers[-2].json()] == ["d1"] and answers[-1].json() == []  # nothing made or queued
+    assert [d["id"] for d in answers[-2].json()] == [KNOWN.id] and answers[-1].json() == []  # nothing made or queued
     assert not local_settings.datasets_dir.exists()  # no upload was even spooled to disk
     store.redis.close()
 
@@ -262,8 +263,8 @@ def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
     prefix = f"full-{uuid.uuid4().hex[:8]}"  # a queue no worker reads
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=prefix, max_queued_jobs=2)
     store = Store.from_url(redis_server.url, prefix)
-    store.put_dataset(DATASET)
-    train = ("POST", "/train", {"json": {"dataset_id": "d1", "epochs": 1}})
+    store.put_dataset(KNOWN)
+    train = ("POST", "/train", {"json": {"dataset_id": KNOWN.id, "epochs": 1}})
     answers = run_requests(settings, [train, train, train])
     assert [r.status_code for r in answers] == [202, 202, 429], answers[-1].text
     assert "2 jobs are waiting" in answers[2].json()["detail"] and answers[2].headers["retry-after"] == "60"
