@@ -21,6 +21,7 @@ from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, evaluation, jobs, models, ops, web
 from app.security import (
+    KeysBeforeBodies,
     LocalOnlyMiddleware,
     key_check,
     mask_keys_in_access_log,
@@ -128,7 +129,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default=settings.max_body_bytes,
     )
     app.add_middleware(ImportAdmission, slots=imports)
-    if not settings.api_keys:  # with keys, the key protects every route whatever the Host or the sending page
+    if settings.api_keys:  # the key protects every route whatever the Host or the sending page
+        app.add_middleware(
+            KeysBeforeBodies,
+            keys=settings.api_keys,
+            open_routes=[*ops.health_router.routes, *web.router.routes],
+            open_paths=(app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url),
+            open_prefixes=(f"{web.STATIC_PATH}/",),
+            query_key_routes=jobs.stream_router.routes,
+        )
+    else:
         app.add_middleware(LocalOnlyMiddleware, allowed_hosts=settings.allowed_hosts.split(","))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
 

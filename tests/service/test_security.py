@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import urllib.request
 import uuid
 
@@ -10,7 +12,7 @@ import httpx
 import pytest
 
 from app.main import create_app
-from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
+from tests.service.conftest import PYTHON, api_process, free_port, start_process, wait_for_http, wait_until
 from tests.service.helpers import DATASET, coco_zip
 from worker.settings import Settings
 from worker.store import Store
@@ -290,3 +292,56 @@ def test_a_key_in_the_query_is_masked_in_the_access_log(env, log_dir):
     log = process.log.read_text()
     assert "/jobs/nope/losses/stream?after=1&api_key=*** HTTP/1.1" in log and KEY not in log
     assert "/jobs/nope/losses/stream?api%5Fkey=*** HTTP/1.1" in log
+
+
+def _headers_only(base_url: str, method: str, path: str, content_type: str, length: int) -> tuple[socket.socket, bytes]:
+    """Send a request's headers, announcing a body of ``length`` bytes, and none of the body; the open
+    socket and what the server answered within 10 s (b"" if nothing)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+    sock.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode())
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        pass
+    return sock, answer
+
+
+def _length(answer: bytes) -> int:
+    found = re.search(rb"content-length: *([0-9]+)", answer.lower())
+    return int(found[1]) if found else 0
+
+
+def test_with_keys_a_request_without_one_is_answered_after_its_headers_alone(env, log_dir, tmp_path):
+    """Keyless uploads never take an import slot nor send a byte of their bodies to the server's disk."""
+    prefix = f"early-{uuid.uuid4().hex[:8]}"
+    settings = {"SSD_API_KEY": KEY, "SSD_IMPORT_SLOTS": "1", "SSD_KEY_PREFIX": prefix, "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-early-keys", **settings) as base_url:
+        multipart = "multipart/form-data; boundary=never-sent"
+        held = []
+        for method, path, content_type, length in [
+            ("POST", "/datasets", multipart, 2_000_000),
+            ("POST", "/datasets", multipart, 2_000_000),
+            ("POST", "/detect", multipart, 1_000_000),
+            ("POST", "/detect/batch", multipart, 2_000_000),
+            ("POST", "/train", "application/json", 100),
+        ]:
+            sock, answer = _headers_only(base_url, method, path, content_type, length)
+            held.append(sock)
+            assert answer.startswith(b"HTTP/1.1 401"), (method, path, answer[:200])
+            assert b"X-API-Key" in answer and b"www-authenticate: apikey" in answer.lower(), answer
+        # The keyless uploads hold no import slot: a client with the key is served at once.
+        made = httpx.post(
+            f"{base_url}/datasets/synthetic", json={"num_images": 1}, headers={"X-API-Key": KEY}, timeout=30
+        )
+        assert made.status_code == 201, made.text
+        stream = httpx.get(f"{base_url}/jobs/0123456789ab/losses/stream?api_key={KEY}", timeout=10)
+        assert stream.status_code == 404  # the stream's key may still come in the query
+        for sock in held:
+            sock.close()
