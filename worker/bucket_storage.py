@@ -230,6 +230,7 @@ class BucketStorage:
         self.bucket.delete(dataset_key(dataset_id, DATASET_FILE))  # first: a dataset without it is gone
         self.bucket.delete_prefix(dataset_key(dataset_id))
         shutil.rmtree(self.layout.dataset_dir(dataset_id), ignore_errors=True)
+        self.cache.discard(dataset_key(dataset_id, DATASET_ARCHIVE))  # in use here: eviction removes it later
 
     def saved_datasets(self) -> Iterator[DatasetRecord]:
         for dataset_id in self.bucket.children(f"{DATASETS_DIR}/"):

@@ -3,6 +3,7 @@ Redis, the API and each worker on data folders of their own, as on different mac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -193,3 +194,36 @@ def test_an_api_that_cannot_reach_the_bucket_says_so(service, log_dir):
         assert ready.status_code == 503 and f"s3://{BUCKET}/{PREFIX}/" in ready.json()["storage"], ready.text
         made = client.post("/datasets/synthetic", json={"num_images": 4})
         assert made.status_code == 503 and "s3://" in made.json()["detail"], made.text
+
+
+def _cache_bytes(data_dir: Path) -> dict[str, int]:
+    """The cache's entries (named by a hash of their key) and the bytes of each."""
+    entries = {}
+    for entry in (data_dir / "cache").iterdir():
+        if "." not in entry.name:  # not a temporary, nor an entry's .size, .lock or .fill
+            files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+            entries[entry.name] = sum(p.stat().st_size for p in files)
+    return entries
+
+
+def test_the_api_cache_keeps_to_its_bound_and_forgets_deleted_datasets(service, log_dir):
+    folder = service.folder / "bounded"
+    shapes(folder / "images", num_images=16, seed=3)
+    archive = zip_folder(folder / "images")
+    one = sum(p.stat().st_size for p in (folder / "images").rglob("*") if p.is_file())
+    bound = int(2.5 * one)  # two datasets fit, three do not
+    data_dir = folder / "api"
+    env = {**service.env, "SSD_DATA_DIR": str(data_dir), "SSD_CACHE_BYTES": str(bound)}
+    with api_process(env, log_dir, name="bucket-api-bounded") as base_url, httpx.Client(base_url=base_url) as client:
+        ids = []
+        for n in range(3):
+            response = client.post("/datasets", files={"file": (f"d{n}.zip", archive)}, timeout=60)
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+            held = _cache_bytes(data_dir)
+            assert sum(held.values()) <= bound, (n, held, bound)
+        assert client.delete(f"/datasets/{ids[-1]}").status_code == 204
+        # Entries are named by a hash of their key: the dataset's archive in the bucket.
+        deleted = hashlib.sha256(f"datasets/{ids[-1]}/files.zip".encode()).hexdigest()[:32]
+        assert deleted not in _cache_bytes(data_dir)
+        assert sum(_cache_bytes(data_dir).values()) <= bound

@@ -241,6 +241,23 @@ def test_a_refused_upload_is_refused_not_away(s3, tmp_path, size):
     assert refused.value.refused and "does not exist" in str(refused.value), refused.value
 
 
+def test_adopted_entries_are_evicted_and_discarded_like_fetched_ones(tmp_path):
+    cache = LocalCache(tmp_path / "cache", max_bytes=250)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        cache.adopt(name, tmp_path / name)
+        if name == "a":
+            (cache.root / f"{cache._entry('a').name}.lock").unlink()  # as earlier versions adopted entries
+        time.sleep(0.01)
+    assert not cache._entry("a").exists() and cache._entry("b").exists() and cache._entry("c").exists()
+    with cache.use("b", lambda path: None):
+        assert not cache.discard("b")  # in use: it stays
+    assert cache.discard("b") and not cache._entry("b").exists()
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(
+        f"{cache._entry('c').name}{suffix}" for suffix in ("", ".lock", ".size")
+    )
+
+
 def test_an_unreachable_bucket_or_a_missing_one_is_named(s3, tmp_path):
     missing = BucketStorage("s3://no-such-bucket-here", DataLayout(tmp_path), 10**6)
     with pytest.raises(StorageUnavailable, match="does not exist"):
