@@ -27,7 +27,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
+
+import redis
 
 from model.config import TrainConfig
 from model.data import read_dataset
@@ -420,6 +423,9 @@ def _train_and_judge(
         result = _train(job, store, settings, folder, monitor.callbacks(shutdown.is_set))
     except LeaseLost:
         return None
+    except redis.RedisError:  # away for as long as the lease lasts: the job resumes once Redis is back
+        log.exception("job %s: Redis stayed unreachable", job.id)
+        return None
     except RunFolderBusy as error:
         return _Outcome("paused", reason=f"{worker_name} could not write the run folder ({error}); the job resumes")
     except BucketError as error:
@@ -451,7 +457,9 @@ def _train_and_judge(
 
 
 def _train(job: JobRecord, store: Store, settings: Settings, folder: RunFolder, callbacks: Callbacks) -> FitResult:
-    dataset = store.get_dataset(job.dataset_id)
+    # Retried like the run's other Redis calls: a moment without Redis must not fail the job.
+    read = partial(store.get_dataset, job.dataset_id)
+    dataset = retry_redis(read, settings.lease_seconds, f"reading the dataset of job {job.id}")
     if dataset is None:
         raise ValueError(f"dataset {job.dataset_id} was deleted")
     with settings.storage.dataset_files(dataset) as root:  # copied from the bucket into the cache on first use

@@ -8,6 +8,7 @@ seconds, not minutes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -303,3 +304,30 @@ def test_an_accepted_job_survives_redis_losing_everything_before_a_worker_starts
     logs = service.worker_logs()
     assert logs.count(f"job {waiting['id']}: training on") == 1, logs[-3000:]  # exactly once
     assert f"job {dropped['id']}: training on" not in logs
+
+
+def test_a_redis_blip_as_a_job_starts_only_delays_it(faults):
+    """Redis is away for a moment just as a run reads the job's dataset record: the run waits it out.
+    The test holds the run folder's lock so that the run's claim, and with it everything after the
+    job turned running, waits until Redis has been cut off from that worker."""
+    service = faults
+    proxy = CuttableProxy(service.redis.port)
+    try:
+        with service.client() as client:
+            job = client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 1}).json()
+            lock = os.open(service.run_dir(job["id"]) / ".lock", os.O_RDWR)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                # A longer lease than the other tests': the blip must not cost the run its lease.
+                service.start_worker("blip", SSD_REDIS_URL=proxy.url, SSD_LEASE_SECONDS="10")
+                wait_until(lambda: service.store.get_job(job["id"]).status == "running", 30, "the run to start")
+                proxy.cut()
+            finally:
+                os.close(lock)  # the claim goes on, then the run reads the dataset's record
+            time.sleep(2)
+            proxy.restore()
+            done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded" and done["restarts"] == 0 and done["crashes"] == 0, done
+        assert "reading the dataset" in service.workers[-1].log.read_text()  # it did meet the blip
+    finally:
+        proxy.close()
