@@ -362,39 +362,52 @@ def _run(
     dispatch: Callable[[str], None] | None,
     shutdown: threading.Event,
 ) -> str:
-    """Train the job this run has just started (its lease held) in ``folder``, and record how it ended."""
-    job_id = job.id
-    try:
-        _claim(folder, settings.lease_seconds / 2)
-    except (LeaseLost, RunFolderBusy) as error:
-        reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
-        return _record(job, _Outcome("paused", reason=reason), store, lease, settings, dispatch)
-    except BucketError as error:  # refused, or away for longer than the claim waits: the job says so
-        log.error("job %s: cannot read its run from %s: %s", job_id, settings.storage, error)
-        outcome = _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
-        return _record(job, outcome, store, lease, settings, dispatch)
-    settings.storage.keep_job(job)
-    log.info("job %s: training on %s (restarts %s)", job_id, worker_name, job.restarts)
-
+    """Claim the run folder and train the job this run has just started (its lease held), and record
+    how it ended. The monitor renews the lease from the start: a claim that copies a large
+    checkpoint over a slow link may take longer than the lease itself."""
     monitor = JobMonitor(
         store, lease, settings.cancel_check_seconds, settings.progress_interval_seconds, job.best_val_loss
     )
     with monitor:
-        outcome = _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
+        outcome = _claim_and_train(job, store, settings, folder, monitor, shutdown, worker_name)
         if outcome is None or not lease.trusted():
             why = lease.lost.value if lease.lost else "another run has the job"
-            log.error("job %s: %s; this run stops and writes nothing more", job_id, why)
+            log.error("job %s: %s; this run stops and writes nothing more", job.id, why)
             return f"lease lost: {why}"
         if not monitor.drain(settings.lease_seconds):
-            log.error("job %s: epoch records could not be written; the reaper will resume the job", job_id)
+            log.error("job %s: epoch records could not be written; the reaper will resume the job", job.id)
             return "unrecorded"
     return _record(job, outcome, store, lease, settings, dispatch)
 
 
+def _claim_and_train(
+    job: JobRecord,
+    store: Store,
+    settings: Settings,
+    folder: RunFolder,
+    monitor: JobMonitor,
+    shutdown: threading.Event,
+    worker_name: str,
+) -> _Outcome | None:
+    """Take the run folder over, then train; how the job ended, or None if the run lost it."""
+    started = time.monotonic()
+    try:
+        _claim(folder, settings.lease_seconds / 2)
+    except (LeaseLost, RunFolderBusy) as error:
+        reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
+        return _Outcome("paused", reason=reason)
+    except BucketError as error:  # refused, or away for longer than the claim waits: the job says so
+        log.error("job %s: cannot read its run from %s: %s", job.id, settings.storage, error)
+        return _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
+    log.info("job %s: claimed its run files in %.1fs", job.id, time.monotonic() - started)
+    settings.storage.keep_job(job)
+    log.info("job %s: training on %s (restarts %s)", job.id, worker_name, job.restarts)
+    return _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
+
+
 def _claim(folder: RunFolder, patience: float) -> None:
     """``folder.claim()``, tried again for up to ``patience`` seconds while a bucket is away (not when
-    it refuses): a short outage delays the job instead of failing it. The lease is not renewed yet,
-    so the patience stays well inside it."""
+    it refuses): a short outage delays the job instead of failing it."""
     deadline = time.monotonic() + patience
     delay = 1.0
     while True:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from tests.service.conftest import (
     wait_until,
     worker_args,
 )
-from tests.service.faults import FAULT_LIMITS, JOB, epochs, train_into_epoch_two
+from tests.service.faults import FAULT_LIMITS, JOB, CuttableProxy, epochs, train_into_epoch_two
 from tests.service.helpers import image_bytes, shapes, wait_for_job, zip_folder
 from worker.store import Store
 
@@ -227,3 +228,34 @@ def test_the_api_cache_keeps_to_its_bound_and_forgets_deleted_datasets(service, 
         deleted = hashlib.sha256(f"datasets/{ids[-1]}/files.zip".encode()).hexdigest()[:32]
         assert deleted not in _cache_bytes(data_dir)
         assert sum(_cache_bytes(data_dir).values()) <= bound
+
+
+def test_a_resume_whose_claim_outlasts_the_lease_finishes(bucket_service):
+    """The worker that resumes the job reaches the bucket over a link so slow that copying the run's
+    files takes longer than the whole lease (3 s): the run renews its lease meanwhile and trains on."""
+    service = bucket_service
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        dataset = upload_dataset(service, client, "far")
+        leaving = service.start_worker("leaving")
+        job = train_into_epoch_two(client, dataset["id"])
+        leaving.popen.send_signal(signal.SIGTERM)  # the job pauses with its checkpoints in the bucket
+        assert leaving.popen.wait(30) == 0, leaving.tail()
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+        s3 = service.s3.client()
+        manifest = json.loads(
+            s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/{job['id']}/manifest.json")["Body"].read()
+        )
+        run_bytes = sum(
+            s3.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")["ContentLength"] for key in manifest["files"].values()
+        )
+        proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]), bytes_per_second=run_bytes / 5)
+        try:
+            # No crash is forgiven: a run that lost its lease to its claim would fail the job at once.
+            far = service.start_worker("far", AWS_ENDPOINT_URL=proxy.http_url, SSD_MAX_JOB_RESTARTS="0")
+            done = wait_for_job(client, job["id"], ENDED, timeout=180)
+        finally:
+            proxy.close()
+        assert done["status"] == "succeeded" and done["crashes"] == 0, (done, far.tail())
+        assert epochs(client, job["id"]) == [1, 2, 3]
+    claimed = re.search(r"claimed its run files in ([0-9.]+)s", far.log.read_text())
+    assert claimed and float(claimed[1]) > 3, far.tail()  # longer than the lease
