@@ -12,7 +12,8 @@ at once or a message turns up late: a second runner cannot take a held lease.
   again; the next free worker resumes it from its last checkpoint.
 - **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
   was taken by a worker that found the job leased and acked it, a requeue's send failed, a
-  worker died between taking the message and starting): its task is sent again, by one
+  worker died between taking the message and starting; or its run put it back because the
+  storage was away, to be sent again from its ``retry_at`` on): its task is sent again, by one
   reaper. The same when the ``dispatch_id``'s message is not in the queue on two passes half
   a lease TTL apart while the job stays queued and unleased: its sender died between
   recording the id and sending, or the worker that took it died before starting the job (a
@@ -137,6 +138,8 @@ class Reaper:
         return "requeued"
 
     def _redispatch(self, job: ActiveJob, now: float) -> bool:
+        if time.time() < (job.retry_at or 0):  # put back for its storage: it waits before it is sent again
+            return False
         age = time.time() - (job.enqueued_at or 0)
         if age < self.grace or (job.dispatch_id and not self._message_lost(job, now)):
             return False

@@ -104,6 +104,7 @@ class ActiveJob:
     worker: str | None
     dispatch_id: str | None
     enqueued_at: float | None
+    retry_at: float | None = None  # put back for its storage: not sent again before then
 
 
 @dataclass(frozen=True)
@@ -360,14 +361,20 @@ class Store:
         return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 
     def requeue_job(
-        self, job_id: str, reason: str, lease: Lease | None = None, crashes: Crashes | None = None
+        self,
+        job_id: str,
+        reason: str,
+        lease: Lease | None = None,
+        crashes: Crashes | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> JobRecord | None:
         """Put a running job back in the queue (``restarts`` + 1, ``restart_reason``), to resume later.
 
         With ``lease``, the caller's (released here, atomically); without, only if nobody holds
         the job's lease (its run is gone). With ``crashes``, the run stopped without pausing the
         job: the job's ``crashes`` count goes up, and past ``crashes.retried`` the job fails
-        instead. A job whose cancel was asked meanwhile ends cancelled instead.
+        instead. A job whose cancel was asked meanwhile ends cancelled instead. ``fields`` are set
+        on a job that goes back to the queue.
 
         Returns:
             The record after (queued, cancelled or failed), or None if nothing was done. The
@@ -383,6 +390,7 @@ class Store:
             "1" if crashes else "0",
             crash.retried,
             *crash.error,
+            *encode_fields(fields or {}),
         ]
         return _record(self._run("requeue", keys, args))
 
@@ -450,11 +458,11 @@ class Store:
         keys = [self._status_key(status) for status in (QUEUED, RUNNING)]
         flat = self._run("unleased_jobs", keys, [self._key("job", "")])
         jobs = []
-        for at in range(0, len(flat), 5):
-            job_id, status, worker, dispatch_id, enqueued_at = flat[at : at + 5]
-            worker = json.loads(worker) if worker else None
+        for at in range(0, len(flat), 6):
+            job_id, status, worker, dispatch_id, enqueued_at, retry_at = flat[at : at + 6]
+            enqueued, retry = (json.loads(value) if value else None for value in (enqueued_at, retry_at))
             jobs.append(
-                ActiveJob(job_id, status, worker, dispatch_id or None, json.loads(enqueued_at) if enqueued_at else None)
+                ActiveJob(job_id, status, json.loads(worker) if worker else None, dispatch_id or None, enqueued, retry)
             )
         return sorted(jobs, key=lambda job: job.id)
 

@@ -15,6 +15,11 @@ before its next batch; the reaper then puts the job back and it resumes from its
 A worker told to shut down (SIGTERM: ``shutdown`` is set) pauses the job at the next batch:
 the engine writes a mid-epoch checkpoint, the job goes back to the queue with its lease
 released, and the next free worker carries on from that batch.
+
+A storage that cannot be reached (a bucket restarting), when the run claims its files or
+later, puts the job back too, to wait: the reaper sends it again after half a lease, twice as
+long each time in a row (``storage_pauses``); past ``SSD_MAX_STORAGE_PAUSES`` in a row it fails,
+naming the storage. A storage that refuses (credentials, no such bucket) fails the job at once.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from worker.store import REDIS_ERRORS, Store
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_STORAGE_RETRY_SECONDS = 600.0
 
 
 class _QuietLog:
@@ -103,6 +110,7 @@ class JobMonitor:
         self.progress: dict[str, Any] | None = None
         self._progress_written = True
         self._history: list[dict[str, Any]] = []  # the run's epoch records, epochs 1 to n
+        self.new_epochs = 0  # finished by this run (not resumed from its checkpoint)
         self._synced = 0  # how many of them Redis is known to hold
         self._lock = threading.Lock()  # guards _history, _synced and the progress fields
         self._sync_lock = threading.Lock()  # one sync at a time (the thread, or drain())
@@ -151,6 +159,7 @@ class JobMonitor:
     def on_epoch(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._history.append(dict(record))
+            self.new_epochs += 1
         self._wake.set()
 
     def on_resume(self, history: list[dict[str, Any]]) -> None:
@@ -302,6 +311,13 @@ class _Outcome:
     status: str  # succeeded, failed, cancelled, or paused (requeued to carry on elsewhere)
     fields: dict[str, Any] = field(default_factory=dict)
     reason: str = ""  # why a paused job was put back
+    storage_away: str = ""  # paused because the storage could not be reached: what could not be done
+
+
+def storage_retry_delay(pauses: int, lease_seconds: float) -> float:
+    """How long a job put back for its storage ``pauses`` times in a row waits before it is sent again:
+    half a lease, doubling each time, at most ``MAX_STORAGE_RETRY_SECONDS``."""
+    return min(lease_seconds / 2 * 2 ** (pauses - 1), MAX_STORAGE_RETRY_SECONDS)
 
 
 def run_job(
@@ -341,7 +357,7 @@ def run_job(
     if lease is None:
         log.info("job %s is leased by %s; not running it twice", job_id, store.leases.holder(job_id))
         return "skipped: leased"
-    started = store.start_job(lease, worker_name, **where_it_runs(job, settings))
+    started = store.start_job(lease, worker_name, retry_at=None, **where_it_runs(job, settings))
     if started is None or started[0] != QUEUED:
         store.leases.release(lease)
         return f"skipped: {started[0] if started else 'missing'}"
@@ -377,7 +393,7 @@ def _run(
         if not monitor.drain(settings.lease_seconds):
             log.error("job %s: epoch records could not be written; the reaper will resume the job", job.id)
             return "unrecorded"
-    return _record(job, outcome, store, lease, settings, dispatch)
+    return _record(job, outcome, store, lease, settings, dispatch, progressed=monitor.new_epochs > 0)
 
 
 def _claim_and_train(
@@ -396,9 +412,12 @@ def _claim_and_train(
     except (LeaseLost, RunFolderBusy) as error:
         reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
         return _Outcome("paused", reason=reason)
-    except BucketError as error:  # refused, or away for longer than the claim waits: the job says so
+    except BucketError as error:
         log.error("job %s: cannot read its run from %s: %s", job.id, settings.storage, error)
-        return _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
+        if error.refused or isinstance(error, Conflict):  # the set-up is wrong: waiting cannot help
+            return _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
+        away = f"{worker_name} could not reach {settings.storage} to take the run over ({error})"
+        return _Outcome("paused", reason=f"{away}; the job waits for it", storage_away=away)
     log.info("job %s: claimed its run files in %.1fs", job.id, time.monotonic() - started)
     settings.storage.keep_job(job)
     log.info("job %s: training on %s (restarts %s)", job.id, worker_name, job.restarts)
@@ -445,7 +464,8 @@ def _train_and_judge(
         if error.refused:  # the set-up is wrong: resuming elsewhere would fail the same way
             return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
         # Away for longer than the client's retries: the job resumes from its last committed checkpoint.
-        return _Outcome("paused", reason=f"{worker_name} could not reach the bucket ({error}); the job resumes")
+        away = f"{worker_name} could not reach {settings.storage} ({error})"
+        return _Outcome("paused", reason=f"{away}; the job resumes once it can", storage_away=away)
     except Exception as error:  # a training error ends the job: retrying it would fail the same way
         log.exception("job %s failed", job.id)
         return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
@@ -486,13 +506,27 @@ def _record(
     lease: Lease,
     settings: Settings,
     dispatch: Callable[[str], None] | None,
+    progressed: bool = False,
 ) -> str:
-    """Write the outcome to Redis (retried within the lease's TTL), then to the run folder's job.json."""
+    """Write the outcome to Redis (retried within the lease's TTL), then to the run folder's job.json.
+
+    ``progressed``: this run finished an epoch, which ends a series of storage pauses.
+    """
     job_id = job.id
+    pauses = (0 if progressed else job.storage_pauses) + bool(outcome.storage_away)
+    if outcome.storage_away and pauses > settings.max_storage_pauses:
+        error = (
+            f"{outcome.storage_away}, {pauses} times in a row; "
+            f"SSD_MAX_STORAGE_PAUSES is {settings.max_storage_pauses}, so it waits no longer"
+        )
+        outcome = _Outcome(FAILED, {"error": error, "storage_pauses": pauses})
     if outcome.status == "paused":
+        requeued: dict[str, Any] = {"storage_pauses": pauses}
+        if outcome.storage_away:  # the reaper sends it again once the wait is over
+            requeued["retry_at"] = time.time() + storage_retry_delay(pauses, settings.lease_seconds)
 
         def write() -> JobRecord | None:
-            return store.requeue_job(job_id, outcome.reason, lease)
+            return store.requeue_job(job_id, outcome.reason, lease, fields=requeued)
 
     else:
 
@@ -508,7 +542,7 @@ def _record(
         return "lease lost"
     settings.storage.keep_job(record)
     if outcome.status == "paused":
-        if record.status == QUEUED and dispatch is not None:
+        if record.status == QUEUED and dispatch is not None and not outcome.storage_away:
             send_quietly(dispatch, job_id)
         log.info("job %s put back (%s): %s", job_id, record.status, outcome.reason)
         return "paused"

@@ -177,15 +177,43 @@ def test_records_redis_lost_come_back_from_the_bucket(bucket_service):
         assert epochs(client, done["id"]) == [1]
 
 
-def test_a_worker_that_cannot_reach_the_bucket_fails_its_job_saying_so(bucket_service):
+def test_a_job_whose_bucket_stays_away_fails_after_its_storage_pauses_saying_so(bucket_service):
     service = bucket_service
     with httpx.Client(base_url=service.base_url, timeout=60) as client:
         dataset = upload_dataset(service, client, "unreached")
-        service.start_worker("cut-off", AWS_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens there
+        away = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "SSD_MAX_STORAGE_PAUSES": "1"}  # nothing listens there
+        service.start_worker("cut-off", **away)
         response = client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1})
         done = wait_for_job(client, response.json()["id"], ENDED, timeout=120)
-        assert done["status"] == "failed", done
-        assert f"s3://{BUCKET}/{PREFIX}/" in done["error"], done
+        assert done["status"] == "failed" and done["storage_pauses"] == 2, done  # put back once, then failed
+        assert f"s3://{BUCKET}/{PREFIX}/" in done["error"] and "SSD_MAX_STORAGE_PAUSES is 1" in done["error"], done
+
+
+def test_jobs_that_start_while_the_bucket_is_away_wait_for_it(bucket_service):
+    """The worker's link to the bucket goes down before two jobs start (MinIO restarting, say): each is
+    put back, sent again later, and trains once the bucket is back, instead of failing for good."""
+    service = bucket_service
+    proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        with httpx.Client(base_url=service.base_url, timeout=60) as client:
+            dataset = upload_dataset(service, client, "outage")
+            service.start_worker("patient", AWS_ENDPOINT_URL=proxy.http_url)
+            proxy.cut()
+            jobs = [client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1}).json() for _ in "ab"]
+
+            def put_back_or_ended() -> list[dict] | None:
+                found = [client.get(f"/jobs/{job['id']}").json() for job in jobs]
+                ended = any(job["status"] in ENDED for job in found)
+                return found if ended or all(job.get("storage_pauses", 0) >= 1 for job in found) else None
+
+            found = wait_until(put_back_or_ended, 90, "both jobs to be put back", interval=0.2)
+            assert [job["status"] for job in found] == ["queued", "queued"], found
+            proxy.restore()
+            done = [wait_for_job(client, job["id"], ENDED, timeout=120) for job in jobs]
+        assert [job["status"] for job in done] == ["succeeded", "succeeded"], done
+        assert all(job["crashes"] == 0 and "could not reach" in job["restart_reason"] for job in done), done
+    finally:
+        proxy.close()
 
 
 def test_an_api_that_cannot_reach_the_bucket_says_so(service, log_dir):
