@@ -310,6 +310,9 @@ class BucketStorage:
     def read_job(self, job_id: str) -> JobRecord | None:
         return _read_model(self.bucket, run_key(job_id, JOB_FILE), JobRecord)[0]
 
+    def has_run(self, job_id: str) -> bool:
+        return next(self.bucket.keys(run_key(job_id)), None) is not None
+
     def saved_job_ids(self) -> list[str]:
         return sorted(self.bucket.children(f"{RUNS_DIR}/"))
 

@@ -48,6 +48,7 @@ class Storage(Protocol):
     def save_job(self, record: JobRecord, create: bool = False) -> bool: ...
     def keep_job(self, record: JobRecord | None) -> None: ...
     def read_job(self, job_id: str) -> JobRecord | None: ...
+    def has_run(self, job_id: str) -> bool: ...
     def saved_job_ids(self) -> list[str]: ...
 
 
@@ -141,6 +142,10 @@ class FolderStorage:
 
     def read_job(self, job_id: str) -> JobRecord | None:
         return read_job_file(self.layout.run_dir(job_id))
+
+    def has_run(self, job_id: str) -> bool:
+        """Whether anything of the job is stored (its record or its files): not, once it was deleted."""
+        return self.layout.run_dir(job_id).exists()
 
     def saved_job_ids(self) -> list[str]:
         """The jobs whose record is saved (``worker.rebuild``)."""

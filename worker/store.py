@@ -173,6 +173,7 @@ class Store:
                 "clear_dispatch",
                 "delete_job",
                 "unleased_jobs",
+                "correct_job",
             )
         }
 
@@ -466,9 +467,44 @@ class Store:
             )
         return sorted(jobs, key=lambda job: job.id)
 
+    def created(self, job_id: str) -> float | None:
+        """When the job was created (unix seconds, from its index), or None if there is no such job."""
+        return self.redis.zscore(self._jobs_key(), job_id)
+
+    def active_jobs(self) -> list[tuple[str, float]]:
+        """The queued and running jobs: each id with its creation time (unix seconds)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for status in (QUEUED, RUNNING):
+                pipe.zrange(self._status_key(status), 0, -1, withscores=True)
+            return [(job_id, created) for found in pipe.execute() for job_id, created in found]
+
+    def correct_job(self, stale: JobRecord, saved: JobRecord | None, finished: float | None = None) -> bool:
+        """Replace the record of a queued or running job that Redis kept stale (``stale``, as read) with
+        ``saved``, or drop the job (``saved`` None: it was deleted), unless the record changed since.
+
+        Returns:
+            Whether it was corrected.
+        """
+        job_id = stale.id
+        keys = [
+            self.job_key(job_id),
+            self.losses_key(job_id),
+            self.lease_key(job_id),
+            self._key("job", job_id, "redispatch"),
+            self._key("jobs", "succeeded"),
+        ]
+        args = [encode_value("revision", stale.revision), "", ""]
+        if saved is not None:
+            args = [args[0], saved.status, str(finished) if finished is not None else "", *_fields_but_status(saved)]
+        return bool(self._run("correct_job", keys, args))
+
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""
         return str(self.redis.info("server").get("run_id", ""))
+
+    def server_started(self) -> float:
+        """When the Redis server started (unix seconds, this machine's clock; a second early at most)."""
+        return time.time() - float(self.redis.info("server").get("uptime_in_seconds", 0)) - 1
 
     def marker(self) -> str | None:
         """The store's marker (``set_marker``): gone after a FLUSHALL or on an empty new server."""

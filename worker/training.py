@@ -46,6 +46,7 @@ from model.storage import RunFolder
 from worker.bucket import BucketError, Conflict
 from worker.lease import Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
+from worker.rebuild import correct_stale_job
 from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
 from worker.run_files import RunFolderBusy
 from worker.settings import Settings
@@ -347,6 +348,8 @@ def run_job(
         return store.get_job(job_id)
 
     job = retry_redis(take, settings.lease_seconds, f"reading job {job_id}")
+    if job is not None and job.status == QUEUED:
+        job = _checked_against_storage(job, store, settings)
     if job is None:
         log.warning("job %s does not exist; nothing to do", job_id)
         return "missing"
@@ -366,6 +369,21 @@ def run_job(
         return _run(started[1], folder, store, settings, lease, worker_name, dispatch, shutdown)
     finally:
         settings.storage.end_run(folder)
+
+
+def _checked_against_storage(job: JobRecord, store: Store, settings: Settings) -> JobRecord | None:
+    """The job's record, corrected from its saved one if Redis restarted and no reaper has compared
+    them yet (``worker.rebuild``): a cancel or a delete Redis lost must not let the job train."""
+    try:
+        if store.marker() == store.server_run_id():
+            return job
+        kept_over_restart = (store.created(job.id) or time.time()) < store.server_started()
+        if correct_stale_job(store, settings.storage, job.id, kept_over_restart) is None:
+            return job
+        return store.get_job(job.id)
+    except REDIS_ERRORS as error:  # a bucket away among them: the claim then puts the job back
+        log.warning("job %s could not be compared with its saved record: %s", job.id, error)
+        return job
 
 
 def _run(
