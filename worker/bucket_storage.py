@@ -43,6 +43,7 @@ from model.layout import (
     JOB_FILE,
     METRICS_FILE,
     RUN_MANIFEST,
+    RUN_OBJECTS_DIR,
     RUNS_DIR,
     DataLayout,
     dataset_key,
@@ -121,9 +122,20 @@ class BucketRunFolder(RunFolder):
             break
         else:
             raise RunFolderBusy(f"{self.bucket.location}{self.manifest_key} kept changing while this run claimed it")
+        self._sweep_unnamed_versions()
         self.path.mkdir(parents=True, exist_ok=True)
         for name, key in self.manifest.files.items():
             self.bucket.download(key, self.path / name)
+
+    def _sweep_unnamed_versions(self) -> None:
+        """Delete the file versions the manifest does not name: uploads whose manifest put failed, or
+        whose run died before it. Once this run's claim is written, no older run's put can name one;
+        and while this run trusts its lease no newer run has claimed the job (so none is uploading)."""
+        named = set(self.manifest.files.values())
+        for key in self.bucket.keys(run_key(self.job_id, f"{RUN_OBJECTS_DIR}/")):
+            if key not in named:
+                self.lease.check()
+                _delete_quietly(self.bucket, key)
 
     def commit(self, temp: Path, target: Path) -> None:
         name = target.name

@@ -126,6 +126,30 @@ def test_a_lost_answer_then_a_takeover_keeps_the_version_the_new_run_carries_on(
         assert path.read_bytes() == b"epoch 1"  # which is still there
 
 
+class ManifestAway(Bucket):
+    """A store that takes uploads but is away when the manifest is written."""
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        if key.endswith("manifest.json"):
+            raise BucketError(f"writing {key}: the store went away")
+        return super().put(key, data, if_match, if_absent)
+
+
+def test_versions_no_manifest_names_are_swept_when_a_run_claims_the_job(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path / "a")
+    first = storage.run_folder("job1", lease("first"))
+    first.claim()
+    write(first, "last.pt", b"epoch 1")
+    first.bucket = ManifestAway(first.bucket.location)
+    with pytest.raises(BucketError):
+        write(first, "last.pt", b"epoch 2")  # uploaded, but no manifest names it
+    assert len(list(storage.bucket.keys("runs/job1/files/"))) == 2
+    heir = storage_in(bucket_url, tmp_path / "b").run_folder("job1", lease("heir"))
+    heir.claim()
+    assert (heir.path / "last.pt").read_bytes() == b"epoch 1"
+    assert list(storage.bucket.keys("runs/job1/files/")) == list(heir.manifest.files.values())
+
+
 class IgnoresConditions(Bucket):
     """A store that drops If-Match / If-None-Match on the floor."""
 
