@@ -83,7 +83,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
-        await run_in_threadpool(start_sweep, settings.layout)
+        await run_in_threadpool(start_sweep, settings.layout, store, settings.storage)
         await run_in_threadpool(_check_storage, settings)
         # Everything imported so far (torch's objects included) lives as long as the process: out of
         # the collector's sight, a full collection no longer walks them (a 200 ms pause otherwise).

@@ -201,13 +201,12 @@ class BucketStorage:
 
     # --- datasets ---------------------------------------------------------------------------
 
-    def publish_dataset(self, record: DatasetRecord) -> None:
-        """Upload the imported folder (its archive, then its record); the folder moves into the cache.
+    def publish_dataset(self, record: DatasetRecord, folder: Path) -> None:
+        """Upload the imported folder: its archive, then its record.
 
         Raises:
             StorageUnavailable: the upload failed (the bucket keeps no record of the dataset).
         """
-        folder = self.layout.dataset_dir(record.id)
         try:
             archive = write_temp(folder.with_name(f"{record.id}.zip"), lambda file: _zip_folder(folder, file))
             try:
@@ -216,13 +215,15 @@ class BucketStorage:
                 archive.unlink(missing_ok=True)
             self.bucket.put(dataset_key(record.id, DATASET_FILE), record.model_dump_json(indent=2).encode())
         except OSError as error:
-            shutil.rmtree(folder, ignore_errors=True)
             try:  # what reached the bucket: without its record it is no dataset, only space taken
                 self.bucket.delete_prefix(dataset_key(record.id))
             except BucketError:
                 pass
             raise StorageUnavailable(f"could not store dataset {record.id} in {self}: {error}") from error
-        self.cache.adopt(dataset_key(record.id, DATASET_ARCHIVE), folder)
+
+    def place_dataset(self, dataset_id: str, folder: Path) -> None:
+        """The published folder moves into the cache: the bucket holds the dataset."""
+        self.cache.adopt(dataset_key(dataset_id, DATASET_ARCHIVE), folder)
 
     @contextmanager
     def dataset_files(self, record: DatasetRecord) -> Iterator[Path]:

@@ -134,12 +134,14 @@ def metrics_epochs(run_dir: Path) -> list[int]:
 
 class CuttableProxy:
     """A TCP proxy to a local port that a test cuts (every connection reset, new ones closed at once,
-    as when a worker's machine loses the network) and restores. ``bytes_per_second`` slows what the
-    target sends back (a slow link to a bucket); ``url`` is a Redis URL, ``http_url`` an endpoint."""
+    as when a worker's machine loses the network) and restores. What the target sends back can be
+    slowed, from any moment on: ``bytes_per_second`` (a slow link to a bucket) and ``delay``
+    (seconds before each piece is passed on). ``url`` is a Redis URL, ``http_url`` an endpoint."""
 
-    def __init__(self, target_port: int, bytes_per_second: float | None = None):
+    def __init__(self, target_port: int, bytes_per_second: float | None = None, delay: float = 0.0):
         self.target_port = target_port
         self.bytes_per_second = bytes_per_second
+        self.delay = delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -163,16 +165,16 @@ class CuttableProxy:
             with self._lock:
                 self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, self.bytes_per_second), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket, bytes_per_second: float | None = None) -> None:
-        size = 65536 if bytes_per_second is None else 8192
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool = False) -> None:
         try:
-            while chunk := source.recv(size):
+            while chunk := source.recv(8192 if answers else 65536):
+                if answers and self.delay:
+                    time.sleep(self.delay)
                 sink.sendall(chunk)
-                if bytes_per_second is not None:
-                    time.sleep(len(chunk) / bytes_per_second)
+                if answers and self.bytes_per_second is not None:
+                    time.sleep(len(chunk) / self.bytes_per_second)
         except OSError:
             pass
         for end in (source, sink):

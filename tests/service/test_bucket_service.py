@@ -8,6 +8,7 @@ import json
 import os
 import re
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,15 @@ import pytest
 
 from tests.service.bucket import S3Server, s3_server
 from tests.service.conftest import (
+    PYTHON,
     Process,
     RedisServer,
     api_process,
+    free_port,
     service_env,
     start_process,
     start_redis,
+    wait_for_http,
     wait_for_worker,
     wait_until,
     worker_args,
@@ -287,3 +291,45 @@ def test_a_resume_whose_claim_outlasts_the_lease_finishes(bucket_service):
         assert epochs(client, job["id"]) == [1, 2, 3]
     claimed = re.search(r"claimed its run files in ([0-9.]+)s", far.log.read_text())
     assert claimed and float(claimed[1]) > 3, far.tail()  # longer than the lease
+
+
+def test_an_api_killed_while_it_publishes_a_dataset_leaves_nothing_after_its_next_start(service, log_dir):
+    """The API is SIGKILLed once the dataset's archive has landed in the bucket and before its record
+    was written anywhere: its next start removes both the local folder and the archive."""
+    folder = service.folder / "killed"
+    shapes(folder / "images", num_images=16, seed=3)
+    archive = zip_folder(folder / "images")
+    data_dir = folder / "api"
+    proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]))
+    port = free_port()
+    env = {**service.env, "SSD_DATA_DIR": str(data_dir), "SSD_PORT": str(port), "AWS_ENDPOINT_URL": proxy.http_url}
+    api = start_process(f"bucket-api-killed-{port}", [PYTHON, "-m", "app"], env, log_dir)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
+        before = set(service.keys("datasets/"))
+        proxy.delay = 3.0  # from now on the bucket's answers come late: an upload lands, its answer waits
+
+        def upload() -> None:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/datasets", files={"file": ("k.zip", archive)}, timeout=60)
+            except httpx.HTTPError:
+                pass  # the API dies under it
+
+        threading.Thread(target=upload, daemon=True).start()
+        landed = wait_until(lambda: set(service.keys("datasets/")) - before, 60, "the archive in the bucket")
+        api.stop(signal.SIGKILL)
+    finally:
+        api.stop(signal.SIGKILL)
+        proxy.close()
+    [key] = landed
+    dataset_id = key.split("/")[2]
+    assert key.endswith("/files.zip") and any(dataset_id in p.name for p in (data_dir / "datasets").iterdir())
+
+    with api_process({**service.env, "SSD_DATA_DIR": str(data_dir)}, log_dir, name="bucket-api-after") as base_url:
+
+        def clean() -> bool:
+            left = [p.name for p in (data_dir / "datasets").iterdir() if dataset_id in p.name]
+            return not left and not service.keys(f"datasets/{dataset_id}/")
+
+        wait_until(clean, 30, "the next start to settle the interrupted import")
+        assert httpx.get(f"{base_url}/datasets/{dataset_id}").status_code == 404

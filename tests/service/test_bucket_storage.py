@@ -223,7 +223,8 @@ def test_a_dataset_travels_through_the_bucket_to_an_empty_cache(bucket_url, tmp_
     folder = api.layout.dataset_dir("d1")
     data = shapes(folder / "files", num_images=3, seed=1)
     record = DATASET.model_copy(update={"format": data.format, "classes": list(data.classes)})
-    api.publish_dataset(record)
+    api.publish_dataset(record, folder)
+    api.place_dataset(record.id, folder)
     assert not folder.exists()  # it moved into the API's cache
     with worker.dataset_files(record) as root:
         copied = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
