@@ -294,12 +294,14 @@ def test_a_key_in_the_query_is_masked_in_the_access_log(env, log_dir):
     assert "/jobs/nope/losses/stream?api%5Fkey=*** HTTP/1.1" in log
 
 
-def _headers_only(base_url: str, method: str, path: str, content_type: str, length: int) -> tuple[socket.socket, bytes]:
-    """Send a request's headers, announcing a body of ``length`` bytes, and none of the body; the open
-    socket and what the server answered within 10 s (b"" if nothing)."""
+def _headers_only(
+    base_url: str, method: str, path: str, content_type: str, length: int, extra: str = ""
+) -> tuple[socket.socket, bytes]:
+    """Send a request's headers (``extra``: more header lines), announcing a body of ``length`` bytes,
+    and none of the body; the open socket and what the server answered within 10 s (b"" if nothing)."""
     host, port = base_url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)), timeout=10)
-    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n"
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
     sock.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode())
     answer = b""
     try:
@@ -343,5 +345,25 @@ def test_with_keys_a_request_without_one_is_answered_after_its_headers_alone(env
         assert made.status_code == 201, made.text
         stream = httpx.get(f"{base_url}/jobs/0123456789ab/losses/stream?api_key={KEY}", timeout=10)
         assert stream.status_code == 404  # the stream's key may still come in the query
+        for sock in held:
+            sock.close()
+
+
+def test_without_keys_a_cross_site_upload_is_refused_after_its_headers_alone(env, log_dir, tmp_path):
+    """The Host and Origin rules, like the key, come before the body and the import slot."""
+    prefix = f"early-local-{uuid.uuid4().hex[:8]}"
+    settings = {"SSD_IMPORT_SLOTS": "1", "SSD_KEY_PREFIX": prefix, "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-early-local", **settings) as base_url:
+        multipart = "multipart/form-data; boundary=never-sent"
+        held = []
+        for extra in (
+            "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\n",
+            "X-Forwarded-Host: evil.example\r\nOrigin: null\r\n",
+        ):
+            sock, answer = _headers_only(base_url, "POST", "/datasets", multipart, 2_000_000, extra)
+            held.append(sock)
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+        made = httpx.post(f"{base_url}/datasets/synthetic", json={"num_images": 1}, timeout=30)
+        assert made.status_code == 201, made.text  # no slot was taken
         for sock in held:
             sock.close()
