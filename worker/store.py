@@ -429,15 +429,13 @@ class Store:
         Returns:
             ``deleted``, ``missing``, or the status of a job that has not ended (nothing deleted).
         """
-        job_id = job.id
-        keys = [
-            self.job_key(job_id),
-            self.losses_key(job_id),
-            self.lease_key(job_id),
-            self._key("job", job_id, "redispatch"),
-            self._key("jobs", "succeeded"),
-        ]
-        return self._run("delete_job", keys, [])
+        return self._run("delete_job", self._job_and_its_keys(job.id), [])
+
+    def _job_and_its_keys(self, job_id: str) -> list[str]:
+        """The keys a job's removal touches: its record, losses, lease and resend mark, and the index of
+        succeeded jobs."""
+        job_keys = [self.job_key(job_id), self.losses_key(job_id), self.lease_key(job_id)]
+        return [*job_keys, self._key("job", job_id, "redispatch"), self._key("jobs", "succeeded")]
 
     # --- task messages on their way (see worker.reaper) ---------------------------------------
 
@@ -485,18 +483,10 @@ class Store:
         Returns:
             Whether it was corrected.
         """
-        job_id = stale.id
-        keys = [
-            self.job_key(job_id),
-            self.losses_key(job_id),
-            self.lease_key(job_id),
-            self._key("job", job_id, "redispatch"),
-            self._key("jobs", "succeeded"),
-        ]
         args = [encode_value("revision", stale.revision), "", ""]
         if saved is not None:
             args = [args[0], saved.status, str(finished) if finished is not None else "", *_fields_but_status(saved)]
-        return bool(self._run("correct_job", keys, args))
+        return bool(self._run("correct_job", self._job_and_its_keys(stale.id), args))
 
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""
