@@ -2,9 +2,10 @@
 
 A dataset lives in ``<data_dir>/datasets/<id>/``: ``files/`` holds what the archive held
 (read with ``model.data.read_dataset``) and ``dataset.json`` the record also kept in Redis
-(names in ``model.layout``). It is built in ``datasets/.incoming-<owner>-<id>/`` and renamed
-into place only once it has been read without problems, so a failed import leaves nothing
-behind (and what a killed import leaves is removed at the next start: ``worker.leftovers``).
+(names in ``model.layout``). It is built in ``datasets/.incoming-<owner>-<id>/``, read,
+published to the storage (uploaded, with a bucket), recorded in Redis, and only then renamed
+into place (``_commit``): a failed import leaves nothing behind, and what a killed one leaves
+keeps its incoming name, which the next start settles (``worker.leftovers``).
 
 Archives come from users. Before ``zipfile`` builds its list of entries (memory grows with
 their number), the central directory is walked record by record to count them against
@@ -40,7 +41,7 @@ from model.data.images import safe_relative_path
 from model.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name
 from worker.records import DatasetRecord, now_iso
 from worker.settings import Settings
-from worker.store import new_id
+from worker.store import Store, new_id
 
 _JUNK_DIRS = {"__MACOSX"}
 _JUNK_FILES = {".DS_Store", "Thumbs.db"}
@@ -349,19 +350,29 @@ def _record(
     )
 
 
-def _commit(incoming: Path, record: DatasetRecord, settings: Settings) -> None:
-    """Move the built folder into place, then into the storage (uploaded, with a bucket).
+def _commit(incoming: Path, record: DatasetRecord, settings: Settings, store: Store) -> None:
+    """Publish the built folder to the storage, record the dataset in Redis, then move the folder
+    into place. Until the record is in Redis the folder keeps its incoming name, so whatever a
+    crash leaves is found and settled at the next start (``worker.leftovers.settle_imports``).
 
     Raises:
-        StorageUnavailable: the bucket refused it (the folder is gone then).
+        StorageUnavailable: the bucket refused it.
+        redis.RedisError: Redis could not take the record (what reached the bucket is removed).
     """
     (incoming / DATASET_FILE).write_text(record.model_dump_json(indent=2), encoding="utf-8")
-    os.rename(incoming, settings.layout.dataset_dir(record.id))
-    settings.storage.publish_dataset(record)
+    settings.storage.publish_dataset(record, incoming)
+    try:
+        store.put_dataset(record)
+    except BaseException:
+        settings.storage.remove_dataset(record.id)
+        raise
+    settings.storage.place_dataset(record.id, incoming)
 
 
-def import_archive(upload: IO[bytes], filename: str, name: str | None, settings: Settings) -> DatasetRecord:
-    """Check, extract and read a COCO, VOC or YOLO zip; returns the new dataset's record (not yet in Redis).
+def import_archive(
+    upload: IO[bytes], filename: str, name: str | None, settings: Settings, store: Store
+) -> DatasetRecord:
+    """Check, extract and read a COCO, VOC or YOLO zip, and store the dataset; returns its record.
 
     Raises:
         DatasetImportError: naming the archive and the problem (status 400 or 413).
@@ -392,7 +403,7 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
             "upload",
             _warnings(data, files),
         )
-        _commit(incoming, record, settings)
+        _commit(incoming, record, settings, store)
     except zipfile.BadZipFile as error:
         raise DatasetImportError(f"{filename}: corrupt zip archive: {error}") from error
     finally:
@@ -401,7 +412,7 @@ def import_archive(upload: IO[bytes], filename: str, name: str | None, settings:
 
 
 def create_synthetic(
-    num_images: int, seed: int, image_size: tuple[int, int], name: str | None, settings: Settings
+    num_images: int, seed: int, image_size: tuple[int, int], name: str | None, settings: Settings, store: Store
 ) -> DatasetRecord:
     """Generate a shapes dataset (``model.data.make_shapes_dataset``) and store it like an upload."""
     dataset_id = new_id()
@@ -410,7 +421,7 @@ def create_synthetic(
         data = make_shapes_dataset(incoming / DATASET_FILES_DIR, num_images, seed=seed, image_size=image_size)
         name = name or f"shapes-{num_images}-seed{seed}"
         record = _record(dataset_id, name, data, DATASET_FILES_DIR, "synthetic", _warnings(data))
-        _commit(incoming, record, settings)
+        _commit(incoming, record, settings, store)
     finally:
         shutil.rmtree(incoming, ignore_errors=True)
     return record

@@ -18,7 +18,7 @@ from app.inference import DetectionService
 from app.metrics import Metrics
 from worker.records import DatasetRecord, JobRecord
 from worker.settings import Settings
-from worker.store import Store
+from worker.store import Store, is_id
 
 
 async def get_settings(request: Request) -> Settings:
@@ -63,9 +63,30 @@ ImportsDep = Annotated[ImportSlots, Depends(get_imports)]
 EventStreamsDep = Annotated[EventStreams, Depends(get_event_streams)]
 
 
+def checked_id(kind: str, value: str) -> str:
+    """``value`` if it has the form of the service's ids, else 404 naming it: an id of another form
+    names nothing, and never reaches Redis or the storage (``worker.store.ID_PATTERN``)."""
+    if not is_id(value):
+        raise HTTPException(404, f"no {kind} with id {value!r}")
+    return value
+
+
+async def _job_id(job_id: str) -> str:
+    return checked_id("job", job_id)
+
+
+async def _dataset_id(dataset_id: str) -> str:
+    return checked_id("dataset", dataset_id)
+
+
+# A route's ``{job_id}`` or ``{dataset_id}``, checked before the route runs.
+JobId = Annotated[str, Depends(_job_id)]
+DatasetId = Annotated[str, Depends(_dataset_id)]
+
+
 def job_or_404(store: Store, job_id: str) -> JobRecord:
     """The job's record, or 404 naming the id."""
-    job = store.get_job(job_id)
+    job = store.get_job(checked_id("job", job_id))
     if job is None:
         raise HTTPException(404, f"no job with id {job_id!r}")
     return job
@@ -73,7 +94,7 @@ def job_or_404(store: Store, job_id: str) -> JobRecord:
 
 def dataset_or_404(store: Store, dataset_id: str) -> DatasetRecord:
     """The dataset's record, or 404 naming the id."""
-    dataset = store.get_dataset(dataset_id)
+    dataset = store.get_dataset(checked_id("dataset", dataset_id))
     if dataset is None:
         raise HTTPException(404, f"no dataset with id {dataset_id!r}")
     return dataset

@@ -21,6 +21,7 @@ from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
 from app.routers import datasets, detect, evaluation, jobs, models, ops, web
 from app.security import (
+    KeysBeforeBodies,
     LocalOnlyMiddleware,
     key_check,
     mask_keys_in_access_log,
@@ -84,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         use_threads(api_threads(settings))
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
-        await run_in_threadpool(start_sweep, settings.layout)
+        await run_in_threadpool(start_sweep, settings.layout, store, settings.storage)
         await run_in_threadpool(_check_storage, settings)
         # Everything imported so far (torch's objects included) lives as long as the process: out of
         # the collector's sight, a full collection no longer walks them (a 200 ms pause otherwise).
@@ -130,7 +131,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         default=settings.max_body_bytes,
     )
     app.add_middleware(ImportAdmission, slots=imports)
-    if not settings.api_keys:  # with keys, the key protects every route whatever the Host or the sending page
+    if settings.api_keys:  # the key protects every route whatever the Host or the sending page
+        app.add_middleware(
+            KeysBeforeBodies,
+            keys=settings.api_keys,
+            open_routes=[*ops.health_router.routes, *web.router.routes],
+            open_paths=(app.openapi_url, app.docs_url, app.swagger_ui_oauth2_redirect_url, app.redoc_url),
+            open_prefixes=(f"{web.STATIC_PATH}/",),
+            query_key_routes=jobs.stream_router.routes,
+        )
+    else:
         app.add_middleware(LocalOnlyMiddleware, allowed_hosts=settings.allowed_hosts.split(","))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # outermost: refusals are counted too
 

@@ -20,6 +20,7 @@ from worker.records import Dataset as Dataset
 from worker.records import Job as Job
 from worker.records import Progress as Progress
 from worker.records import Status
+from worker.store import ID_PATTERN
 
 _DEFAULTS = TrainConfig()
 
@@ -85,7 +86,7 @@ class TrainRequest(BaseModel):
         },
     )
 
-    dataset_id: str = Field(min_length=1, max_length=100)
+    dataset_id: str = Field(pattern=ID_PATTERN, description="The dataset to train on (the id POST /datasets gave).")
     epochs: int = Field(_DEFAULTS.epochs, ge=1, le=100_000)
     batch_size: int = Field(_DEFAULTS.batch_size, ge=1, le=4096)
     learning_rate: float = Field(_DEFAULTS.learning_rate, gt=0, le=10)
@@ -208,9 +209,7 @@ class DetectBatchResponse(BaseModel):
 class EvaluateRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"dataset_id": "3f9c1a2b7d4e"}]})
 
-    dataset_id: str = Field(
-        min_length=1, max_length=100, description="A dataset with the model's class names, in any order."
-    )
+    dataset_id: str = Field(pattern=ID_PATTERN, description="A dataset with the model's class names, in any order.")
 
 
 class ClassAP(BaseModel):

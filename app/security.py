@@ -1,6 +1,7 @@
 """Access: API keys when ``SSD_API_KEY`` is set, else requests from this machine only.
 
-With keys, every route but /healthz needs one (401 otherwise).
+With keys, every route but /healthz needs one (401 otherwise), checked from the headers before
+anything reads the request's body (``KeysBeforeBodies``).
 
 The key travels in the ``X-API-Key`` header; only the Server-Sent Events route also takes
 ``?api_key=``, because a browser's ``EventSource`` cannot send headers. Keys are compared in
@@ -23,8 +24,9 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Security
 from fastapi.security import APIKeyHeader, APIKeyQuery
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, QueryParams
 from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import SettingsDep
@@ -82,6 +84,57 @@ async def require_api_key_or_query(
     query: Annotated[str | None, Security(api_key_query)],
 ) -> None:
     check_api_key(settings.api_keys, header or query)
+
+
+class KeysBeforeBodies:
+    """With API keys: a request that needs one gets its 401 before anything reads its body or takes a
+    place for it (an import slot, a detection).
+
+    FastAPI reads a request's body before it runs the route's dependencies, so the check the routers
+    declare (``key_check``, which puts the key in the OpenAPI document) would answer a keyless upload
+    only once it had streamed to disk, holding an import slot all along. This middleware, outside
+    every other one but the metrics, checks the key from the headers alone: on every request but
+    those for ``open_routes`` (matched as the router matches them), ``open_paths`` and paths under
+    ``open_prefixes``; ``query_key_routes`` also take the key as ``?api_key=``.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        keys: tuple[bytes, ...],
+        open_routes: Iterable[BaseRoute],
+        open_paths: Iterable[str | None],
+        open_prefixes: tuple[str, ...],
+        query_key_routes: Iterable[BaseRoute],
+    ):
+        self.app = app
+        self.keys = keys
+        self.open_routes = list(open_routes)
+        self.open_paths = frozenset(path for path in open_paths if path)
+        self.open_prefixes = open_prefixes
+        self.query_key_routes = list(query_key_routes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not self._open(scope):
+            presented = Headers(scope=scope).get("x-api-key")
+            if not presented and _matches(self.query_key_routes, scope):
+                presented = QueryParams(scope["query_string"]).get("api_key")
+            try:
+                check_api_key(self.keys, presented)
+            except HTTPException as refused:
+                answer = JSONResponse({"detail": refused.detail}, refused.status_code, refused.headers)
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _open(self, scope: Scope) -> bool:
+        path = scope["path"]
+        return path in self.open_paths or path.startswith(self.open_prefixes) or _matches(self.open_routes, scope)
+
+
+def _matches(routes: list[BaseRoute], scope: Scope) -> bool:
+    """Whether one of ``routes`` answers the request (its path, whatever the method)."""
+    return any(route.matches(scope)[0] is not Match.NONE for route in routes)
 
 
 def key_check(settings: Settings, check: Callable[..., Awaitable[None]]) -> dict[str, Any]:

@@ -27,6 +27,7 @@ URL_PATTERN = r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[A-Za-z0-9_.\-/]*)?$"
 _DELETE_BATCH = 1000  # the most keys one DeleteObjects call takes
 _CHECKING = "checking the bucket"
 _PROBE_PREFIX = ".ssd-service-probe-"  # a key of one byte that lives for the moment of a check
+_NO_SUCH_ETAG = '"00000000000000000000000000000000"'  # an MD5 ETag no probe's one byte has
 
 
 class BucketError(OSError):
@@ -65,14 +66,24 @@ class Location:
         return f"s3://{self.bucket}/{self.prefix}"
 
 
-def _code(error: Exception) -> str:
+def _code(error: BaseException) -> str:
     response = getattr(error, "response", None) or {}
     return str(response.get("Error", {}).get("Code", ""))
 
 
-def _status(error: Exception) -> int:
+def _status(error: BaseException) -> int:
     response = getattr(error, "response", None) or {}
     return int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
+
+
+def _answer(error: BaseException) -> BaseException:
+    """The error that carries the store's answer: ``error``, or the one it was raised from. boto3's
+    transfer manager turns a refused upload into an ``S3UploadFailedError`` of its own, with no
+    answer, raised while handling the store's ``ClientError``."""
+    found: BaseException | None = error
+    while found is not None and getattr(found, "response", None) is None:
+        found = found.__cause__ or found.__context__
+    return found or error
 
 
 class Bucket:
@@ -95,7 +106,8 @@ class Bucket:
         return self.location.prefix + key
 
     def _error(self, error: Exception, doing: str) -> BucketError:
-        code, status = _code(error), _status(error)
+        answer = _answer(error)
+        code, status = _code(answer), _status(answer)
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status == 412:
             return Conflict(f"{doing}: the object changed meanwhile ({code or status})")
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "ExpiredToken") or status == 403:
@@ -134,20 +146,28 @@ class Bucket:
         return True
 
     def check_conditional_writes(self) -> None:
-        """Raises Refused unless the store refuses a second ``If-None-Match: *`` put of one key: a store
-        that ignores conditional writes would let a stale run overwrite a newer run's files."""
+        """Raises Refused unless the store refuses both conditional puts the service relies on: a second
+        ``If-None-Match: *`` put of one key (a run's first manifest, a new job's record) and a put whose
+        ``If-Match`` names another version (every later manifest and record). A store that ignores
+        either would let a stale run overwrite a newer run's files."""
         key = f"{_PROBE_PREFIX}{secrets.token_hex(8)}"
         self.put(key, b"1", if_absent=True)
         try:
-            self.put(key, b"2", if_absent=True)
-        except Conflict:
-            return
+            for header, write in (
+                ("If-None-Match", lambda: self.put(key, b"2", if_absent=True)),
+                ("If-Match", lambda: self.put(key, b"3", if_match=_NO_SUCH_ETAG)),
+            ):
+                try:
+                    write()
+                except Conflict:
+                    continue
+                raise Refused(
+                    f"{self.location} ignores conditional writes ({header}): the service needs a store that "
+                    "honours them (AWS S3, MinIO, Ceph RGW) to keep a stale worker from overwriting a newer "
+                    "one's files"
+                )
         finally:
             self.delete(key)
-        raise Refused(
-            f"{self.location} ignores conditional writes (If-None-Match): the service needs a store that "
-            "honours them (AWS S3, MinIO, Ceph RGW) to keep a stale worker from overwriting a newer one's files"
-        )
 
     def read(self, key: str) -> tuple[bytes, str] | None:
         """The object's bytes and ETag, or None if there is no such object (a missing bucket is an error)."""

@@ -43,6 +43,7 @@ from model.layout import (
     JOB_FILE,
     METRICS_FILE,
     RUN_MANIFEST,
+    RUN_OBJECTS_DIR,
     RUNS_DIR,
     DataLayout,
     dataset_key,
@@ -121,9 +122,20 @@ class BucketRunFolder(RunFolder):
             break
         else:
             raise RunFolderBusy(f"{self.bucket.location}{self.manifest_key} kept changing while this run claimed it")
+        self._sweep_unnamed_versions()
         self.path.mkdir(parents=True, exist_ok=True)
         for name, key in self.manifest.files.items():
             self.bucket.download(key, self.path / name)
+
+    def _sweep_unnamed_versions(self) -> None:
+        """Delete the file versions the manifest does not name: uploads whose manifest put failed, or
+        whose run died before it. Once this run's claim is written, no older run's put can name one;
+        and while this run trusts its lease no newer run has claimed the job (so none is uploading)."""
+        named = set(self.manifest.files.values())
+        for key in self.bucket.keys(run_key(self.job_id, f"{RUN_OBJECTS_DIR}/")):
+            if key not in named:
+                self.lease.check()
+                _delete_quietly(self.bucket, key)
 
     def commit(self, temp: Path, target: Path) -> None:
         name = target.name
@@ -189,13 +201,12 @@ class BucketStorage:
 
     # --- datasets ---------------------------------------------------------------------------
 
-    def publish_dataset(self, record: DatasetRecord) -> None:
-        """Upload the imported folder (its archive, then its record); the folder moves into the cache.
+    def publish_dataset(self, record: DatasetRecord, folder: Path) -> None:
+        """Upload the imported folder: its archive, then its record.
 
         Raises:
             StorageUnavailable: the upload failed (the bucket keeps no record of the dataset).
         """
-        folder = self.layout.dataset_dir(record.id)
         try:
             archive = write_temp(folder.with_name(f"{record.id}.zip"), lambda file: _zip_folder(folder, file))
             try:
@@ -204,13 +215,15 @@ class BucketStorage:
                 archive.unlink(missing_ok=True)
             self.bucket.put(dataset_key(record.id, DATASET_FILE), record.model_dump_json(indent=2).encode())
         except OSError as error:
-            shutil.rmtree(folder, ignore_errors=True)
             try:  # what reached the bucket: without its record it is no dataset, only space taken
                 self.bucket.delete_prefix(dataset_key(record.id))
             except BucketError:
                 pass
             raise StorageUnavailable(f"could not store dataset {record.id} in {self}: {error}") from error
-        self.cache.adopt(dataset_key(record.id, DATASET_ARCHIVE), folder)
+
+    def place_dataset(self, dataset_id: str, folder: Path) -> None:
+        """The published folder moves into the cache: the bucket holds the dataset."""
+        self.cache.adopt(dataset_key(dataset_id, DATASET_ARCHIVE), folder)
 
     @contextmanager
     def dataset_files(self, record: DatasetRecord) -> Iterator[Path]:
@@ -230,6 +243,7 @@ class BucketStorage:
         self.bucket.delete(dataset_key(dataset_id, DATASET_FILE))  # first: a dataset without it is gone
         self.bucket.delete_prefix(dataset_key(dataset_id))
         shutil.rmtree(self.layout.dataset_dir(dataset_id), ignore_errors=True)
+        self.cache.discard(dataset_key(dataset_id, DATASET_ARCHIVE))  # in use here: eviction removes it later
 
     def saved_datasets(self) -> Iterator[DatasetRecord]:
         for dataset_id in self.bucket.children(f"{DATASETS_DIR}/"):
@@ -308,6 +322,9 @@ class BucketStorage:
 
     def read_job(self, job_id: str) -> JobRecord | None:
         return _read_model(self.bucket, run_key(job_id, JOB_FILE), JobRecord)[0]
+
+    def has_run(self, job_id: str) -> bool:
+        return next(self.bucket.keys(run_key(job_id)), None) is not None
 
     def saved_job_ids(self) -> list[str]:
         return sorted(self.bucket.children(f"{RUNS_DIR}/"))

@@ -106,6 +106,7 @@ class LocalCache:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             _beside(entry, _SIZE).write_text(str(_bytes(path)))
+            _beside(entry, _LOCK).touch()  # eviction takes an entry's lock before it removes it
             os.rename(path, entry)
             os.utime(entry)  # just made: the last to go
         except OSError:  # another process has it already (or the disk refuses): the copy is not needed
@@ -140,12 +141,16 @@ class LocalCache:
                 freed += size
         return freed
 
+    def discard(self, key: str) -> bool:
+        """Remove ``key``'s entry (its object is gone) unless it is in use; whether it was removed.
+        An entry in use stays until eviction finds it unused."""
+        return self._remove_unused(self._entry(key))
+
     def _remove_unused(self, entry: Path) -> bool:
-        lock = _beside(entry, _LOCK)
-        try:
-            fd = os.open(lock, os.O_RDWR)
-        except FileNotFoundError:
+        if not entry.exists():
             return False
+        # The lock file is created if missing: entries adopted by earlier versions came without one.
+        fd = os.open(_beside(entry, _LOCK), os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             trash = self._temp(entry)

@@ -90,7 +90,8 @@ def _reap(reaper: Reaper) -> None:
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
     log.info("%s", threads_line())
-    start_sweep(settings.layout)  # this process's owner lock before anything is written, then the sweep
+    # This process's owner lock before anything is written, then the sweep.
+    start_sweep(settings.layout, store(), settings.storage)
     try:
         settings.storage.check(thorough=True)
     except StorageUnavailable as error:  # jobs fail saying so until it can be reached

@@ -12,6 +12,11 @@ a lock when its process dies, however it dies, so at the next start of any servi
 - ``.trash-*`` folders (a delete renames a folder aside before removing it);
 - the lock files of dead owners.
 
+An import folder that holds its ``dataset.json`` had reached publishing: its archive may be
+in the bucket, its record in Redis (``app.dataset_import._commit``). ``settle_imports`` finishes
+such an import if Redis has its record (the folder goes into place), and removes it with
+whatever reached the storage otherwise.
+
 A process that is alive but frozen keeps its lock, and its files stay.
 """
 
@@ -23,8 +28,10 @@ import os
 import shutil
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from model.layout import (
+    DATASET_FILE,
     INCOMING_PREFIX,
     OWNER_LOCK_SUFFIX,
     TEMP_SUFFIX,
@@ -34,6 +41,10 @@ from model.layout import (
     process_owner,
     temp_owner,
 )
+from worker.store import REDIS_ERRORS, Store
+
+if TYPE_CHECKING:
+    from worker.storage import Storage
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +103,15 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def remove_leftovers(layout: DataLayout) -> list[str]:
-    """Delete what dead writers left (see the module docstring); the names removed, relative to the data folder."""
+    """Delete what dead writers left (see the module docstring), but the imports ``settle_imports``
+    settles; the names removed, relative to the data folder."""
     owners = _Owners(layout)
     removed: list[Path] = []
     for top in (layout.datasets_dir, layout.runs_dir, layout.cache_dir):
         for path in _entries(top):
             dead_import = path.name.startswith(INCOMING_PREFIX) and owners.is_dead(incoming_owner(path.name))
+            if dead_import and top == layout.datasets_dir and (path / DATASET_FILE).is_file():
+                continue  # it reached publishing: settle_imports
             if path.name.startswith(TRASH_PREFIX) or dead_import:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
                 removed.append(path)
@@ -120,14 +134,42 @@ def _remove_dead_temps(folder: Path, owners: _Owners) -> list[Path]:
     return removed
 
 
-def start_sweep(layout: DataLayout) -> threading.Thread:
+def settle_imports(layout: DataLayout, store: Store, storage: Storage) -> list[str]:
+    """Finish or remove the imports dead processes left once they had begun publishing (see the module
+    docstring); what it did. One that cannot be settled now (Redis or the bucket away) waits for
+    the next start."""
+    owners = _Owners(layout)
+    done = []
+    for folder in _entries(layout.datasets_dir):
+        owner = incoming_owner(folder.name)
+        if owner is None or not (folder / DATASET_FILE).is_file() or not owners.is_dead(owner):
+            continue
+        dataset_id = folder.name[len(INCOMING_PREFIX) + len(owner) + 1 :]
+        try:
+            if store.get_dataset(dataset_id) is not None:  # recorded, not yet moved into place
+                storage.place_dataset(dataset_id, folder)
+                done.append(f"finished the import of dataset {dataset_id}")
+                continue
+            storage.remove_dataset(dataset_id)  # what reached a bucket
+        except REDIS_ERRORS as error:
+            log.warning("the interrupted import of dataset %s waits for the next start: %s", dataset_id, error)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        done.append(f"removed the interrupted import of dataset {dataset_id}")
+    return done
+
+
+def start_sweep(layout: DataLayout, store: Store | None = None, storage: Storage | None = None) -> threading.Thread:
     """Take this process's owner lock, then remove what dead writers left on a thread of its own:
-    a data folder of many runs takes a while to walk, and nothing waits for it."""
+    a data folder of many runs takes a while to walk, and nothing waits for it. With ``store`` and
+    ``storage``, the imports that had begun publishing are settled too."""
     hold_owner_lock(layout)
 
     def sweep() -> None:
         try:
             removed = remove_leftovers(layout)
+            if store is not None and storage is not None:
+                removed += settle_imports(layout, store, storage)
         except OSError as error:  # the next start tries again
             log.warning("could not remove what interrupted writes left: %s", error)
             return

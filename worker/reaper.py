@@ -12,7 +12,8 @@ at once or a message turns up late: a second runner cannot take a held lease.
   again; the next free worker resumes it from its last checkpoint.
 - **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
   was taken by a worker that found the job leased and acked it, a requeue's send failed, a
-  worker died between taking the message and starting): its task is sent again, by one
+  worker died between taking the message and starting; or its run put it back because the
+  storage was away, to be sent again from its ``retry_at`` on): its task is sent again, by one
   reaper. The same when the ``dispatch_id``'s message is not in the queue on two passes half
   a lease TTL apart while the job stays queued and unleased: its sender died between
   recording the id and sending, or the worker that took it died before starting the job (a
@@ -22,7 +23,9 @@ at once or a message turns up late: a second runner cannot take a held lease.
   setting that crashes the process) fails, saying so, instead of going round forever.
 - **Running, no lease, cancel asked** (while its worker was dead): it ends cancelled.
 - **Redis lost records** (it is a new or emptied server, or it restarted and may have lost its
-  last second): ``worker.rebuild`` restores them from the storage (data folder or bucket).
+  last second): ``worker.rebuild`` restores them from the storage (data folder or bucket), and
+  corrects the queued and running jobs whose saved record is ahead of Redis's (a cancel or a
+  delete Redis lost). Other reapers skip their passes meanwhile.
 
 Every change the reaper makes to a job also reaches the job's ``job.json``.
 """
@@ -34,7 +37,7 @@ import time
 from collections.abc import Callable
 
 from worker.queue import send_quietly
-from worker.rebuild import rebuild_from_storage
+from worker.rebuild import correct_stale_jobs, rebuild_from_storage
 from worker.records import QUEUED, RUNNING
 from worker.settings import Settings
 from worker.store import REDIS_ERRORS, ActiveJob, Crashes, Store
@@ -82,6 +85,8 @@ class Reaper:
     def run_once(self) -> list[str]:
         """One pass; what it did, e.g. ``["requeued 1a2b3c", "dispatched 4d5e6f"]``."""
         actions = self._rebuild_if_redis_lost()
+        if actions is None:
+            return []  # another reaper compares Redis with the storage: its records may be stale until then
         now = self.clock()
         self._seen_before, self._seen, self._in_broker = self._seen, {}, None
         for job in self.store.unleased_jobs():
@@ -94,17 +99,19 @@ class Reaper:
                 actions.append(f"dispatched {job.id}")
         return actions
 
-    def _rebuild_if_redis_lost(self) -> list[str]:
-        """Put back from the storage what Redis lacks (one reaper at a time), whenever Redis is not
-        the server the last rebuild saw: a new or emptied one (the marker is gone), or one that
-        restarted (it may have lost its last second). A worker starting against the same Redis
-        reads nothing from the storage."""
+    def _rebuild_if_redis_lost(self) -> list[str] | None:
+        """Put back from the storage what Redis lacks, and correct what it kept stale (one reaper at a
+        time), whenever Redis is not the server the last rebuild saw: a new or emptied one (the
+        marker is gone), or one that restarted (it may have lost its last second). A worker
+        starting against the same Redis reads nothing from the storage. None: another reaper is
+        at it."""
         server = self.store.server_run_id()
         if self.store.marker() == server:
             return []
         if not self.store.try_lock("rebuild", 60):
-            return []  # another reaper rebuilds; this one looks again at its next pass
+            return None  # this one looks again at its next pass
         actions = rebuild_from_storage(self.store, self.settings, self.dispatch)
+        actions += correct_stale_jobs(self.store, self.settings.storage, self.dispatch)
         self.store.set_marker(server)
         return actions
 
@@ -137,6 +144,8 @@ class Reaper:
         return "requeued"
 
     def _redispatch(self, job: ActiveJob, now: float) -> bool:
+        if time.time() < (job.retry_at or 0):  # put back for its storage: it waits before it is sent again
+            return False
         age = time.time() - (job.enqueued_at or 0)
         if age < self.grace or (job.dispatch_id and not self._message_lost(job, now)):
             return False

@@ -10,6 +10,14 @@ FLUSHALL, the last second of an ``everysec`` append-only file), the reaper calls
 - a queued job is queued again (its task message went with Redis) and trains once;
 - a running job is queued again and resumes from its checkpoint, unless a cancel was asked
   for it: then it ends cancelled.
+
+Redis may also come back with a record it kept but made stale: the last changes of a job it
+still has (a cancel, a delete) were in the lost second. Redis is written before ``job.json``,
+so a saved record ahead of Redis's (a later revision, or an end Redis does not show) means
+Redis lost changes: ``correct_stale_jobs`` compares every queued and running job with its saved
+record and keeps the saved one where it is ahead; a job whose files are gone was deleted, and
+goes. A worker taking a job before that comparison was made compares that job itself
+(``correct_stale_job``).
 """
 
 from __future__ import annotations
@@ -19,27 +27,39 @@ import time
 from collections.abc import Callable
 
 from worker.queue import send_quietly
-from worker.records import ACTIVE, CANCELLED, QUEUED, RUNNING, SUCCEEDED, JobRecord, iso_to_unix, now_iso
+from worker.records import (
+    ACTIVE,
+    CANCELLED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    JobRecord,
+    iso_to_unix,
+    now_iso,
+)
 from worker.settings import Settings
+from worker.storage import Storage
 from worker.store import Store
 
 log = logging.getLogger(__name__)
 
 LOST_REASON = "Redis had lost its record: rebuilt from its run folder"
+STALE_REASON = "Redis had lost its last changes: corrected from its run folder"
 
 
-def restored(record: JobRecord, epochs_done: int) -> JobRecord:
+def restored(record: JobRecord, epochs_done: int, reason: str = LOST_REASON) -> JobRecord:
     """What a job read back from its run folder becomes: an ended job stays as it is; a running one
     is queued again to resume (or ends cancelled if a cancel was asked); a queued one waits again."""
     if record.status not in ACTIVE:
         return record
     changes: dict = {"worker": None, "lease_token": None, "dispatch_id": None, "revision": record.revision + 1}
     if record.status == RUNNING and record.cancel_requested:
-        changes.update(status=CANCELLED, finished_at=now_iso(), restart_reason=LOST_REASON)
+        changes.update(status=CANCELLED, finished_at=now_iso(), restart_reason=reason)
     elif record.status == RUNNING:
-        changes.update(status=QUEUED, restarts=record.restarts + 1, restart_reason=f"{LOST_REASON}; it resumes")
+        changes.update(status=QUEUED, restarts=record.restarts + 1, restart_reason=f"{reason}; it resumes")
     else:
-        changes.update(restart_reason=LOST_REASON)
+        changes.update(restart_reason=reason)
     changes.update(epoch=epochs_done, epochs_completed=epochs_done, enqueued_at=time.time())
     return record.model_copy(update=changes)
 
@@ -71,3 +91,53 @@ def rebuild_from_storage(store: Store, settings: Settings, dispatch: Callable[[s
         if record.status == QUEUED:
             send_quietly(dispatch, job_id)
     return actions
+
+
+def correct_stale_jobs(store: Store, storage: Storage, dispatch: Callable[[str], None]) -> list[str]:
+    """Every queued and running job compared with its saved record (see the module docstring); what it did."""
+    started = store.server_started()
+    actions = []
+    for job_id, created in store.active_jobs():
+        done = correct_stale_job(store, storage, job_id, kept_over_restart=created < started, dispatch=dispatch)
+        if done is not None:
+            actions.append(f"{done} {job_id}")
+    return actions
+
+
+def correct_stale_job(
+    store: Store,
+    storage: Storage,
+    job_id: str,
+    kept_over_restart: bool,
+    dispatch: Callable[[str], None] | None = None,
+) -> str | None:
+    """Correct a queued or running job whose saved record is ahead of Redis's; what became of it, or None.
+
+    ``kept_over_restart``: the job was created before Redis last started, so a job without saved
+    record or files was deleted (one created since may not have its record saved yet). ``dispatch``
+    sends the task of a job that goes back to the queue (None: the caller is about to run it).
+    """
+    current = store.get_job(job_id)
+    if current is None or current.status not in ACTIVE:
+        return None
+    saved = storage.read_job(job_id)
+    if saved is None:
+        if not kept_over_restart or storage.has_run(job_id) or not store.correct_job(current, None):
+            return None
+        log.warning("job %s was deleted, but Redis lost that and showed it %s: removed again", job_id, current.status)
+        return "removed deleted job"
+    if saved.id != job_id or not (saved.status in FINISHED or saved.revision > current.revision):
+        return None
+    losses = storage.history(job_id)
+    record = restored(saved, losses[-1]["epoch"] if losses else 0, STALE_REASON)
+    record = record.model_copy(update={"revision": max(saved.revision, current.revision) + 1})
+    finished = iso_to_unix(record.finished_at) if record.status == SUCCEEDED else None
+    if not store.correct_job(current, record, finished):
+        return None
+    for epoch_record in losses:
+        store.append_epoch(job_id, epoch_record)
+    storage.keep_job(record)
+    log.warning("job %s: Redis showed it %s, its saved record %s: corrected", job_id, current.status, saved.status)
+    if record.status == QUEUED and dispatch is not None:
+        send_quietly(dispatch, job_id)
+    return f"corrected ({record.status})"

@@ -96,6 +96,13 @@ class Job(BaseModel):
     crashes: int = Field(
         0, description="How often its worker stopped without pausing it (killed, out of memory, lost its machine)."
     )
+    storage_pauses: int = Field(
+        0,
+        description=(
+            "How often in a row its run was put back because the storage (a bucket) could not be reached; "
+            "past SSD_MAX_STORAGE_PAUSES it fails."
+        ),
+    )
     worker: str | None = Field(None, description="The worker running it now (or that ran it last).")
     host: str | None = Field(None, description="The machine of that worker.")
     device: str | None = Field(None, description="What it trained on there: cpu or cuda.")
@@ -120,6 +127,9 @@ class JobRecord(Job):
         None, description="The id of the newest task message sent for the job, until a worker takes it."
     )
     enqueued_at: float | None = Field(None, description="Unix seconds of the last (re)queueing.")
+    retry_at: float | None = Field(
+        None, description="Unix seconds before which a job put back for its storage is not sent again."
+    )
     checkpoint: str | None = Field(None, description="The file in the run folder that serves /detect.")
     revision: int = Field(0, description="Counts the record's changes: a job.json never goes back to an older one.")
 

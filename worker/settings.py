@@ -236,6 +236,16 @@ class Settings(BaseSettings):
             "the next such crash fails it."
         ),
     )
+    max_storage_pauses: int = Field(
+        5,
+        ge=0,
+        le=1000,
+        description=(
+            "How often in a row a job whose storage (the bucket) cannot be reached is put back to wait for it, "
+            "each time longer (from half a lease, doubling, at most 10 minutes); the next time it fails, naming "
+            "the storage and the reason. A storage that refuses (credentials, no such bucket) fails it at once."
+        ),
+    )
     visibility_timeout_seconds: int = Field(
         6 * 3600,
         ge=1,

@@ -9,6 +9,7 @@ one file system; with a bucket, each needs only the bucket and Redis.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from functools import lru_cache
@@ -33,7 +34,8 @@ class Storage(Protocol):
     layout: DataLayout
 
     def check(self, thorough: bool = False) -> None: ...
-    def publish_dataset(self, record: DatasetRecord) -> None: ...
+    def publish_dataset(self, record: DatasetRecord, folder: Path) -> None: ...
+    def place_dataset(self, dataset_id: str, folder: Path) -> None: ...
     def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]: ...
     def remove_dataset(self, dataset_id: str) -> None: ...
     def saved_datasets(self) -> Iterator[DatasetRecord]: ...
@@ -48,6 +50,7 @@ class Storage(Protocol):
     def save_job(self, record: JobRecord, create: bool = False) -> bool: ...
     def keep_job(self, record: JobRecord | None) -> None: ...
     def read_job(self, job_id: str) -> JobRecord | None: ...
+    def has_run(self, job_id: str) -> bool: ...
     def saved_job_ids(self) -> list[str]: ...
 
 
@@ -71,9 +74,19 @@ class FolderStorage:
 
     # --- datasets ---------------------------------------------------------------------------
 
-    def publish_dataset(self, record: DatasetRecord) -> None:
-        """Make the dataset imported into ``layout.dataset_dir(record.id)`` durable for every process
-        (before its record reaches Redis). In the data folder, the import's rename did that."""
+    def publish_dataset(self, record: DatasetRecord, folder: Path) -> None:
+        """Store the dataset an import built in ``folder`` (with its ``dataset.json``) where every process
+        can read it, before its record reaches Redis. In the data folder, ``place_dataset`` does it.
+
+        Raises:
+            StorageUnavailable: it could not be stored (nothing of it is kept).
+        """
+
+    def place_dataset(self, dataset_id: str, folder: Path) -> None:
+        """Move the published ``folder`` into place, once the dataset's record is in Redis: until then
+        it keeps the import's name, so what an import that died leaves is settled at the next start
+        (``worker.leftovers.settle_imports``)."""
+        os.rename(folder, self.layout.dataset_dir(dataset_id))
 
     def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]:
         """The folder to read the dataset from (``model.data.read_dataset``), for a ``with`` block."""
@@ -141,6 +154,10 @@ class FolderStorage:
 
     def read_job(self, job_id: str) -> JobRecord | None:
         return read_job_file(self.layout.run_dir(job_id))
+
+    def has_run(self, job_id: str) -> bool:
+        """Whether anything of the job is stored (its record or its files): not, once it was deleted."""
+        return self.layout.run_dir(job_id).exists()
 
     def saved_job_ids(self) -> list[str]:
         """The jobs whose record is saved (``worker.rebuild``)."""

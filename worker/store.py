@@ -75,9 +75,20 @@ def quick_retry(retry_class: type = Retry) -> Retry:
     return retry_class(ExponentialBackoff(cap=0.5, base=0.05), 2)
 
 
+# The form of every id ``new_id`` makes. An id from a request is checked against it before it
+# names a Redis key or a storage path: ``:`` would reach another key (a dataset's index of
+# queued jobs), ``*`` and ``?`` are glob characters, ``..`` and ``/`` walk out of a folder.
+ID_PATTERN = r"^[0-9a-f]{12}$"
+
+
 def new_id() -> str:
-    """A fresh opaque id for a job or a dataset."""
+    """A fresh opaque id for a job or a dataset (``ID_PATTERN``)."""
     return secrets.token_hex(6)
+
+
+def is_id(value: str) -> bool:
+    """Whether ``value`` has the form of the ids the service makes."""
+    return re.fullmatch(ID_PATTERN, value) is not None
 
 
 def epoch_stream_id(epoch: int) -> str:
@@ -93,6 +104,7 @@ class ActiveJob:
     worker: str | None
     dispatch_id: str | None
     enqueued_at: float | None
+    retry_at: float | None = None  # put back for its storage: not sent again before then
 
 
 @dataclass(frozen=True)
@@ -161,6 +173,7 @@ class Store:
                 "clear_dispatch",
                 "delete_job",
                 "unleased_jobs",
+                "correct_job",
             )
         }
 
@@ -349,14 +362,20 @@ class Store:
         return (reply[0], JobRecord.from_flat(reply[1:])) if reply else None
 
     def requeue_job(
-        self, job_id: str, reason: str, lease: Lease | None = None, crashes: Crashes | None = None
+        self,
+        job_id: str,
+        reason: str,
+        lease: Lease | None = None,
+        crashes: Crashes | None = None,
+        fields: Mapping[str, Any] | None = None,
     ) -> JobRecord | None:
         """Put a running job back in the queue (``restarts`` + 1, ``restart_reason``), to resume later.
 
         With ``lease``, the caller's (released here, atomically); without, only if nobody holds
         the job's lease (its run is gone). With ``crashes``, the run stopped without pausing the
         job: the job's ``crashes`` count goes up, and past ``crashes.retried`` the job fails
-        instead. A job whose cancel was asked meanwhile ends cancelled instead.
+        instead. A job whose cancel was asked meanwhile ends cancelled instead. ``fields`` are set
+        on a job that goes back to the queue.
 
         Returns:
             The record after (queued, cancelled or failed), or None if nothing was done. The
@@ -372,6 +391,7 @@ class Store:
             "1" if crashes else "0",
             crash.retried,
             *crash.error,
+            *encode_fields(fields or {}),
         ]
         return _record(self._run("requeue", keys, args))
 
@@ -409,15 +429,13 @@ class Store:
         Returns:
             ``deleted``, ``missing``, or the status of a job that has not ended (nothing deleted).
         """
-        job_id = job.id
-        keys = [
-            self.job_key(job_id),
-            self.losses_key(job_id),
-            self.lease_key(job_id),
-            self._key("job", job_id, "redispatch"),
-            self._key("jobs", "succeeded"),
-        ]
-        return self._run("delete_job", keys, [])
+        return self._run("delete_job", self._job_and_its_keys(job.id), [])
+
+    def _job_and_its_keys(self, job_id: str) -> list[str]:
+        """The keys a job's removal touches: its record, losses, lease and resend mark, and the index of
+        succeeded jobs."""
+        job_keys = [self.job_key(job_id), self.losses_key(job_id), self.lease_key(job_id)]
+        return [*job_keys, self._key("job", job_id, "redispatch"), self._key("jobs", "succeeded")]
 
     # --- task messages on their way (see worker.reaper) ---------------------------------------
 
@@ -439,17 +457,44 @@ class Store:
         keys = [self._status_key(status) for status in (QUEUED, RUNNING)]
         flat = self._run("unleased_jobs", keys, [self._key("job", "")])
         jobs = []
-        for at in range(0, len(flat), 5):
-            job_id, status, worker, dispatch_id, enqueued_at = flat[at : at + 5]
-            worker = json.loads(worker) if worker else None
+        for at in range(0, len(flat), 6):
+            job_id, status, worker, dispatch_id, enqueued_at, retry_at = flat[at : at + 6]
+            enqueued, retry = (json.loads(value) if value else None for value in (enqueued_at, retry_at))
             jobs.append(
-                ActiveJob(job_id, status, worker, dispatch_id or None, json.loads(enqueued_at) if enqueued_at else None)
+                ActiveJob(job_id, status, json.loads(worker) if worker else None, dispatch_id or None, enqueued, retry)
             )
         return sorted(jobs, key=lambda job: job.id)
+
+    def created(self, job_id: str) -> float | None:
+        """When the job was created (unix seconds, from its index), or None if there is no such job."""
+        return self.redis.zscore(self._jobs_key(), job_id)
+
+    def active_jobs(self) -> list[tuple[str, float]]:
+        """The queued and running jobs: each id with its creation time (unix seconds)."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for status in (QUEUED, RUNNING):
+                pipe.zrange(self._status_key(status), 0, -1, withscores=True)
+            return [(job_id, created) for found in pipe.execute() for job_id, created in found]
+
+    def correct_job(self, stale: JobRecord, saved: JobRecord | None, finished: float | None = None) -> bool:
+        """Replace the record of a queued or running job that Redis kept stale (``stale``, as read) with
+        ``saved``, or drop the job (``saved`` None: it was deleted), unless the record changed since.
+
+        Returns:
+            Whether it was corrected.
+        """
+        args = [encode_value("revision", stale.revision), "", ""]
+        if saved is not None:
+            args = [args[0], saved.status, str(finished) if finished is not None else "", *_fields_but_status(saved)]
+        return bool(self._run("correct_job", self._job_and_its_keys(stale.id), args))
 
     def server_run_id(self) -> str:
         """Redis's run id: it changes when the server restarts."""
         return str(self.redis.info("server").get("run_id", ""))
+
+    def server_started(self) -> float:
+        """When the Redis server started (unix seconds, this machine's clock; a second early at most)."""
+        return time.time() - float(self.redis.info("server").get("uptime_in_seconds", 0)) - 1
 
     def marker(self) -> str | None:
         """The store's marker (``set_marker``): gone after a FLUSHALL or on an empty new server."""

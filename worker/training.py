@@ -15,6 +15,11 @@ before its next batch; the reaper then puts the job back and it resumes from its
 A worker told to shut down (SIGTERM: ``shutdown`` is set) pauses the job at the next batch:
 the engine writes a mid-epoch checkpoint, the job goes back to the queue with its lease
 released, and the next free worker carries on from that batch.
+
+A storage that cannot be reached (a bucket restarting), when the run claims its files or
+later, puts the job back too, to wait: the reaper sends it again after half a lease, twice as
+long each time in a row (``storage_pauses``); past ``SSD_MAX_STORAGE_PAUSES`` in a row it fails,
+naming the storage. A storage that refuses (credentials, no such bucket) fails the job at once.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, TypeVar
+
+import redis
 
 from model.config import TrainConfig
 from model.data import read_dataset
@@ -39,6 +47,7 @@ from model.storage import RunFolder
 from worker.bucket import BucketError, Conflict
 from worker.lease import Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
+from worker.rebuild import correct_stale_job
 from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
 from worker.run_files import RunFolderBusy
 from worker.settings import Settings
@@ -47,6 +56,8 @@ from worker.store import REDIS_ERRORS, Store
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_STORAGE_RETRY_SECONDS = 600.0
 
 
 class _QuietLog:
@@ -101,6 +112,7 @@ class JobMonitor:
         self.progress: dict[str, Any] | None = None
         self._progress_written = True
         self._history: list[dict[str, Any]] = []  # the run's epoch records, epochs 1 to n
+        self.new_epochs = 0  # finished by this run (not resumed from its checkpoint)
         self._synced = 0  # how many of them Redis is known to hold
         self._lock = threading.Lock()  # guards _history, _synced and the progress fields
         self._sync_lock = threading.Lock()  # one sync at a time (the thread, or drain())
@@ -149,6 +161,7 @@ class JobMonitor:
     def on_epoch(self, record: dict[str, Any]) -> None:
         with self._lock:
             self._history.append(dict(record))
+            self.new_epochs += 1
         self._wake.set()
 
     def on_resume(self, history: list[dict[str, Any]]) -> None:
@@ -316,6 +329,13 @@ class _Outcome:
     status: str  # succeeded, failed, cancelled, or paused (requeued to carry on elsewhere)
     fields: dict[str, Any] = field(default_factory=dict)
     reason: str = ""  # why a paused job was put back
+    storage_away: str = ""  # paused because the storage could not be reached: what could not be done
+
+
+def storage_retry_delay(pauses: int, lease_seconds: float) -> float:
+    """How long a job put back for its storage ``pauses`` times in a row waits before it is sent again:
+    half a lease, doubling each time, at most ``MAX_STORAGE_RETRY_SECONDS``."""
+    return min(lease_seconds / 2 * 2 ** (pauses - 1), MAX_STORAGE_RETRY_SECONDS)
 
 
 def run_job(
@@ -345,6 +365,8 @@ def run_job(
         return store.get_job(job_id)
 
     job = retry_redis(take, settings.lease_seconds, f"reading job {job_id}")
+    if job is not None and job.status == QUEUED:
+        job = _checked_against_storage(job, store, settings)
     if job is None:
         log.warning("job %s does not exist; nothing to do", job_id)
         return "missing"
@@ -355,7 +377,7 @@ def run_job(
     if lease is None:
         log.info("job %s is leased by %s; not running it twice", job_id, store.leases.holder(job_id))
         return "skipped: leased"
-    started = store.start_job(lease, worker_name, **where_it_runs(job, settings))
+    started = store.start_job(lease, worker_name, retry_at=None, **where_it_runs(job, settings))
     if started is None or started[0] != QUEUED:
         store.leases.release(lease)
         return f"skipped: {started[0] if started else 'missing'}"
@@ -364,6 +386,21 @@ def run_job(
         return _run(started[1], folder, store, settings, lease, worker_name, dispatch, shutdown)
     finally:
         settings.storage.end_run(folder)
+
+
+def _checked_against_storage(job: JobRecord, store: Store, settings: Settings) -> JobRecord | None:
+    """The job's record, corrected from its saved one if Redis restarted and no reaper has compared
+    them yet (``worker.rebuild``): a cancel or a delete Redis lost must not let the job train."""
+    try:
+        if store.marker() == store.server_run_id():
+            return job
+        kept_over_restart = (store.created(job.id) or time.time()) < store.server_started()
+        if correct_stale_job(store, settings.storage, job.id, kept_over_restart) is None:
+            return job
+        return store.get_job(job.id)
+    except REDIS_ERRORS as error:  # a bucket away among them: the claim then puts the job back
+        log.warning("job %s could not be compared with its saved record: %s", job.id, error)
+        return job
 
 
 def _run(
@@ -376,39 +413,55 @@ def _run(
     dispatch: Callable[[str], None] | None,
     shutdown: threading.Event,
 ) -> str:
-    """Train the job this run has just started (its lease held) in ``folder``, and record how it ended."""
-    job_id = job.id
-    try:
-        _claim(folder, settings.lease_seconds / 2)
-    except (LeaseLost, RunFolderBusy) as error:
-        reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
-        return _record(job, _Outcome("paused", reason=reason), store, lease, settings, dispatch)
-    except BucketError as error:  # refused, or away for longer than the claim waits: the job says so
-        log.error("job %s: cannot read its run from %s: %s", job_id, settings.storage, error)
-        outcome = _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
-        return _record(job, outcome, store, lease, settings, dispatch)
-    settings.storage.keep_job(job)
-    log.info("job %s: training on %s (restarts %s)", job_id, worker_name, job.restarts)
-
+    """Claim the run folder and train the job this run has just started (its lease held), and record
+    how it ended. The monitor renews the lease from the start: a claim that copies a large
+    checkpoint over a slow link may take longer than the lease itself."""
     monitor = JobMonitor(
         store, lease, settings.cancel_check_seconds, settings.progress_interval_seconds, job.best_val_loss
     )
     with monitor:
-        outcome = _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
+        outcome = _claim_and_train(job, store, settings, folder, monitor, shutdown, worker_name)
         if outcome is None or not lease.trusted():
             why = lease.lost.value if lease.lost else "another run has the job"
-            log.error("job %s: %s; this run stops and writes nothing more", job_id, why)
+            log.error("job %s: %s; this run stops and writes nothing more", job.id, why)
             return f"lease lost: {why}"
         if not monitor.drain(settings.lease_seconds):
-            log.error("job %s: epoch records could not be written; the reaper will resume the job", job_id)
+            log.error("job %s: epoch records could not be written; the reaper will resume the job", job.id)
             return "unrecorded"
-    return _record(job, outcome, store, lease, settings, dispatch)
+    return _record(job, outcome, store, lease, settings, dispatch, progressed=monitor.new_epochs > 0)
+
+
+def _claim_and_train(
+    job: JobRecord,
+    store: Store,
+    settings: Settings,
+    folder: RunFolder,
+    monitor: JobMonitor,
+    shutdown: threading.Event,
+    worker_name: str,
+) -> _Outcome | None:
+    """Take the run folder over, then train; how the job ended, or None if the run lost it."""
+    started = time.monotonic()
+    try:
+        _claim(folder, settings.lease_seconds / 2)
+    except (LeaseLost, RunFolderBusy) as error:
+        reason = f"{worker_name} could not take the run folder over ({error}); the job waits for another run"
+        return _Outcome("paused", reason=reason)
+    except BucketError as error:
+        log.error("job %s: cannot read its run from %s: %s", job.id, settings.storage, error)
+        if error.refused or isinstance(error, Conflict):  # the set-up is wrong: waiting cannot help
+            return _Outcome(FAILED, {"error": f"the run's files cannot be read from {settings.storage}: {error}"})
+        away = f"{worker_name} could not reach {settings.storage} to take the run over ({error})"
+        return _Outcome("paused", reason=f"{away}; the job waits for it", storage_away=away)
+    log.info("job %s: claimed its run files in %.1fs", job.id, time.monotonic() - started)
+    settings.storage.keep_job(job)
+    log.info("job %s: training on %s (restarts %s)", job.id, worker_name, job.restarts)
+    return _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
 
 
 def _claim(folder: RunFolder, patience: float) -> None:
     """``folder.claim()``, tried again for up to ``patience`` seconds while a bucket is away (not when
-    it refuses): a short outage delays the job instead of failing it. The lease is not renewed yet,
-    so the patience stays well inside it."""
+    it refuses): a short outage delays the job instead of failing it."""
     deadline = time.monotonic() + patience
     delay = 1.0
     while True:
@@ -437,13 +490,17 @@ def _train_and_judge(
         result = _train(job, store, settings, folder, monitor.callbacks(shutdown.is_set))
     except LeaseLost:
         return None
+    except redis.RedisError:  # away for as long as the lease lasts: the job resumes once Redis is back
+        log.exception("job %s: Redis stayed unreachable", job.id)
+        return None
     except RunFolderBusy as error:
         return _Outcome("paused", reason=f"{worker_name} could not write the run folder ({error}); the job resumes")
     except BucketError as error:
         if error.refused:  # the set-up is wrong: resuming elsewhere would fail the same way
             return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
         # Away for longer than the client's retries: the job resumes from its last committed checkpoint.
-        return _Outcome("paused", reason=f"{worker_name} could not reach the bucket ({error}); the job resumes")
+        away = f"{worker_name} could not reach {settings.storage} ({error})"
+        return _Outcome("paused", reason=f"{away}; the job resumes once it can", storage_away=away)
     except Exception as error:  # a training error ends the job: retrying it would fail the same way
         log.exception("job %s failed", job.id)
         return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
@@ -468,7 +525,9 @@ def _train_and_judge(
 
 
 def _train(job: JobRecord, store: Store, settings: Settings, folder: RunFolder, callbacks: Callbacks) -> FitResult:
-    dataset = store.get_dataset(job.dataset_id)
+    # Retried like the run's other Redis calls: a moment without Redis must not fail the job.
+    read = partial(store.get_dataset, job.dataset_id)
+    dataset = retry_redis(read, settings.lease_seconds, f"reading the dataset of job {job.id}")
     if dataset is None:
         raise ValueError(f"dataset {job.dataset_id} was deleted")
     with settings.storage.dataset_files(dataset) as root:  # copied from the bucket into the cache on first use
@@ -482,13 +541,27 @@ def _record(
     lease: Lease,
     settings: Settings,
     dispatch: Callable[[str], None] | None,
+    progressed: bool = False,
 ) -> str:
-    """Write the outcome to Redis (retried within the lease's TTL), then to the run folder's job.json."""
+    """Write the outcome to Redis (retried within the lease's TTL), then to the run folder's job.json.
+
+    ``progressed``: this run finished an epoch, which ends a series of storage pauses.
+    """
     job_id = job.id
+    pauses = (0 if progressed else job.storage_pauses) + bool(outcome.storage_away)
+    if outcome.storage_away and pauses > settings.max_storage_pauses:
+        error = (
+            f"{outcome.storage_away}, {pauses} times in a row; "
+            f"SSD_MAX_STORAGE_PAUSES is {settings.max_storage_pauses}, so it waits no longer"
+        )
+        outcome = _Outcome(FAILED, {"error": error, "storage_pauses": pauses})
     if outcome.status == "paused":
+        requeued: dict[str, Any] = {"storage_pauses": pauses}
+        if outcome.storage_away:  # the reaper sends it again once the wait is over
+            requeued["retry_at"] = time.time() + storage_retry_delay(pauses, settings.lease_seconds)
 
         def write() -> JobRecord | None:
-            return store.requeue_job(job_id, outcome.reason, lease)
+            return store.requeue_job(job_id, outcome.reason, lease, fields=requeued)
 
     else:
 
@@ -504,7 +577,7 @@ def _record(
         return "lease lost"
     settings.storage.keep_job(record)
     if outcome.status == "paused":
-        if record.status == QUEUED and dispatch is not None:
+        if record.status == QUEUED and dispatch is not None and not outcome.storage_away:
             send_quietly(dispatch, job_id)
         log.info("job %s put back (%s): %s", job_id, record.status, outcome.reason)
         return "paused"

@@ -6,7 +6,6 @@ import asyncio
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
-from starlette.concurrency import run_in_threadpool
 
 from app.dataset_import import (
     DatasetImportError,
@@ -15,13 +14,11 @@ from app.dataset_import import (
     create_synthetic,
     import_archive,
 )
-from app.deps import ImportsDep, SettingsDep, StoreDep, dataset_or_404
+from app.deps import DatasetId, ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
 from worker.records import DatasetRecord
-from worker.settings import Settings
 from worker.storage import StorageUnavailable
-from worker.store import Store
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
@@ -38,25 +35,14 @@ def _permit(request: Request) -> ImportPermit:
     return request.state.import_permit
 
 
-async def _import(
-    imports: ImportSlots, permit: ImportPermit, store: Store, settings: Settings, function, *args
-) -> Dataset:
-    """Run an import on its own pool, then store the record (the files go if Redis refuses it).
+async def _import(imports: ImportSlots, permit: ImportPermit, function, *args) -> Dataset:
+    """Run an import (which stores the dataset, its record last) on the import pool.
 
-    Shielded: a client that goes away mid-import does not leave files without a record.
+    Shielded: a client that goes away mid-import does not stop it half-way.
     """
-
-    async def import_and_store() -> DatasetRecord:
-        record = await imports.run(permit, function, *args)
-        try:
-            await run_in_threadpool(store.put_dataset, record)
-        except BaseException:
-            await run_in_threadpool(settings.storage.remove_dataset, record.id)
-            raise
-        return record
-
     try:
-        return (await asyncio.shield(asyncio.ensure_future(import_and_store()))).public()
+        record: DatasetRecord = await asyncio.shield(asyncio.ensure_future(imports.run(permit, function, *args)))
+        return record.public()
     except DatasetImportError as error:
         raise HTTPException(error.status_code, str(error)) from error
     except StorageUnavailable as error:
@@ -86,8 +72,8 @@ async def upload_dataset(
     filename = file.filename or "upload.zip"
     if file.size is not None and file.size > settings.max_upload_bytes:
         raise HTTPException(413, f"{filename}: {file.size} bytes; the limit is {settings.max_upload_bytes} bytes")
-    args = (import_archive, file.file, filename, name, settings)
-    return await _import(imports, _permit(request), store, settings, *args)
+    args = (import_archive, file.file, filename, name, settings, store)
+    return await _import(imports, _permit(request), *args)
 
 
 @router.post("/synthetic", status_code=201, response_model=Dataset, responses={**_BUSY, **UNREADABLE_BODY})
@@ -98,8 +84,8 @@ async def synthetic_dataset(
     if body.num_images > settings.max_synthetic_images:
         limit = f"num_images must be at most {settings.max_synthetic_images} (SSD_MAX_SYNTHETIC_IMAGES)"
         raise invalid_body("num_images", limit, body.num_images)
-    args = (create_synthetic, body.num_images, body.seed, body.size_range(), body.name, settings)
-    return await _import(imports, _permit(request), store, settings, *args)
+    args = (create_synthetic, body.num_images, body.seed, body.size_range(), body.name, settings, store)
+    return await _import(imports, _permit(request), *args)
 
 
 @router.get("", response_model=list[Dataset])
@@ -113,7 +99,7 @@ def list_datasets(
 
 
 @router.get("/{dataset_id}", response_model=Dataset, responses={404: {"description": "No such dataset."}})
-def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
+def get_dataset(dataset_id: DatasetId, store: StoreDep) -> Dataset:
     return dataset_or_404(store, dataset_id).public()
 
 
@@ -126,7 +112,7 @@ def get_dataset(dataset_id: str, store: StoreDep) -> Dataset:
         503: {"description": "The storage (a bucket) could not delete the files; try again."},
     },
 )
-def delete_dataset(dataset_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+def delete_dataset(dataset_id: DatasetId, store: StoreDep, settings: SettingsDep) -> Response:
     outcome, job_id = store.delete_dataset(dataset_id)
     if outcome == "missing":
         raise HTTPException(404, f"no dataset with id {dataset_id!r}")

@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import DetectorDep, SettingsDep, StoreDep, dataset_or_404
+from app.deps import DetectorDep, JobId, SettingsDep, StoreDep, dataset_or_404
 from app.inference import DetectionService
 from app.routers.detect import model_load_errors, resolve_model
 from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
@@ -55,7 +55,12 @@ class ClientGone(Exception):
     },
 )
 async def evaluate_job(
-    job_id: str, body: EvaluateRequest, request: Request, store: StoreDep, settings: SettingsDep, detection: DetectorDep
+    job_id: JobId,
+    body: EvaluateRequest,
+    request: Request,
+    store: StoreDep,
+    settings: SettingsDep,
+    detection: DetectorDep,
 ):
     """Score a trained job's model on a dataset: COCO mAP@0.5 and mAP@0.5:0.95, overall and per class.
 

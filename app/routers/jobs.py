@@ -13,7 +13,16 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from app.deps import AsyncRedisDep, CeleryDep, EventStreamsDep, SettingsDep, StoreDep, dataset_or_404, job_or_404
+from app.deps import (
+    AsyncRedisDep,
+    CeleryDep,
+    EventStreamsDep,
+    JobId,
+    SettingsDep,
+    StoreDep,
+    dataset_or_404,
+    job_or_404,
+)
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
@@ -22,7 +31,7 @@ from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
 from worker.records import ACTIVE, FINISHED, JobRecord
 from worker.settings import Settings
-from worker.store import QueueFull, Store, epoch_stream_id, new_id
+from worker.store import ID_PATTERN, QueueFull, Store, epoch_stream_id, new_id
 
 router = APIRouter(tags=["jobs"])
 # The event stream also takes the API key as ?api_key= (browsers' EventSource sends no headers).
@@ -75,7 +84,7 @@ def list_jobs(
     response: Response,
     store: StoreDep,
     status: JobStatus | None = None,
-    dataset_id: Annotated[str | None, Query(min_length=1, max_length=100)] = None,
+    dataset_id: Annotated[str | None, Query(pattern=ID_PATTERN, description="Only this dataset's jobs.")] = None,
     limit: Limit = 100,
     cursor: Cursor = None,
 ) -> list[Job]:
@@ -87,13 +96,13 @@ def list_jobs(
 
 
 @router.get("/jobs/{job_id}", response_model=Job, responses=_NOT_FOUND)
-def get_job(job_id: str, store: StoreDep) -> Job:
+def get_job(job_id: JobId, store: StoreDep) -> Job:
     """The job's record with its progress: epoch, step, steps per epoch and ETA in seconds."""
     return job_or_404(store, job_id).public()
 
 
 @router.post("/jobs/{job_id}/cancel", status_code=202, response_model=Job, responses=_NOT_FOUND)
-def cancel_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Job:
+def cancel_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Job:
     """Cancel: a queued job never starts; a running one stops within a batch and keeps its last checkpoint.
     A job that has ended already is answered as it is (202, nothing changes)."""
     cancelled = store.request_cancel(job_id)
@@ -114,7 +123,7 @@ def cancel_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Job:
         503: {"description": "The storage (a bucket) could not delete the files; try again."},
     },
 )
-def delete_job(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
     """Delete a job that has ended: its record, its losses and its run folder (checkpoints included)."""
     job = job_or_404(store, job_id)
     if job.status in ACTIVE:
@@ -143,7 +152,7 @@ def losses_with_history(store: Store, settings: Settings, job_id: str, after: in
 
 @router.get("/jobs/{job_id}/losses", response_model=Losses, responses=_NOT_FOUND)
 def get_losses(
-    job_id: str, store: StoreDep, settings: SettingsDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0
+    job_id: JobId, store: StoreDep, settings: SettingsDep, after: Annotated[int, Query(ge=0, le=MAX_EPOCH)] = 0
 ) -> dict:
     """One record per finished epoch, oldest first; ``after=N`` returns only epochs after N."""
     job = job_or_404(store, job_id)
@@ -179,7 +188,7 @@ async def _loss_events(redis, store: Store, job_id: str, after: int, request: Re
     },
 )
 async def stream_losses(
-    job_id: str,
+    job_id: JobId,
     request: Request,
     store: StoreDep,
     redis: AsyncRedisDep,
@@ -204,7 +213,7 @@ async def stream_losses(
     response_class=Response,
     responses={**_NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "The learning curve."}},
 )
-def losses_png(job_id: str, store: StoreDep, settings: SettingsDep) -> Response:
+def losses_png(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
     """The learning curve: train and validation loss per epoch."""
     job = job_or_404(store, job_id)
     records = losses_with_history(store, settings, job_id, 0)

@@ -12,6 +12,7 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 STATIC_DIR = Path(__file__).resolve().parents[1] / "static"
+STATIC_PATH = "/static"
 
 router = APIRouter(include_in_schema=False)
 
@@ -32,4 +33,4 @@ def index() -> FileResponse:
 
 def mount_static(app: FastAPI) -> None:
     """Serve ``app/static`` at ``/static``; include ``router`` for the page itself."""
-    app.mount("/static", _RevalidatedFiles(directory=STATIC_DIR), name="static")
+    app.mount(STATIC_PATH, _RevalidatedFiles(directory=STATIC_DIR), name="static")

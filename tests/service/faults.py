@@ -8,6 +8,7 @@ import json
 import signal
 import socket
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,13 +134,18 @@ def metrics_epochs(run_dir: Path) -> list[int]:
 
 class CuttableProxy:
     """A TCP proxy to a local port that a test cuts (every connection reset, new ones closed at once,
-    as when a worker's machine loses the network) and restores."""
+    as when a worker's machine loses the network) and restores. What the target sends back can be
+    slowed, from any moment on: ``bytes_per_second`` (a slow link to a bucket) and ``delay``
+    (seconds before each piece is passed on). ``url`` is a Redis URL, ``http_url`` an endpoint."""
 
-    def __init__(self, target_port: int):
+    def __init__(self, target_port: int, bytes_per_second: float | None = None, delay: float = 0.0):
         self.target_port = target_port
+        self.bytes_per_second = bytes_per_second
+        self.delay = delay
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.http_url = f"http://127.0.0.1:{self.port}"
         self._cut = threading.Event()
         self._closed = threading.Event()
         self._sockets: list[socket.socket] = []
@@ -159,13 +165,16 @@ class CuttableProxy:
             with self._lock:
                 self._sockets += [client, upstream]
             threading.Thread(target=self._pipe, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, answers: bool = False) -> None:
         try:
-            while chunk := source.recv(65536):
+            while chunk := source.recv(8192 if answers else 65536):
+                if answers and self.delay:
+                    time.sleep(self.delay)
                 sink.sendall(chunk)
+                if answers and self.bytes_per_second is not None:
+                    time.sleep(len(chunk) / self.bytes_per_second)
         except OSError:
             pass
         for end in (source, sink):

@@ -3,9 +3,12 @@ Redis, the API and each worker on data folders of their own, as on different mac
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import signal
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,17 +18,20 @@ import pytest
 
 from tests.service.bucket import S3Server, s3_server
 from tests.service.conftest import (
+    PYTHON,
     Process,
     RedisServer,
     api_process,
+    free_port,
     service_env,
     start_process,
     start_redis,
+    wait_for_http,
     wait_for_worker,
     wait_until,
     worker_args,
 )
-from tests.service.faults import FAULT_LIMITS, JOB, epochs, train_into_epoch_two
+from tests.service.faults import FAULT_LIMITS, JOB, CuttableProxy, epochs, train_into_epoch_two
 from tests.service.helpers import image_bytes, shapes, wait_for_job, zip_folder
 from worker.store import Store
 
@@ -175,15 +181,44 @@ def test_records_redis_lost_come_back_from_the_bucket(bucket_service):
         assert epochs(client, done["id"]) == [1]
 
 
-def test_a_worker_that_cannot_reach_the_bucket_fails_its_job_saying_so(bucket_service):
+def test_a_job_whose_bucket_stays_away_fails_after_its_storage_pauses_saying_so(bucket_service):
     service = bucket_service
     with httpx.Client(base_url=service.base_url, timeout=60) as client:
         dataset = upload_dataset(service, client, "unreached")
-        service.start_worker("cut-off", AWS_ENDPOINT_URL="http://127.0.0.1:9")  # nothing listens there
+        away = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "SSD_MAX_STORAGE_PAUSES": "1"}  # nothing listens there
+        service.start_worker("cut-off", **away)
         response = client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1})
         done = wait_for_job(client, response.json()["id"], ENDED, timeout=120)
-        assert done["status"] == "failed", done
-        assert f"s3://{BUCKET}/{PREFIX}/" in done["error"], done
+        assert done["status"] == "failed" and done["storage_pauses"] == 2, done  # put back once, then failed
+        assert f"s3://{BUCKET}/{PREFIX}/" in done["error"] and "SSD_MAX_STORAGE_PAUSES is 1" in done["error"], done
+
+
+def test_jobs_that_start_while_the_bucket_is_away_wait_for_it(bucket_service):
+    """The worker's link to the bucket goes down before two jobs start (MinIO restarting, say): each is
+    put back, sent again later, and trains once the bucket is back, instead of failing for good."""
+    service = bucket_service
+    proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]))
+    try:
+        with httpx.Client(base_url=service.base_url, timeout=60) as client:
+            dataset = upload_dataset(service, client, "outage")
+            # However long the outage lasts on a busy machine, this test is not about the bound.
+            service.start_worker("patient", AWS_ENDPOINT_URL=proxy.http_url, SSD_MAX_STORAGE_PAUSES="100")
+            proxy.cut()
+            jobs = [client.post("/train", json={"dataset_id": dataset["id"], **JOB, "epochs": 1}).json() for _ in "ab"]
+
+            def put_back_or_ended() -> list[dict] | None:
+                found = [client.get(f"/jobs/{job['id']}").json() for job in jobs]
+                ended = any(job["status"] in ENDED for job in found)
+                return found if ended or all(job.get("storage_pauses", 0) >= 1 for job in found) else None
+
+            found = wait_until(put_back_or_ended, 90, "both jobs to be put back", interval=0.2)
+            assert [job["status"] for job in found] == ["queued", "queued"], found
+            proxy.restore()
+            done = [wait_for_job(client, job["id"], ENDED, timeout=120) for job in jobs]
+        assert [job["status"] for job in done] == ["succeeded", "succeeded"], done
+        assert all(job["crashes"] == 0 and "could not reach" in job["restart_reason"] for job in done), done
+    finally:
+        proxy.close()
 
 
 def test_an_api_that_cannot_reach_the_bucket_says_so(service, log_dir):
@@ -193,3 +228,109 @@ def test_an_api_that_cannot_reach_the_bucket_says_so(service, log_dir):
         assert ready.status_code == 503 and f"s3://{BUCKET}/{PREFIX}/" in ready.json()["storage"], ready.text
         made = client.post("/datasets/synthetic", json={"num_images": 4})
         assert made.status_code == 503 and "s3://" in made.json()["detail"], made.text
+
+
+def _cache_bytes(data_dir: Path) -> dict[str, int]:
+    """The cache's entries (named by a hash of their key) and the bytes of each."""
+    entries = {}
+    for entry in (data_dir / "cache").iterdir():
+        if "." not in entry.name:  # not a temporary, nor an entry's .size, .lock or .fill
+            files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+            entries[entry.name] = sum(p.stat().st_size for p in files)
+    return entries
+
+
+def test_the_api_cache_keeps_to_its_bound_and_forgets_deleted_datasets(service, log_dir):
+    folder = service.folder / "bounded"
+    shapes(folder / "images", num_images=16, seed=3)
+    archive = zip_folder(folder / "images")
+    one = sum(p.stat().st_size for p in (folder / "images").rglob("*") if p.is_file())
+    bound = int(2.5 * one)  # two datasets fit, three do not
+    data_dir = folder / "api"
+    env = {**service.env, "SSD_DATA_DIR": str(data_dir), "SSD_CACHE_BYTES": str(bound)}
+    with api_process(env, log_dir, name="bucket-api-bounded") as base_url, httpx.Client(base_url=base_url) as client:
+        ids = []
+        for n in range(3):
+            response = client.post("/datasets", files={"file": (f"d{n}.zip", archive)}, timeout=60)
+            assert response.status_code == 201, response.text
+            ids.append(response.json()["id"])
+            held = _cache_bytes(data_dir)
+            assert sum(held.values()) <= bound, (n, held, bound)
+        assert client.delete(f"/datasets/{ids[-1]}").status_code == 204
+        # Entries are named by a hash of their key: the dataset's archive in the bucket.
+        deleted = hashlib.sha256(f"datasets/{ids[-1]}/files.zip".encode()).hexdigest()[:32]
+        assert deleted not in _cache_bytes(data_dir)
+        assert sum(_cache_bytes(data_dir).values()) <= bound
+
+
+def test_a_resume_whose_claim_outlasts_the_lease_finishes(bucket_service):
+    """The worker that resumes the job reaches the bucket over a link so slow that copying the run's
+    files takes longer than the whole lease (3 s): the run renews its lease meanwhile and trains on."""
+    service = bucket_service
+    with httpx.Client(base_url=service.base_url, timeout=60) as client:
+        dataset = upload_dataset(service, client, "far")
+        leaving = service.start_worker("leaving")
+        job = train_into_epoch_two(client, dataset["id"])
+        leaving.popen.send_signal(signal.SIGTERM)  # the job pauses with its checkpoints in the bucket
+        assert leaving.popen.wait(30) == 0, leaving.tail()
+        assert client.get(f"/jobs/{job['id']}").json()["status"] == "queued"
+        s3 = service.s3.client()
+        manifest = json.loads(
+            s3.get_object(Bucket=BUCKET, Key=f"{PREFIX}/runs/{job['id']}/manifest.json")["Body"].read()
+        )
+        run_bytes = sum(
+            s3.head_object(Bucket=BUCKET, Key=f"{PREFIX}/{key}")["ContentLength"] for key in manifest["files"].values()
+        )
+        proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]), bytes_per_second=run_bytes / 5)
+        try:
+            # No crash is forgiven: a run that lost its lease to its claim would fail the job at once.
+            far = service.start_worker("far", AWS_ENDPOINT_URL=proxy.http_url, SSD_MAX_JOB_RESTARTS="0")
+            done = wait_for_job(client, job["id"], ENDED, timeout=180)
+        finally:
+            proxy.close()
+        assert done["status"] == "succeeded" and done["crashes"] == 0, (done, far.tail())
+        assert epochs(client, job["id"]) == [1, 2, 3]
+    claimed = re.search(r"claimed its run files in ([0-9.]+)s", far.log.read_text())
+    assert claimed and float(claimed[1]) > 3, far.tail()  # longer than the lease
+
+
+def test_an_api_killed_while_it_publishes_a_dataset_leaves_nothing_after_its_next_start(service, log_dir):
+    """The API is SIGKILLed once the dataset's archive has landed in the bucket and before its record
+    was written anywhere: its next start removes both the local folder and the archive."""
+    folder = service.folder / "killed"
+    shapes(folder / "images", num_images=16, seed=3)
+    archive = zip_folder(folder / "images")
+    data_dir = folder / "api"
+    proxy = CuttableProxy(int(service.s3.endpoint.rsplit(":", 1)[1]))
+    port = free_port()
+    env = {**service.env, "SSD_DATA_DIR": str(data_dir), "SSD_PORT": str(port), "AWS_ENDPOINT_URL": proxy.http_url}
+    api = start_process(f"bucket-api-killed-{port}", [PYTHON, "-m", "app"], env, log_dir)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", api)
+        before = set(service.keys("datasets/"))
+        proxy.delay = 3.0  # from now on the bucket's answers come late: an upload lands, its answer waits
+
+        def upload() -> None:
+            try:
+                httpx.post(f"http://127.0.0.1:{port}/datasets", files={"file": ("k.zip", archive)}, timeout=60)
+            except httpx.HTTPError:
+                pass  # the API dies under it
+
+        threading.Thread(target=upload, daemon=True).start()
+        landed = wait_until(lambda: set(service.keys("datasets/")) - before, 60, "the archive in the bucket")
+        api.stop(signal.SIGKILL)
+    finally:
+        api.stop(signal.SIGKILL)
+        proxy.close()
+    [key] = landed
+    dataset_id = key.split("/")[2]
+    assert key.endswith("/files.zip") and any(dataset_id in p.name for p in (data_dir / "datasets").iterdir())
+
+    with api_process({**service.env, "SSD_DATA_DIR": str(data_dir)}, log_dir, name="bucket-api-after") as base_url:
+
+        def clean() -> bool:
+            left = [p.name for p in (data_dir / "datasets").iterdir() if dataset_id in p.name]
+            return not left and not service.keys(f"datasets/{dataset_id}/")
+
+        wait_until(clean, 30, "the next start to settle the interrupted import")
+        assert httpx.get(f"{base_url}/datasets/{dataset_id}").status_code == 404

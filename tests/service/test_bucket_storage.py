@@ -12,7 +12,7 @@ import pytest
 from model.layout import DataLayout
 from tests.service.bucket import S3Server, s3_server
 from tests.service.helpers import shapes
-from worker.bucket import Bucket, Conflict, Location
+from worker.bucket import Bucket, BucketError, Conflict, Location
 from worker.bucket_storage import BucketStorage
 from worker.cache import LocalCache
 from worker.lease import Lease, LeaseLost, LostReason
@@ -126,6 +126,30 @@ def test_a_lost_answer_then_a_takeover_keeps_the_version_the_new_run_carries_on(
         assert path.read_bytes() == b"epoch 1"  # which is still there
 
 
+class ManifestAway(Bucket):
+    """A store that takes uploads but is away when the manifest is written."""
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        if key.endswith("manifest.json"):
+            raise BucketError(f"writing {key}: the store went away")
+        return super().put(key, data, if_match, if_absent)
+
+
+def test_versions_no_manifest_names_are_swept_when_a_run_claims_the_job(bucket_url, tmp_path):
+    storage = storage_in(bucket_url, tmp_path / "a")
+    first = storage.run_folder("job1", lease("first"))
+    first.claim()
+    write(first, "last.pt", b"epoch 1")
+    first.bucket = ManifestAway(first.bucket.location)
+    with pytest.raises(BucketError):
+        write(first, "last.pt", b"epoch 2")  # uploaded, but no manifest names it
+    assert len(list(storage.bucket.keys("runs/job1/files/"))) == 2
+    heir = storage_in(bucket_url, tmp_path / "b").run_folder("job1", lease("heir"))
+    heir.claim()
+    assert (heir.path / "last.pt").read_bytes() == b"epoch 1"
+    assert list(storage.bucket.keys("runs/job1/files/")) == list(heir.manifest.files.values())
+
+
 class IgnoresConditions(Bucket):
     """A store that drops If-Match / If-None-Match on the floor."""
 
@@ -133,10 +157,18 @@ class IgnoresConditions(Bucket):
         return super().put(key, data)
 
 
-def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(bucket_url, tmp_path):
+class IgnoresIfMatch(Bucket):
+    """A store that honours If-None-Match but drops If-Match: the put the manifest's fence relies on."""
+
+    def put(self, key: str, data: bytes, if_match: str | None = None, if_absent: bool = False) -> str:
+        return super().put(key, data, if_absent=if_absent)
+
+
+@pytest.mark.parametrize("store", [IgnoresConditions, IgnoresIfMatch])
+def test_a_store_that_ignores_conditional_writes_is_refused_at_start_up(bucket_url, tmp_path, store):
     storage = storage_in(bucket_url, tmp_path)
     storage.check(thorough=True)  # moto's server honours them
-    storage.bucket = IgnoresConditions(storage.bucket.location)
+    storage.bucket = store(storage.bucket.location)
     with pytest.raises(StorageUnavailable, match="ignores conditional writes"):
         storage.check(thorough=True)
     assert list(storage.bucket.keys("")) == []  # the probe object is gone
@@ -191,7 +223,8 @@ def test_a_dataset_travels_through_the_bucket_to_an_empty_cache(bucket_url, tmp_
     folder = api.layout.dataset_dir("d1")
     data = shapes(folder / "files", num_images=3, seed=1)
     record = DATASET.model_copy(update={"format": data.format, "classes": list(data.classes)})
-    api.publish_dataset(record)
+    api.publish_dataset(record, folder)
+    api.place_dataset(record.id, folder)
     assert not folder.exists()  # it moved into the API's cache
     with worker.dataset_files(record) as root:
         copied = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
@@ -221,6 +254,33 @@ def test_the_cache_evicts_the_least_recently_used_entries_but_not_those_in_use(t
             assert c.exists() and d.exists()  # both in use, over the bound for now
     cache.evict()
     assert sum(1 for p in (a, c, d) if p.exists()) == 2
+
+
+@pytest.mark.parametrize("size", [10, 9 * 1024 * 1024], ids=["one-part", "multipart"])
+def test_a_refused_upload_is_refused_not_away(s3, tmp_path, size):
+    """boto3's transfer manager wraps the store's answer in an error of its own: the answer still decides."""
+    path = tmp_path / "last.pt"
+    path.write_bytes(b"x" * size)
+    with pytest.raises(BucketError) as refused:
+        Bucket(Location.parse("s3://no-such-bucket-here")).upload("runs/job1/files/last.pt", path)
+    assert refused.value.refused and "does not exist" in str(refused.value), refused.value
+
+
+def test_adopted_entries_are_evicted_and_discarded_like_fetched_ones(tmp_path):
+    cache = LocalCache(tmp_path / "cache", max_bytes=250)
+    for name in ("a", "b", "c"):
+        (tmp_path / name).write_bytes(name.encode() * 100)
+        cache.adopt(name, tmp_path / name)
+        if name == "a":
+            (cache.root / f"{cache._entry('a').name}.lock").unlink()  # as earlier versions adopted entries
+        time.sleep(0.01)
+    assert not cache._entry("a").exists() and cache._entry("b").exists() and cache._entry("c").exists()
+    with cache.use("b", lambda path: None):
+        assert not cache.discard("b")  # in use: it stays
+    assert cache.discard("b") and not cache._entry("b").exists()
+    assert sorted(p.name for p in cache.root.iterdir()) == sorted(
+        f"{cache._entry('c').name}{suffix}" for suffix in ("", ".lock", ".size")
+    )
 
 
 def test_an_unreachable_bucket_or_a_missing_one_is_named(s3, tmp_path):

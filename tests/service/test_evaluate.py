@@ -175,8 +175,9 @@ def test_unknown_ids_and_bad_bodies(trained, client):
     job_id, dataset_id = trained["job"]["id"], trained["coco"]["id"]
     response = _evaluate(client, "no-such-job", dataset_id)
     assert response.status_code == 404 and "no-such-job" in response.json()["detail"]
-    response = _evaluate(client, job_id, "no-such-dataset")
-    assert response.status_code == 404 and "no-such-dataset" in response.json()["detail"]
+    response = _evaluate(client, job_id, "0123456789ab")  # the form of an id, naming no dataset
+    assert response.status_code == 404 and "0123456789ab" in response.json()["detail"]
+    assert _evaluate(client, job_id, "no-such-dataset").status_code == 422  # not the form of an id
     assert client.post(f"/jobs/{job_id}/evaluate", json={}).status_code == 422
     assert client.post(f"/jobs/{job_id}/evaluate", json={"dataset_id": dataset_id, "x": 1}).status_code == 422
 

@@ -8,8 +8,10 @@ seconds, not minutes.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import Iterator
@@ -303,3 +305,71 @@ def test_an_accepted_job_survives_redis_losing_everything_before_a_worker_starts
     logs = service.worker_logs()
     assert logs.count(f"job {waiting['id']}: training on") == 1, logs[-3000:]  # exactly once
     assert f"job {dropped['id']}: training on" not in logs
+
+
+def test_a_redis_blip_as_a_job_starts_only_delays_it(faults):
+    """Redis is away for a moment just as a run reads the job's dataset record: the run waits it out.
+    The test holds the run folder's lock so that the run's claim, and with it everything after the
+    job turned running, waits until Redis has been cut off from that worker."""
+    service = faults
+    proxy = CuttableProxy(service.redis.port)
+    try:
+        with service.client() as client:
+            job = client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 1}).json()
+            lock = os.open(service.run_dir(job["id"]) / ".lock", os.O_RDWR)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                # A longer lease than the other tests': the blip must not cost the run its lease.
+                service.start_worker("blip", SSD_REDIS_URL=proxy.url, SSD_LEASE_SECONDS="10")
+                wait_until(lambda: service.store.get_job(job["id"]).status == "running", 30, "the run to start")
+                proxy.cut()
+            finally:
+                os.close(lock)  # the claim goes on, then the run reads the dataset's record
+            time.sleep(2)
+            proxy.restore()
+            done = wait_for_job(client, job["id"], ("succeeded", "failed", "cancelled"), timeout=120)
+        assert done["status"] == "succeeded" and done["restarts"] == 0 and done["crashes"] == 0, done
+        assert "reading the dataset" in service.workers[-1].log.read_text()  # it did meet the blip
+    finally:
+        proxy.close()
+
+
+def test_a_cancel_and_a_delete_that_redis_lost_in_a_restart_still_hold(faults):
+    """Redis restarts from an append-only file without its last writes (as with ``appendfsync
+    everysec``): a cancel and a delete the API had answered for. Redis keeps those jobs, stale, as
+    queued with their task messages; their saved records say otherwise, and they never train."""
+    service = faults
+    with service.client() as client:
+        kept, cancelled, deleted = (
+            client.post("/train", json={"dataset_id": service.dataset_id, **JOB, "epochs": 1}).json() for _ in "abc"
+        )
+        before = service.redis.folder.parent / "aof-before-the-last-writes"
+        aof = [path for path in service.redis.folder.iterdir() if path.name.startswith("appendonly")]
+        for path in aof:
+            copy = shutil.copytree if path.is_dir() else shutil.copy2
+            copy(path, before / path.name)
+        assert client.post(f"/jobs/{cancelled['id']}/cancel").json()["status"] == "cancelled"
+        assert client.post(f"/jobs/{deleted['id']}/cancel").json()["status"] == "cancelled"
+        assert client.delete(f"/jobs/{deleted['id']}").status_code == 204
+
+        time.sleep(2)  # Redis tells its uptime in whole seconds: the jobs must be older than that
+        service.redis.process.stop(signal.SIGKILL)
+        for path in aof:
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+            shutil.move(before / path.name, path)
+        service.redis = start_redis(
+            service.redis.folder, service.log_dir, "--appendonly", "yes", "--appendfsync", "always",
+            port=service.redis.port,
+        )  # fmt: skip
+        stale = [service.store.get_job(job["id"]).status for job in (cancelled, deleted)]
+        assert stale == ["queued", "queued"]  # what Redis lost
+
+        service.start_worker("after-restart")
+        assert wait_for_job(client, kept["id"], ("succeeded", "failed", "cancelled"))["status"] == "succeeded"
+        wait_until(lambda: client.get(f"/jobs/{deleted['id']}").status_code == 404, 30, "the deleted job gone")
+        assert client.get(f"/jobs/{cancelled['id']}").json()["status"] == "cancelled"
+        time.sleep(2)
+    logs = service.worker_logs()
+    assert logs.count(f"job {kept['id']}: training on") == 1, logs[-3000:]
+    assert f"job {cancelled['id']}: training on" not in logs and f"job {deleted['id']}: training on" not in logs
+    assert not service.run_dir(deleted["id"]).exists()

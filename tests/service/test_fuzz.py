@@ -9,10 +9,15 @@ stay tiny.
 
 from __future__ import annotations
 
+import http.client
 import os
+import threading
+from pathlib import Path
+from urllib.parse import quote
 
 import httpx
 import pytest
+import redis
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
@@ -24,18 +29,19 @@ from schemathesis.checks import (
 from schemathesis.config import SchemathesisConfig
 
 from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http
+from tests.service.helpers import image_bytes
 
 EXAMPLES = int(os.environ.get("SSD_FUZZ_EXAMPLES", "12"))  # per operation and mode; more for a longer hunt
 ALL_CHECKS_EXAMPLES = int(os.environ.get("SSD_FUZZ_ALL_CHECKS_EXAMPLES", "6"))  # every check: a few each
 KEY = "fuzz-key-" + "f" * 16
 
 
-def serve(name: str, redis_server, tmp_path_factory, log_dir, **settings_env: str):
+def serve(name: str, redis_server, tmp_path_factory, log_dir, data_dir: Path | None = None, **settings_env: str):
     """``python -m app`` (as Compose runs it) with its own key prefix and data folder; its process and base URL."""
     port = free_port()
     env = service_env(
         redis_server.url,
-        tmp_path_factory.mktemp(name),
+        data_dir or tmp_path_factory.mktemp(name),
         SSD_PORT=str(port),
         SSD_KEY_PREFIX=f"{name}-{os.getpid()}",
         SSD_MAX_SYNTHETIC_IMAGES="2",
@@ -147,3 +153,131 @@ def test_the_document_declares_keys_only_when_the_server_has_them(fuzzed_api, ke
     for (method, path), operation in operations.items():
         assert operation["security"] == [{"APIKeyHeader": []}], (method, path)
         assert "401" in operation["responses"], (method, path)
+
+
+class RedisMonitor:
+    """Every command the Redis server runs while the ``with`` block lasts (its MONITOR feed)."""
+
+    def __init__(self, url: str):
+        self.client = redis.Redis.from_url(url)
+        self.commands: list[str] = []
+        self._stop = threading.Event()
+
+    def __enter__(self) -> RedisMonitor:
+        self._monitor = self.client.monitor().__enter__()
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        return self
+
+    def _read(self) -> None:
+        while not self._stop.is_set():
+            self.commands.append(self._monitor.next_command()["command"])
+
+    def __exit__(self, *_exc) -> None:
+        self._stop.set()
+        self.client.ping()  # the last command the feed shows, so the reader wakes up and sees the flag
+        self._thread.join(10)
+        self._monitor.__exit__()
+        self.client.close()
+
+
+def _raw(base_url: str, method: str, path: str, body: bytes = b"", headers: dict | None = None) -> int:
+    """The status of ``method path`` sent exactly as given: no client rewrites ``..`` or percent-escapes."""
+    host, port = base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        return connection.getresponse().status
+    finally:
+        connection.close()
+
+
+def _multipart(field: str, data: bytes) -> tuple[bytes, dict]:
+    boundary = "crafted-ids-boundary"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="{field}"; filename="a.png"\r\n'
+            f"Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + data
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in folder.rglob("*") if p.is_file()}
+
+
+def test_crafted_ids_reach_neither_redis_nor_the_storage(redis_server, tmp_path_factory, log_dir):
+    """Ids holding Redis key separators, glob characters, dots and escaped slashes: every route answers
+    404 or 422, no command the server runs names them, and no key or file changes."""
+    data_dir = tmp_path_factory.mktemp("crafted-ids")
+    process, base_url = serve("ids", redis_server, tmp_path_factory, log_dir, data_dir=data_dir)
+    prefix = f"ids-{os.getpid()}"
+    try:
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            dataset = client.post("/datasets/synthetic", json={"num_images": 2}).json()["id"]
+            job = client.post("/train", json={"dataset_id": dataset, "epochs": 1}).json()["id"]  # no worker: queued
+        crafted = [
+            f"{dataset}:status:queued",  # the dataset's index of queued jobs
+            f"{dataset}:jobs",
+            f"{job}:lease",
+            f"{job}:losses",
+            f"{dataset}*",
+            f"{job[:-1]}?",
+            "[0-9a-f]*",
+            "*",
+            "..",
+            f"..%2F{dataset}",
+            f"{dataset}%2F..%2F..",
+            dataset.upper(),
+            f"{dataset}0",
+        ]
+        image, headers = _multipart("file", image_bytes(32, 32, "PNG"))
+        batch, batch_headers = _multipart("files", image_bytes(32, 32, "PNG"))
+        json_headers = {"Content-Type": "application/json"}
+        keys = redis.Redis.from_url(redis_server.url)
+        before = ({k: keys.dump(k) for k in keys.scan_iter(f"{prefix}*")}, _files(data_dir))
+        answers = {}
+        with RedisMonitor(redis_server.url) as monitor:
+            for bad in crafted:
+                part, query = quote(bad, safe=":*?[]%."), quote(bad, safe="")
+                part = part.replace("?", "%3F")
+                requests = [
+                    ("GET", f"/datasets/{part}", b"", {}),
+                    ("DELETE", f"/datasets/{part}", b"", {}),
+                    ("GET", f"/jobs/{part}", b"", {}),
+                    ("POST", f"/jobs/{part}/cancel", b"", {}),
+                    ("DELETE", f"/jobs/{part}", b"", {}),
+                    ("GET", f"/jobs/{part}/losses", b"", {}),
+                    ("GET", f"/jobs/{part}/losses/stream", b"", {}),
+                    ("GET", f"/jobs/{part}/losses.png", b"", {}),
+                    ("GET", f"/jobs/{part}/model.onnx", b"", {}),
+                    ("POST", f"/jobs/{part}/evaluate", f'{{"dataset_id": "{dataset}"}}'.encode(), json_headers),
+                    ("POST", f"/jobs/{job}/evaluate", f'{{"dataset_id": "{bad}"}}'.encode(), json_headers),
+                    ("POST", "/train", f'{{"dataset_id": "{bad}"}}'.encode(), json_headers),
+                    ("GET", f"/jobs?dataset_id={query}", b"", {}),
+                    ("POST", f"/detect?job_id={query}", image, headers),
+                    ("POST", f"/detect/batch?job_id={query}", batch, batch_headers),
+                ]
+                for method, path, body, extra in requests:
+                    answers[(method, path, body[:60])] = _raw(base_url, method, path, body, extra)
+            assert _raw(base_url, "GET", f"/datasets/{dataset}") == 200  # a well-formed id does reach Redis:
+        assert any(f"{prefix}:dataset:{dataset}" in command for command in monitor.commands)  # the feed works
+        wrong = {request: status for request, status in answers.items() if status not in (404, 422)}
+        assert not wrong, "\n".join(f"{status} {request}" for request, status in wrong.items())
+        named = [
+            command
+            for command in monitor.commands
+            for bad in crafted
+            if f"{prefix}:dataset:{bad}" in command or f"{prefix}:job:{bad}" in command
+        ]
+        assert not named, named[:5]
+        after = ({k: keys.dump(k) for k in keys.scan_iter(f"{prefix}*")}, _files(data_dir))
+        assert after == before
+        keys.close()
+        with httpx.Client(base_url=base_url, timeout=30) as client:
+            assert client.delete(f"/datasets/{dataset}").status_code == 409  # its queued job still counts
+    finally:
+        process.stop()

@@ -184,8 +184,10 @@ def test_invalid_training_settings_answer_422(client, change):
 
 def test_train_requests_naming_no_dataset(client):
     assert client.post("/train", json={}).status_code == 422
-    response = client.post("/train", json={"dataset_id": "no-such-dataset"})
-    assert response.status_code == 404 and "no-such-dataset" in response.json()["detail"]
+    response = client.post("/train", json={"dataset_id": "0123456789ab"})  # the form of an id, naming nothing
+    assert response.status_code == 404 and "0123456789ab" in response.json()["detail"]
+    response = client.post("/train", json={"dataset_id": "no-such-dataset"})  # not the form of an id
+    assert response.status_code == 422 and "dataset_id" in response.text
 
 
 @pytest.mark.parametrize(

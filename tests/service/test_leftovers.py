@@ -10,12 +10,16 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 
 import pytest
 
 from model.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
 from tests.service.conftest import REPO, api_process, wait_until
-from worker.leftovers import hold_owner_lock, remove_leftovers
+from tests.service.helpers import DATASET
+from worker.leftovers import hold_owner_lock, remove_leftovers, settle_imports
+from worker.storage import FolderStorage
+from worker.store import Store
 
 WRITER = """
 import sys, time
@@ -93,3 +97,48 @@ def test_the_api_sweeps_at_start(writer, tmp_path, env, log_dir):
     with api_process(env, log_dir, "api-sweep", SSD_DATA_DIR=str(tmp_path)):
         wait_until(lambda: not half_written.exists(), 30, "the API's start-up sweep")
         assert not list(layout.datasets_dir.glob(".incoming-*"))
+
+
+PUBLISHER = """
+import sys, time
+from pathlib import Path
+from model.layout import DATASET_FILE, DataLayout, incoming_name
+from worker.leftovers import hold_owner_lock
+
+layout = DataLayout(Path(sys.argv[1]))
+hold_owner_lock(layout)
+for dataset_id in sys.argv[2:]:
+    folder = layout.datasets_dir / incoming_name(dataset_id)
+    (folder / "files").mkdir(parents=True)
+    (folder / DATASET_FILE).write_text(sys.argv[1])  # an import that had reached publishing
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_imports_a_killed_process_was_publishing_are_finished_or_removed(redis_server, tmp_path):
+    """One import had its record in Redis when its process died (only the move into place was left):
+    it is finished. The other had not: it is removed, with what reached the storage."""
+    recorded, unrecorded = (DATASET.model_copy(update={"id": f"{uuid.uuid4().hex[:12]}"}) for _ in "ab")
+    publisher = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(tmp_path), recorded.id, unrecorded.id], cwd=REPO, stdout=subprocess.PIPE
+    )
+    assert publisher.stdout.readline().strip() == b"ready"
+    layout = DataLayout(tmp_path)
+    store = Store.from_url(redis_server.url, f"settle-{uuid.uuid4().hex[:8]}")
+    store.put_dataset(recorded)
+    try:
+        assert remove_leftovers(layout) == [] and settle_imports(layout, store, FolderStorage(layout)) == []  # alive
+        publisher.kill()
+        publisher.wait(10)
+        assert remove_leftovers(layout) == []  # not its to remove: they had begun publishing
+        assert sorted(settle_imports(layout, store, FolderStorage(layout))) == [
+            f"finished the import of dataset {recorded.id}",
+            f"removed the interrupted import of dataset {unrecorded.id}",
+        ]
+    finally:
+        publisher.kill()
+        publisher.wait(10)
+        store.redis.close()
+    assert sorted(p.name for p in layout.datasets_dir.iterdir()) == [recorded.id]
+    assert (layout.dataset_dir(recorded.id) / "files").is_dir()

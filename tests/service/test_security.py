@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import socket
 import urllib.request
 import uuid
 
@@ -10,13 +12,14 @@ import httpx
 import pytest
 
 from app.main import create_app
-from tests.service.conftest import PYTHON, free_port, start_process, wait_for_http, wait_until
+from tests.service.conftest import PYTHON, api_process, free_port, start_process, wait_for_http, wait_until
 from tests.service.helpers import DATASET, coco_zip
 from worker.settings import Settings
 from worker.store import Store
 
 KEY = "k" * 20
 OTHER_KEY = "o" * 24
+KNOWN = DATASET.model_copy(update={"id": "0000000000d1"})  # a dataset record with an id of the service's form
 
 
 @pytest.fixture
@@ -154,22 +157,22 @@ CROSS_SITE = [
 
 def test_cross_site_posts_are_refused_before_anything_is_created(local_settings, tmp_path_factory):
     store = Store.from_url(local_settings.redis_url, local_settings.key_prefix)
-    store.put_dataset(DATASET)
+    store.put_dataset(KNOWN)
     # Each request would succeed from curl: a valid archive, a known dataset, a deletable one.
     archive = {"file": ("shapes.zip", coco_zip(tmp_path_factory.mktemp("coco"), 2), "application/zip")}
     requests = []
     for headers in CROSS_SITE:
         requests.append(("POST", "/datasets", {"headers": headers, "files": archive, "data": {"name": "x"}}))
         requests.append(("POST", "/datasets/synthetic", {"headers": headers, "json": {"num_images": 1}}))
-        requests.append(("POST", "/train", {"headers": headers, "json": {"dataset_id": "d1", "epochs": 1}}))
-        requests.append(("DELETE", "/datasets/d1", {"headers": headers}))
+        requests.append(("POST", "/train", {"headers": headers, "json": {"dataset_id": KNOWN.id, "epochs": 1}}))
+        requests.append(("DELETE", f"/datasets/{KNOWN.id}", {"headers": headers}))
     requests += [("GET", "/datasets", {}), ("GET", "/jobs", {})]
     answers = run_requests(local_settings, requests)
     for (method, path, kwargs), answer in zip(requests[:-2], answers, strict=False):
         assert answer.status_code == 403, (method, path, kwargs["headers"], answer.text)
         assert "curl" in answer.json()["detail"] and method in answer.json()["detail"]
     assert "'http://evil.example'" in answers[0].json()["detail"]
-    assert [d["id"] for d in answers[-2].json()] == ["d1"] and answers[-1].json() == []  # nothing made or queued
+    assert [d["id"] for d in answers[-2].json()] == [KNOWN.id] and answers[-1].json() == []  # nothing made or queued
     assert not local_settings.datasets_dir.exists()  # no upload was even spooled to disk
     store.redis.close()
 
@@ -262,8 +265,8 @@ def test_past_the_queue_limit_train_answers_429(redis_server, tmp_path):
     prefix = f"full-{uuid.uuid4().hex[:8]}"  # a queue no worker reads
     settings = Settings(redis_url=redis_server.url, data_dir=tmp_path, key_prefix=prefix, max_queued_jobs=2)
     store = Store.from_url(redis_server.url, prefix)
-    store.put_dataset(DATASET)
-    train = ("POST", "/train", {"json": {"dataset_id": "d1", "epochs": 1}})
+    store.put_dataset(KNOWN)
+    train = ("POST", "/train", {"json": {"dataset_id": KNOWN.id, "epochs": 1}})
     answers = run_requests(settings, [train, train, train])
     assert [r.status_code for r in answers] == [202, 202, 429], answers[-1].text
     assert "2 jobs are waiting" in answers[2].json()["detail"] and answers[2].headers["retry-after"] == "60"
@@ -289,3 +292,78 @@ def test_a_key_in_the_query_is_masked_in_the_access_log(env, log_dir):
     log = process.log.read_text()
     assert "/jobs/nope/losses/stream?after=1&api_key=*** HTTP/1.1" in log and KEY not in log
     assert "/jobs/nope/losses/stream?api%5Fkey=*** HTTP/1.1" in log
+
+
+def _headers_only(
+    base_url: str, method: str, path: str, content_type: str, length: int, extra: str = ""
+) -> tuple[socket.socket, bytes]:
+    """Send a request's headers (``extra``: more header lines), announcing a body of ``length`` bytes,
+    and none of the body; the open socket and what the server answered within 10 s (b"" if nothing)."""
+    host, port = base_url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=10)
+    head = f"{method} {path} HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: {content_type}\r\n{extra}"
+    sock.sendall(f"{head}Content-Length: {length}\r\n\r\n".encode())
+    answer = b""
+    try:
+        while b"\r\n\r\n" not in answer or len(answer.partition(b"\r\n\r\n")[2]) < _length(answer):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    except TimeoutError:
+        pass
+    return sock, answer
+
+
+def _length(answer: bytes) -> int:
+    found = re.search(rb"content-length: *([0-9]+)", answer.lower())
+    return int(found[1]) if found else 0
+
+
+def test_with_keys_a_request_without_one_is_answered_after_its_headers_alone(env, log_dir, tmp_path):
+    """Keyless uploads never take an import slot nor send a byte of their bodies to the server's disk."""
+    prefix = f"early-{uuid.uuid4().hex[:8]}"
+    settings = {"SSD_API_KEY": KEY, "SSD_IMPORT_SLOTS": "1", "SSD_KEY_PREFIX": prefix, "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-early-keys", **settings) as base_url:
+        multipart = "multipart/form-data; boundary=never-sent"
+        held = []
+        for method, path, content_type, length in [
+            ("POST", "/datasets", multipart, 2_000_000),
+            ("POST", "/datasets", multipart, 2_000_000),
+            ("POST", "/detect", multipart, 1_000_000),
+            ("POST", "/detect/batch", multipart, 2_000_000),
+            ("POST", "/train", "application/json", 100),
+        ]:
+            sock, answer = _headers_only(base_url, method, path, content_type, length)
+            held.append(sock)
+            assert answer.startswith(b"HTTP/1.1 401"), (method, path, answer[:200])
+            assert b"X-API-Key" in answer and b"www-authenticate: apikey" in answer.lower(), answer
+        # The keyless uploads hold no import slot: a client with the key is served at once.
+        made = httpx.post(
+            f"{base_url}/datasets/synthetic", json={"num_images": 1}, headers={"X-API-Key": KEY}, timeout=30
+        )
+        assert made.status_code == 201, made.text
+        stream = httpx.get(f"{base_url}/jobs/0123456789ab/losses/stream?api_key={KEY}", timeout=10)
+        assert stream.status_code == 404  # the stream's key may still come in the query
+        for sock in held:
+            sock.close()
+
+
+def test_without_keys_a_cross_site_upload_is_refused_after_its_headers_alone(env, log_dir, tmp_path):
+    """The Host and Origin rules, like the key, come before the body and the import slot."""
+    prefix = f"early-local-{uuid.uuid4().hex[:8]}"
+    settings = {"SSD_IMPORT_SLOTS": "1", "SSD_KEY_PREFIX": prefix, "SSD_DATA_DIR": str(tmp_path)}
+    with api_process(env, log_dir, "api-early-local", **settings) as base_url:
+        multipart = "multipart/form-data; boundary=never-sent"
+        held = []
+        for extra in (
+            "Origin: http://evil.example\r\nSec-Fetch-Site: cross-site\r\n",
+            "X-Forwarded-Host: evil.example\r\nOrigin: null\r\n",
+        ):
+            sock, answer = _headers_only(base_url, "POST", "/datasets", multipart, 2_000_000, extra)
+            held.append(sock)
+            assert answer.startswith(b"HTTP/1.1 403"), answer[:300]
+        made = httpx.post(f"{base_url}/datasets/synthetic", json={"num_images": 1}, timeout=30)
+        assert made.status_code == 201, made.text  # no slot was taken
+        for sock in held:
+            sock.close()

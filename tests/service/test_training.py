@@ -291,6 +291,20 @@ def test_a_flushed_redis_is_noticed_by_a_running_reaper(fresh, tmp_path):
     assert reaper.run_once() == ["restored job j1 (queued)"] and sent == ["j1"]
 
 
+def test_a_worker_taking_a_job_redis_kept_stale_corrects_it_first(fresh, tmp_path):
+    """Redis restarted without the job's cancel, which its job.json has, and a worker takes its message
+    before any reaper compared Redis with the data folder: the job does not train."""
+    settings = Settings(data_dir=tmp_path)
+    queued = _queue(fresh, data_dir=tmp_path)
+    cancelled = queued.model_copy(update={"status": "cancelled", "cancel_requested": True, "revision": 5})
+    save_job_file(settings.layout.run_dir("j1"), cancelled)
+    fresh.set_marker("the server before this one")  # no reaper has seen this server yet
+    assert run_job("j1", fresh, settings, "me") == "skipped: cancelled"
+    corrected = fresh.get_job("j1")
+    assert corrected.status == "cancelled" and corrected.revision == 6
+    assert fresh.list_jobs("queued").items == [] and [j.id for j in fresh.list_jobs("cancelled").items] == ["j1"]
+
+
 def test_a_job_that_cannot_run_ends_failed_with_the_reason(client, worker, settings):
     dataset = client.post("/datasets/synthetic", json={"num_images": 2, "image_size": 100}).json()
     # An image deleted from the dataset folder behind the service's back.

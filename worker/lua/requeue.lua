@@ -3,7 +3,8 @@
 -- KEYS: job, lease. ARGV[1]: the runner's lease token, or "" for a job whose lease is gone (then
 -- only if nobody holds it); [2]: restart reason, [3]: enqueued_at, [4]: finished_at, [5]: "1" if
 -- the run crashed (stopped without pausing the job), [6]: most crashes that are retried, [7] and
--- [8]: the error of a job that crashed too often, before and after its crash count.
+-- [8]: the error of a job that crashed too often, before and after its crash count; then
+-- field/value pairs set on a job that goes back to the queue.
 -- Returns false (nothing done) or the record after.
 local holder = redis.call('GET', KEYS[2])
 if ARGV[1] == '' then
@@ -27,5 +28,6 @@ else
   redis.call('HSET', KEYS[1], 'restart_reason', ARGV[2], 'enqueued_at', ARGV[3])
   redis.call('HDEL', KEYS[1], 'worker', 'lease_token')
   redis.call('HINCRBY', KEYS[1], 'restarts', 1)
+  set_fields(KEYS[1], 9)
 end
 return changed(KEYS[1])
