@@ -19,7 +19,7 @@ from app.event_streams import EventStreams
 from app.inference import DetectionService, detects_on_gpu, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
-from app.routers import datasets, detect, evaluation, jobs, models, ops, web
+from app.routers import datasets, detect, evaluation, jobs, models, ops, web, weights
 from app.security import (
     LocalOnlyMiddleware,
     key_check,
@@ -112,7 +112,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.detection = detection
     app.state.imports = imports
 
-    for router in (datasets.router, jobs.router, models.router, detect.router, evaluation.router, ops.router):
+    routers = (
+        datasets.router,
+        jobs.router,
+        models.router,
+        detect.router,
+        evaluation.router,
+        ops.router,
+        weights.router,
+    )
+    for router in routers:
         app.include_router(router, **key_check(settings, require_api_key))
     app.include_router(jobs.stream_router, **key_check(settings, require_api_key_or_query))
     app.include_router(ops.health_router)
