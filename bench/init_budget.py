@@ -16,11 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
-from photos_finetune import plot, read_photos, score_on, split  # bench/: a script's folder is on sys.path
+from photos_finetune import add_dataset_arguments, load_splits, plot, score_on  # a script's folder is on sys.path
 
 from model.config import TrainConfig
 from model.engine import Callbacks, fit
@@ -38,8 +37,7 @@ def map_at_minutes(records: list[dict], minutes: int) -> list[float | None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", type=Path)
-    parser.add_argument("--out", type=Path, required=True)
+    add_dataset_arguments(parser)
     parser.add_argument("--weights-dir", type=Path, required=True)
     parser.add_argument("--no-download", action="store_true", help="use only the files already in --weights-dir")
     parser.add_argument("--inits", default="scratch,imagenet,coco")
@@ -48,17 +46,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
     parser.add_argument("--val-fraction", type=float, default=0.25)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--max-images", type=int, default=None, help="use only this many images (a quick try)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-workers", type=int, default=0)
     args = parser.parse_args()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = read_photos(args.dataset, args.out)
-    if args.max_images:
-        data = replace(data, images=data.images[: args.max_images])
-    parts = split(data, args.test_fraction, args.seed)
+    parts = load_splits(args)
     weights = WeightsFolder(args.weights_dir, download=not args.no_download)
     runs = []
     for init in args.inits.split(","):

@@ -50,6 +50,26 @@ def read_photos(folder: Path, work: Path) -> DetectionData:
     return read_dataset(folder)
 
 
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The dataset, its splits and the output folder: the same for the benchmarks on photographs."""
+    parser.add_argument("dataset", type=Path, help="a folder of real photographs with boxes (see above)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--test-fraction", type=float, default=0.2)
+    parser.add_argument("--max-images", type=int, default=None, help="use only this many images (a quick try)")
+    parser.add_argument("--seed", type=int, default=0, help="shuffles the split, seeds the runs")
+
+
+def load_splits(args: argparse.Namespace) -> dict[str, DetectionData]:
+    """``args``' dataset split into test, A and B (see ``split``); the split sizes are printed."""
+    args.out.mkdir(parents=True, exist_ok=True)
+    data = read_photos(args.dataset, args.out)
+    if args.max_images:
+        data = replace(data, images=data.images[: args.max_images])
+    parts = split(data, args.test_fraction, args.seed)
+    print(json.dumps({name: len(part.images) for name, part in parts.items()} | {"classes": data.classes}), flush=True)
+    return parts
+
+
 def split(data: DetectionData, test_fraction: float, seed: int) -> dict[str, DetectionData]:
     """Test, A and B: disjoint, shuffled by ``seed``; A and B share what the test split leaves."""
     images = list(data.images)
@@ -118,8 +138,7 @@ def plot(runs: list[dict], title: str) -> bytes:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dataset", type=Path, help="a folder of real photographs with boxes (see above)")
-    parser.add_argument("--out", type=Path, required=True)
+    add_dataset_arguments(parser)
     parser.add_argument("--epochs", type=int, default=40, help="epochs of the run from scratch")
     parser.add_argument("--fine-tune-epochs", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=1e-3)
@@ -128,18 +147,9 @@ def main() -> None:
     parser.add_argument("--width-multiplier", type=float, default=1.0)
     parser.add_argument("--image-size", type=int, default=300)
     parser.add_argument("--val-fraction", type=float, default=0.25)
-    parser.add_argument("--test-fraction", type=float, default=0.2)
-    parser.add_argument("--max-images", type=int, default=None, help="use only this many images (a quick try)")
     parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = read_photos(args.dataset, args.out)
-    if args.max_images:
-        data = replace(data, images=data.images[: args.max_images])
-    parts = split(data, args.test_fraction, args.seed)
-    print(json.dumps({name: len(part.images) for name, part in parts.items()} | {"classes": data.classes}), flush=True)
+    parts = load_splits(args)
 
     common = TrainConfig(
         batch_size=args.batch_size,
@@ -171,7 +181,7 @@ def main() -> None:
     results = {
         "dataset": str(args.dataset),
         "splits": {name: len(part.images) for name, part in parts.items()},
-        "classes": data.classes,
+        "classes": parts["test"].classes,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "runs": runs,
