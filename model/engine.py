@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -488,9 +488,10 @@ def fit(
     if callbacks.on_start is not None:
         callbacks.on_start(start)
     run = _build_training(start, data)
+    start = replace(start, load=None)  # the starting weights are in the model: not held for the whole run
     try:
         resumed = _resume(last, checkpoint, start.config, data, run) if checkpoint else None
-        del checkpoint  # its tensors are in the run now: not held for the whole run
+        del checkpoint  # likewise
         return _train(run, start, data, folder, callbacks, resumed)
     finally:
         _stop_loader_workers(run)
