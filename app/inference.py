@@ -102,20 +102,22 @@ def detects_on_gpu(device: str) -> bool:
     return device != "cpu" and torch.cuda.is_available()
 
 
-def load_detector(checkpoint: Path, device: str) -> Detector:
-    """A trained job's detector.
+def load_detector(checkpoint: Path, device: str, cpu_precision: str = "auto") -> Detector:
+    """A trained job's detector; on the CPU in bf16 where it computes that natively, unless
+    ``cpu_precision`` is ``fp32`` (``SSD_CPU_PRECISION``).
 
     Raises:
         DeviceUnavailable: ``device`` is ``cuda`` and this machine has no CUDA GPU.
         CheckpointError: (a ValueError) for a bad file.
     """
     try:
-        resolve_device(device)
+        resolved = resolve_device(device)
     except ValueError as error:
         raise DeviceUnavailable(
             f"SSD_DEVICE is {device!r} but {error}: set SSD_DEVICE to cpu or auto for this API"
         ) from None
-    return Detector.from_checkpoint(checkpoint, device=device)
+    amp = resolved.type != "cpu" or cpu_precision != "fp32"
+    return Detector.from_checkpoint(checkpoint, device=device, amp=amp)
 
 
 class CheckpointMissing(LookupError):

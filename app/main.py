@@ -28,6 +28,7 @@ from app.security import (
     require_api_key_or_query,
 )
 from worker.bucket import BucketError
+from worker.cpu_threads import api_threads, use_threads
 from worker.leftovers import start_sweep
 from worker.queue import make_celery
 from worker.settings import Settings
@@ -65,7 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     metrics = Metrics(store.status_counts)
     on_gpu = detects_on_gpu(settings.device)
     detection = DetectionService(
-        load=partial(load_detector, device=settings.device),
+        load=partial(load_detector, device=settings.device, cpu_precision=settings.cpu_precision),
         cache_size=settings.detector_cache_size,
         threads=settings.inference_threads,
         max_batch=settings.detect_batch_size(on_gpu),
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        use_threads(api_threads(settings))
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
         await run_in_threadpool(start_sweep, settings.layout)

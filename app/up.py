@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 import redis
 
+from worker.cpu_threads import shared_host_api_threads
 from worker.processes import spawn
 from worker.processes import stop as stop_process
 from worker.settings import Settings
@@ -112,6 +113,9 @@ def run(settings: Settings) -> int:
         say(f"started redis-server at {url} (AOF in {data_dir / 'redis'})")
 
     env = {**os.environ, "SSD_REDIS_URL": url, "SSD_DATA_DIR": str(data_dir)}
+    if settings.api_threads is None:  # the API and a worker share this host: each gets its own cores
+        env["SSD_API_THREADS"] = str(shared_host_api_threads())
+        say(f"the API's detection keeps {env['SSD_API_THREADS']} of this host's CPU cores (SSD_API_THREADS)")
     children = [
         ("workers", spawn([sys.executable, "-m", "worker.pool"], env)),  # one per GPU (SSD_GPUS), else one
         ("api", spawn([sys.executable, "-m", "app"], env)),

@@ -103,12 +103,14 @@ def _read_dataset(path: Path) -> DetectionData:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .engine import Callbacks, fit  # torch-heavy; keep `ssd --help` fast
+    from .engine import Callbacks, fit, training_precision  # torch-heavy; keep `ssd --help` fast
     from .initialisation import LocalWeights, WeightsUnavailable
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     data = _read_dataset(args.dataset)
+    device, precision = training_precision(config)
     print(f"{len(data.images)} images, {data.num_boxes} boxes, classes {data.classes}", file=sys.stderr)
+    print(f"training on {device.type} in {precision}", file=sys.stderr)
     bar = _ProgressBar()
     callbacks = Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch, on_start=_print_start)
     try:
@@ -122,6 +124,8 @@ def _cmd_train(args: argparse.Namespace) -> None:
                 "epochs": result.epochs_completed,
                 "best_val_loss": result.best_val_loss,
                 "best_checkpoint": str(result.best_checkpoint),
+                "device": result.device,
+                "precision": result.precision,
                 **(result.init.to_dict() if result.init else {}),
                 "note": result.note,
             }
@@ -139,7 +143,7 @@ def _cmd_detect(args: argparse.Namespace) -> None:
     from .detector import Detector
     from .draw import draw_detections
 
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, amp=args.precision == "auto")
     results = {}
     for path in tqdm(args.images, unit="image", disable=len(args.images) < 2):
         image = open_rgb(path)
@@ -155,7 +159,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from .detector import Detector
     from .metrics import evaluate_detector
 
-    detector = Detector.from_checkpoint(args.checkpoint, device=args.device)
+    detector = Detector.from_checkpoint(args.checkpoint, device=args.device, amp=args.precision == "auto")
     data = _read_dataset(args.dataset)
     with tqdm(total=len(data.images), unit="image") as bar:
         scores = evaluate_detector(
@@ -191,6 +195,16 @@ def _cmd_export(args: argparse.Namespace) -> None:
     print(json.dumps({"onnx": str(args.out), "bytes": args.out.stat().st_size}))
 
 
+def _add_inference_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument(
+        "--precision",
+        default="auto",
+        choices=["auto", "fp32"],
+        help="auto: bf16 (or fp16) where the device computes it natively, else float32; fp32: float32 always",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssd", description="Train and run SSD300 object detectors.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -222,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--score-threshold", type=float, default=0.5)
     detect.add_argument("--max-detections", type=int, default=100)
     detect.add_argument("--annotated-dir", type=Path, help="also save each image with its boxes drawn here")
-    detect.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_inference_options(detect)
     detect.set_defaults(run=_cmd_detect)
 
     evaluate = commands.add_parser(
@@ -231,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("checkpoint", type=Path)
     evaluate.add_argument("dataset", type=Path)
     evaluate.add_argument("--batch-size", type=int, default=16)
-    evaluate.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    _add_inference_options(evaluate)
     evaluate.set_defaults(run=_cmd_evaluate)
 
     export = commands.add_parser(

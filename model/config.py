@@ -128,7 +128,9 @@ class TrainConfig:
         image_size: network input side in pixels (see ``ModelConfig``).
         seed: seeds the split, the augmentations and the weight initialisation.
         device: ``"auto"`` (CUDA when available), ``"cpu"`` or ``"cuda"``.
-        amp: mixed precision on CUDA (bf16 where supported, else fp16 with loss scaling).
+        amp: mixed precision where the device computes it natively: bf16 on CUDA where supported,
+            else fp16 with loss scaling; bf16 on a CPU with AVX512-BF16 or AMX (``model.device``).
+            Weights, optimiser state, loss and checkpoints stay float32.
         init: where the weights start (``model.initialisation``): ``"scratch"`` (random),
             ``"imagenet"`` (torchvision's ImageNet backbone), ``"coco"`` (torchvision's
             COCO-trained SSD300; classes named as a COCO category start from its row),

@@ -14,7 +14,7 @@ from torchvision.transforms.v2 import functional as F
 from .checkpoint import CheckpointError, load_checkpoint
 from .config import ModelConfig
 from .data.tensor_decode import decode_images
-from .device import amp_dtype, autocast, memory_format, resolve_device
+from .device import Precision, amp_dtype, autocast, memory_format, precision_name, resolve_device
 from .fusion import fold_batch_norms
 from .network import SSD300
 from .postprocess import Detections, postprocess
@@ -33,7 +33,9 @@ class Detector:
             detector works on its own copy (``own_copy=False`` takes ``model`` itself), with
             batch norms folded into the convolutions.
         classes: class names; class id i (1-based) is ``classes[i - 1]``.
-        device: where to run; with CUDA, inference runs in mixed precision and channels_last.
+        device: where to run.
+        amp: mixed precision where the device has it (``model.device``'s rule: bf16 or fp16 on CUDA,
+            bf16 on a CPU that computes it natively), in channels_last; False runs float32.
         nms_threshold, topk_candidates: decoding settings (see ``postprocess``).
         compile: run the network through ``torch.compile`` (the same outputs, faster on a GPU).
             Each new batch size compiles again, for up to a minute (past torch's recompile limit,
@@ -41,8 +43,8 @@ class Detector:
             benchmarks), not a server's varying ones.
 
     Attributes:
-        autocast_dtype: the mixed-precision dtype of the forward pass (bf16 or fp16 on CUDA);
-            None runs it in float32.
+        autocast_dtype: the mixed-precision dtype of the forward pass (bf16 or fp16); None runs it in
+            float32.
     """
 
     def __init__(
@@ -55,17 +57,18 @@ class Detector:
         topk_candidates: int = 200,
         own_copy: bool = True,
         compile: bool = False,
+        amp: bool = True,
     ):
         if len(classes) + 1 != model.config.num_classes:
             raise ValueError(f"{len(classes)} class names for a model of {model.config.num_classes - 1} classes")
         self.device = torch.device(device)
         model = (copy.deepcopy(model) if own_copy else model).eval()
         fold_batch_norms(model)
-        self.model = model.to(self.device, memory_format=memory_format(self.device))
+        self.autocast_dtype = amp_dtype(self.device, enabled=amp)
+        self.model = model.to(self.device, memory_format=self._layout)
         self.classes = list(classes)
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
-        self.autocast_dtype = amp_dtype(self.device, enabled=True)
         self.network = torch.compile(self.model, dynamic=False) if compile else self.model
 
     @classmethod
@@ -83,6 +86,14 @@ class Detector:
     def image_size(self) -> int:
         return self.model.config.image_size
 
+    @property
+    def precision(self) -> Precision:
+        return precision_name(self.autocast_dtype)
+
+    @property
+    def _layout(self) -> torch.memory_format:
+        return memory_format(self.device, self.autocast_dtype)
+
     def _prepare(self, images: list[ImageInput]) -> tuple[torch.Tensor, torch.Tensor]:
         """Resize every image to the network's square input on the device.
 
@@ -92,7 +103,7 @@ class Detector:
         not all sit in float32 at full size at once.
 
         Returns:
-            batch: float Tensor[B, 3, S, S] in 0-1 (channels_last on CUDA).
+            batch: float Tensor[B, 3, S, S] in 0-1 (channels_last where the model is).
             sizes: Tensor[B, 2] original ``(width, height)``.
         """
         tensors = [_to_chw_tensor(image) for image in images]
@@ -111,7 +122,7 @@ class Detector:
         if order != sorted(order):  # back to the callers' order
             batch = batch[torch.tensor(order, device=self.device).argsort()]
         sizes = torch.tensor([(t.shape[-1], t.shape[-2]) for t in tensors], device=self.device)
-        return batch.contiguous(memory_format=memory_format(self.device)), sizes
+        return batch.contiguous(memory_format=self._layout), sizes
 
     def _resize(self, images: torch.Tensor) -> torch.Tensor:
         """Tensor[N, 3, H, W] (uint8 0-255 or float 0-1) -> float Tensor[N, 3, S, S] 0-1 on the device."""

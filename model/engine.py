@@ -7,13 +7,14 @@ checkpoints and the caller's callbacks (progress, epoch records, cancellation).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,7 +27,7 @@ from .data import photometric
 from .data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
-from .device import amp_dtype, autocast, memory_format, resolve_device
+from .device import Precision, amp_dtype, autocast, memory_format, precision_name, resolve_device
 from .initialisation import Initialisation, Start, WeightsSource, plan_start, resumed_start
 from .layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LOSS_PLOT, METRICS_FILE
 from .loss import SSDLoss, SSDLossOutput
@@ -104,6 +105,8 @@ class FitResult:
     best_checkpoint: Path | None
     history: list[dict]
     paused_at: tuple[int, int] | None = None  # (epoch, training steps done in it) of a paused run
+    device: str = "cpu"  # where it trained: cpu or cuda
+    precision: Precision = "fp32"  # what its convolutions computed in (see model.device)
     init: Initialisation | None = None  # what the weights started from
     note: str | None = None  # why a completed run stopped before its last epoch (patience)
 
@@ -215,6 +218,10 @@ class TrainingRun:
     autocast_dtype: torch.dtype | None
     distort_colours: bool = False  # SSD's photometric distortion on each training batch (config.augment)
 
+    @property
+    def precision(self) -> Precision:
+        return precision_name(self.autocast_dtype)
+
 
 class _Reporter:
     """Throttles progress reports; the loss is read off the device only when reporting.
@@ -318,7 +325,7 @@ def train_step(
     if run.distort_colours and augment_seed is not None:
         draws = photometric.draw_params(images.shape[0], torch.Generator().manual_seed(augment_seed))
         images = photometric.distort(images, draws.to(run.device))
-    images = images.contiguous(memory_format=memory_format(run.device))
+    images = images.contiguous(memory_format=memory_format(run.device, run.autocast_dtype))
     gt_boxes, gt_labels = gt_boxes.to(run.device, non_blocking=True), gt_labels.to(run.device, non_blocking=True)
     with autocast(run.device, run.autocast_dtype):
         loc, logits = run.model(images)
@@ -372,7 +379,7 @@ def evaluate(
     for images, gt_boxes, gt_labels in loader:
         if interrupted is not None and interrupted():
             return None
-        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device))
+        images = images.to(device, non_blocking=True).contiguous(memory_format=memory_format(device, autocast_dtype))
         gt_boxes, gt_labels = gt_boxes.to(device), gt_labels.to(device)
         with autocast(device, autocast_dtype):
             loc, logits = model(images)
@@ -412,8 +419,8 @@ def build_training_run(
     """Loss, optimiser, schedule and precision for ``model`` (already on ``device``) as ``fit`` uses them.
 
     ``total_steps`` (the schedule's length) defaults to ``config.epochs`` passes over ``train_loader``.
-    ``precision`` picks the mixed-precision dtype where ``config.amp`` turns it on (default: bf16
-    where the card has it, else fp16 with loss scaling).
+    ``precision`` picks the mixed-precision dtype where ``config.amp`` turns it on and the device has
+    one (default: ``amp_dtype``'s, see ``model.device``).
     """
     model_config = model.config
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
@@ -437,11 +444,22 @@ def build_training_run(
     )
 
 
+def training_precision(config: TrainConfig) -> tuple[torch.device, Precision]:
+    """Where ``fit`` trains ``config`` on this machine, and in which precision.
+
+    Raises:
+        ValueError: CUDA asked for where there is none.
+    """
+    device = resolve_device(config.device)
+    return device, precision_name(amp_dtype(device, config.amp))
+
+
 def _build_training(start: Start, data: DetectionData) -> TrainingRun:
     config = start.config
     device = resolve_device(config.device)
     model_config = start.model_config(num_classes=len(data.classes) + 1)
-    model = build_model(model_config, config, start.load).to(device, memory_format=memory_format(device))
+    layout = memory_format(device, amp_dtype(device, config.amp))
+    model = build_model(model_config, config, start.load).to(device, memory_format=layout)
     train_loader, val_loader = build_loaders(data, config, model_config, device)
     return build_training_run(model, config, device, train_loader, val_loader)
 
@@ -488,13 +506,14 @@ def fit(
     if callbacks.on_start is not None:
         callbacks.on_start(start)
     run = _build_training(start, data)
-    start = replace(start, load=None)  # the starting weights are in the model: not held for the whole run
+    start = dataclasses.replace(start, load=None)  # the starting weights are in the model: not held for the whole run
     try:
         resumed = _resume(last, checkpoint, start.config, data, run) if checkpoint else None
         del checkpoint  # likewise
-        return _train(run, start, data, folder, callbacks, resumed)
+        result = _train(run, start, data, folder, callbacks, resumed)
     finally:
         _stop_loader_workers(run)
+    return dataclasses.replace(result, device=run.device.type, precision=run.precision)
 
 
 def _train(

@@ -219,7 +219,7 @@ def export_onnx(checkpoint: Path | str, out_path: Path | str) -> None:
         FileNotFoundError: ``out_path``'s folder does not exist.
     """
     require_onnx()
-    detector = Detector.from_checkpoint(checkpoint, device="cpu")
+    detector = Detector.from_checkpoint(checkpoint, device="cpu", amp=False)  # the graph is float32
     proto = export_program(ExportableSSD.from_detector(detector), detector.classes).model_proto
 
     def write(file: IO[bytes]) -> None:

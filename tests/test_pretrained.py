@@ -123,7 +123,7 @@ def test_the_coco_detector_equals_torchvisions_ssd300_with_the_same_weights(coco
     tv_model = ssd300_vgg16(weights=None, weights_backbone=None).eval()
     tv_model.load_state_dict(state)
     tv_model.score_thresh = 0.05
-    detector = Detector(coco_model(state), list(COCO_CLASSES), "cpu", topk_candidates=400)
+    detector = Detector(coco_model(state), list(COCO_CLASSES), "cpu", topk_candidates=400, amp=False)
 
     torch.manual_seed(0)
     images = [torch.rand(3, 300, 300) for _ in range(2)]

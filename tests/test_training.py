@@ -9,28 +9,11 @@ from torchvision.ops import box_iou
 
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import TrainConfig
-from model.data import make_shapes_dataset
 from model.detector import Detector, load_model
 from model.engine import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
 from model.initialisation import LocalWeights, plan_start
 from model.pretrained import IMAGENET_WEIGHTS
-
-# A tiny network with SSD300's topology and default boxes, so CPU tests stay fast.
-TINY = {"width_multiplier": 0.125, "num_workers": 0, "batch_size": 4}
-
-
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    return make_shapes_dataset(tmp_path_factory.mktemp("shapes"), num_images=8, seed=0)
-
-
-@pytest.fixture(scope="module")
-def overfitted(shapes, tmp_path_factory):
-    config = TrainConfig(
-        epochs=40, learning_rate=1e-3, val_fraction=0.0, augment=False, warmup_steps=5, lr_schedule="constant", **TINY
-    )
-    run_dir = tmp_path_factory.mktemp("overfit")
-    return fit(config, shapes, run_dir), run_dir
+from tests.tiny import TINY
 
 
 def test_overfitting_a_tiny_set_drives_the_loss_down(overfitted):

@@ -22,6 +22,7 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
+from worker.cpu_threads import threads_line, use_threads, worker_threads
 from worker.leftovers import start_sweep
 from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
@@ -32,6 +33,7 @@ from worker.store import REDIS_ERRORS, Store
 settings = Settings()
 app = make_celery(settings, include_tasks=True)
 log = logging.getLogger(__name__)
+use_threads(worker_threads(settings))  # before anything computes
 
 SHUTDOWN = threading.Event()  # the worker is stopping: a running job pauses at its next batch
 
@@ -87,6 +89,7 @@ def _reap(reaper: Reaper) -> None:
 
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
+    log.info("%s", threads_line())
     start_sweep(settings.layout)  # this process's owner lock before anything is written, then the sweep
     try:
         settings.storage.check(thorough=True)

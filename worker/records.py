@@ -99,6 +99,13 @@ class Job(BaseModel):
     worker: str | None = Field(None, description="The worker running it now (or that ran it last).")
     host: str | None = Field(None, description="The machine of that worker.")
     device: str | None = Field(None, description="What it trained on there: cpu or cuda.")
+    precision: Literal["bf16", "fp16", "fp32"] | None = Field(
+        None,
+        description=(
+            "What its convolutions computed in: bf16 or fp16 (mixed precision, where the device computes it "
+            "natively) or fp32. Weights, optimiser state and checkpoints are float32 in every case."
+        ),
+    )
     gpu: str | None = Field(None, description="The host's GPU that worker was given (SSD_GPUS), if any.")
     init: str | None = Field(None, description="Where the weights were asked to start (the config's init).")
     init_used: str | None = Field(None, description="Where they did start, once the job has started.")

@@ -125,6 +125,25 @@ class Settings(BaseSettings):
         "auto",
         description="auto (CUDA when available), cpu or cuda: for detection, and for jobs whose device is auto.",
     )
+    cpu_precision: Literal["auto", "fp32"] = Field(
+        "auto",
+        description=(
+            "auto: on a CPU that computes bf16 natively (AVX512-BF16 or AMX), training, detection and evaluation "
+            "run in bf16 (several times faster; weights and checkpoints stay float32), elsewhere in float32. "
+            "fp32: float32 on the CPU always. GPUs are not affected (a job's `amp` decides there)."
+        ),
+    )
+    api_threads: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description=(
+            "CPU cores that the API's detection and evaluation use, and that a worker on the same host leaves "
+            "them: the API runs that many PyTorch threads, a worker its host's cores minus that many (at least "
+            "one). Unset: each process uses every core (a host that runs only workers, or only the API); "
+            "`ssd-service up`, which runs both, sets half the cores."
+        ),
+    )
 
     # Request limits (413 above them; archive limits are checked before extracting).
     max_body_bytes: int = Field(1 * MiB, ge=1024, description="Largest request body of a route without its own limit.")

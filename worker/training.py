@@ -19,6 +19,7 @@ released, and the next free worker carries on from that batch.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import secrets
@@ -32,7 +33,7 @@ from typing import Any, TypeVar
 from model.config import TrainConfig
 from model.data import read_dataset
 from model.device import resolve_device
-from model.engine import Callbacks, FitResult, StepProgress, fit
+from model.engine import Callbacks, FitResult, StepProgress, fit, training_precision
 from model.initialisation import Start
 from model.layout import BEST_CHECKPOINT
 from model.storage import RunFolder
@@ -303,20 +304,36 @@ def retry_redis(call: Callable[[], T], timeout: float, what: str) -> T:
 
 
 def training_config(job: JobRecord, settings: Settings) -> TrainConfig:
-    """The job's ``TrainConfig``; a job that leaves the device to the service gets ``SSD_DEVICE``."""
+    """The job's ``TrainConfig`` on this worker: a job that leaves the device to the service gets
+    ``SSD_DEVICE``, and ``SSD_CPU_PRECISION=fp32`` turns mixed precision off for training on the CPU."""
     values = dict(job.config)
     if values.get("device", "auto") == "auto":
         values["device"] = settings.device
-    return TrainConfig.from_dict(values)
+    config = TrainConfig.from_dict(values)
+    if settings.cpu_precision == "fp32" and config.amp and _device_type(config) == "cpu":
+        config = dataclasses.replace(config, amp=False)
+    return config
 
 
 def where_it_runs(job: JobRecord, settings: Settings) -> dict[str, str | None]:
-    """The host, device and GPU (``SSD_WORKER_GPU``, from ``worker.pool``) a job is about to run on."""
+    """The host, device, precision and GPU (``SSD_WORKER_GPU``, from ``worker.pool``) a job is about to run on."""
     try:
-        device = resolve_device(training_config(job, settings).device).type
+        device, precision = training_precision(training_config(job, settings))
     except ValueError:  # cuda asked for where there is none: the run fails and says so
-        device = None
-    return {"host": socket.gethostname(), "device": device, "gpu": os.environ.get("SSD_WORKER_GPU") or None}
+        device, precision = None, None
+    return {
+        "host": socket.gethostname(),
+        "device": device.type if device is not None else None,
+        "precision": precision,
+        "gpu": os.environ.get("SSD_WORKER_GPU") or None,
+    }
+
+
+def _device_type(config: TrainConfig) -> str | None:
+    try:
+        return resolve_device(config.device).type
+    except ValueError:
+        return None
 
 
 @dataclass

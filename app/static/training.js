@@ -328,6 +328,7 @@ export class TrainingView {
     const extra = [`created ${new Date(job.created_at).toLocaleString()}`];
     if (job.best_val_loss != null) extra.push(`best val loss ${job.best_val_loss.toPrecision(4)}`);
     if (job.config?.width_multiplier != null) extra.push(`width ${job.config.width_multiplier}`);
+    if (job.device) extra.push(job.precision ? `${job.device} ${job.precision}` : job.device);
     item.querySelector(".job-extra").textContent = extra.join(" · ");
     item.querySelector(".job-init").textContent = startedFrom(job);
     item.querySelector(".job-note").textContent = job.note || "";

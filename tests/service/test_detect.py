@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image, ImageOps
 
+from app.inference import load_detector
 from app.main import create_app
 from tests.service.conftest import api_process, free_port, service_env, wait_until
 from tests.service.helpers import image_bytes
@@ -465,3 +466,12 @@ def test_errors_and_disconnects_give_their_admission_back(trained, capped_api, s
             sock.close()  # the clients go away while their detections wait for a batch
         wait_until(lambda: _pending(client) == 0, 30, "the disconnected requests' admissions to be given back")
         assert [post_image(client, content, job_id=job_id).status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_detection_on_the_cpu_follows_ssd_cpu_precision(overfitted, monkeypatch):
+    monkeypatch.setattr("model.device.cpu_has_native_bf16", lambda: True)
+    checkpoint = overfitted[0].best_checkpoint
+    assert load_detector(checkpoint, "cpu").precision == "bf16"
+    assert load_detector(checkpoint, "cpu", cpu_precision="fp32").precision == "fp32"
+    monkeypatch.setattr("model.device.cpu_has_native_bf16", lambda: False)
+    assert load_detector(checkpoint, "cpu").precision == "fp32"

@@ -70,3 +70,17 @@ def test_settings_table_lists_every_variable():
     table = settings_table()
     for name in Settings.model_fields:
         assert f"`SSD_{name.upper()}`" in table
+
+
+def test_the_api_keeps_its_cores_and_a_worker_on_the_same_host_takes_the_rest(monkeypatch):
+    from worker.cpu_threads import api_threads, host_cores, shared_host_api_threads, worker_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    assert host_cores() == 8
+    alone = Settings(_env_file=None)
+    assert (api_threads(alone), worker_threads(alone)) == (8, 8)  # a process alone on its host: every core
+    shared = Settings(_env_file=None, api_threads=shared_host_api_threads())
+    assert (api_threads(shared), worker_threads(shared)) == (4, 4)
+    assert worker_threads(Settings(_env_file=None, api_threads=8)) == 1  # at least one
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert shared_host_api_threads() == 1

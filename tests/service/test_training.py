@@ -17,7 +17,7 @@ from worker.records import JobRecord
 from worker.run_files import read_job_file, save_job_file
 from worker.settings import Settings
 from worker.store import Store
-from worker.training import JobMonitor, run_job
+from worker.training import JobMonitor, run_job, training_config, where_it_runs
 
 
 @pytest.fixture
@@ -300,3 +300,21 @@ def test_a_job_that_cannot_run_ends_failed_with_the_reason(client, worker, setti
     failed = wait_for_job(client, job["id"], ("failed", "succeeded"), timeout=60)
     assert failed["status"] == "failed" and image.name in failed["error"] and failed["finished_at"]
     assert client.delete(f"/datasets/{dataset['id']}").status_code == 204
+
+
+def test_the_record_says_where_and_in_which_precision_the_job_trains(fresh, tmp_path, monkeypatch):
+    job = _queue(fresh, "j9")
+    monkeypatch.setattr("model.device.cpu_has_native_bf16", lambda: True)
+    settings = Settings(data_dir=tmp_path, device="cpu")
+    assert where_it_runs(job, settings) | {"host": None} == {
+        "host": None,
+        "device": "cpu",
+        "precision": "bf16",
+        "gpu": None,
+    }
+    assert training_config(job, settings).amp
+    # SSD_CPU_PRECISION=fp32 turns bf16 off on this worker's CPU, and the record says so.
+    forced = Settings(data_dir=tmp_path, device="cpu", cpu_precision="fp32")
+    assert where_it_runs(job, forced)["precision"] == "fp32" and not training_config(job, forced).amp
+    monkeypatch.setattr("model.device.cpu_has_native_bf16", lambda: False)
+    assert where_it_runs(job, settings)["precision"] == "fp32"
