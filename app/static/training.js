@@ -30,7 +30,8 @@ const LABELS = {
   max_train_images: "Max training images",
 };
 const HINTS = {
-  width_multiplier: "1 is the full SSD300 (pretrained weights need it); 0.25 trains quickly on a CPU.",
+  width_multiplier: "1 is the full SSD300 (pretrained weights need it); 0.25 trains quickly on a CPU. Starting from a job: the job's.",
+  backbone: "vgg16 for COCO's weights, a job's own, else vgg16_bn.",
   frozen_layers: "none: 10 from ImageNet or COCO weights, else 0.",
   max_train_images: "none: every training image.",
   patience: "none: every epoch; else stop after this many epochs without a better validation mAP@0.5.",
