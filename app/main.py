@@ -49,8 +49,9 @@ Train SSD300 object detectors on your own labelled images and serve them.
 
 1. `POST /datasets` (a COCO, VOC or YOLO zip) or `POST /datasets/synthetic`
 2. `POST /train` with the dataset id -> a job; watch `GET /jobs/{id}` and `GET /jobs/{id}/losses/stream`
+   (`init` says where its weights start: COCO-trained by default where `GET /weights` has them)
 3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn); `POST /detect/batch`
-   with several
+   with several; `?model=coco` for the COCO-trained SSD300 before any training
 
 Errors are `{"detail": "..."}`. Boxes are `[x1, y1, x2, y2]` in the image's pixels.
 When the server has API keys (`SSD_API_KEY`), send one in the `X-API-Key` header
