@@ -1,5 +1,6 @@
 """``ssd-service``: ``up`` (everything, no Docker), ``api`` (the HTTP server), ``worker`` (a training worker),
-``workers`` (one per GPU), ``storage`` (check, or create, where datasets and runs are kept).
+``workers`` (one per GPU), ``storage`` (check, or create, where datasets and runs are kept), ``weights``
+(list, fetch or import the pretrained weights).
 
 Each reads its settings from ``SSD_*`` environment variables (see ``worker.settings``).
 """
@@ -7,6 +8,8 @@ Each reads its settings from ``SSD_*`` environment variables (see ``worker.setti
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -19,10 +22,22 @@ def main(argv: list[str] | None = None) -> None:
     commands.add_parser("settings", help="print every SSD_* setting with its default, as a Markdown table")
     storage = commands.add_parser("storage", help="check that the data folder or SSD_STORAGE_URL's bucket can be used")
     storage.add_argument("--create-bucket", action="store_true", help="create SSD_STORAGE_URL's bucket if missing")
+    weights = commands.add_parser(
+        "weights",
+        help="list the weights folder (SSD_WEIGHTS_DIR) and what each init would use; fetch or import weights",
+        description="Without an action: what the weights folder holds and what each training init would start from.",
+    )
+    actions = weights.add_subparsers(dest="action")
+    fetch = actions.add_parser("fetch", help="download torchvision's weights into the folder (checked by hash)")
+    fetch.add_argument("which", nargs="?", choices=["coco", "imagenet", "all"], default="all")
+    install = actions.add_parser("import", help="check a weights file copied by hand and install it (offline hosts)")
+    install.add_argument("file", type=Path)
     args = parser.parse_args(argv)
     command = args.command
     if command == "storage":
         raise SystemExit(check_storage(args.create_bucket))
+    if command == "weights":
+        raise SystemExit(manage_weights(args.action, getattr(args, "which", None), getattr(args, "file", None)))
     if command == "up":
         from app.up import main as run
     elif command == "api":
@@ -55,6 +70,56 @@ def check_storage(create_bucket: bool) -> int:
         return 1
     print(f"ok: datasets and runs are kept in {storage}")
     return 0
+
+
+def manage_weights(action: str | None, which: str | None, file: Path | None) -> int:
+    """``ssd-service weights [fetch WHICH | import FILE]``: 0 when done, 1 when a fetch or import failed."""
+    from model.initialisation import WeightsUnavailable
+    from model.pretrained import PUBLISHED, WeightsError
+    from worker.bucket import BucketError
+    from worker.settings import Settings
+    from worker.weights import WeightsFolder, what_inits_use
+
+    folder = WeightsFolder.from_settings(Settings())
+    try:
+        if action == "fetch":
+            if not folder.download:  # Compose's one-shot weights service then does nothing
+                print(
+                    "skipped: downloads are off (SSD_WEIGHTS_DOWNLOAD=never); `ssd-service weights import FILE` instead"
+                )
+                return 0
+            for weights in (w for w in PUBLISHED if which in ("all", w.kind)):
+                folder.fetch(weights, _ProgressLine(weights.file_name))
+                print(f"ok: {folder.path(weights)}")
+        elif action == "import":
+            weights = folder.import_file(file)
+            print(f"ok: {file} is {weights.file_name} ({weights.kind}, {weights.backbone}): {folder.path(weights)}")
+    except (WeightsUnavailable, WeightsError, BucketError, OSError) as error:
+        print(f"ssd-service weights {action}: {error}", file=sys.stderr)
+        return 1
+    if action is None:
+        print(f"{folder} (downloads: {'auto' if folder.download else 'never'})")
+        for row in folder.listing():
+            size = f"{row['bytes'] / 1e6:.0f} MB" if row["present"] else "missing"
+            print(f"  {row['file']:<42} {row['kind']:<9} {row['backbone']:<9} {size}")
+        print("init would use:")
+        for init, uses in what_inits_use(folder).items():
+            print(f"  {init:<9} {uses}")
+    return 0
+
+
+class _ProgressLine:
+    """A download's progress on one terminal line."""
+
+    def __init__(self, name: str):
+        self.name, self.shown = name, -1
+
+    def __call__(self, done: int, total: int | None) -> None:
+        percent = int(100 * done / total) if total else None
+        if percent != self.shown and sys.stderr.isatty():
+            self.shown = percent
+            end = "\n" if total and done >= total else ""
+            print(f"\r{self.name}: {done / 1e6:.0f} MB" + (f" ({percent}%)" if total else ""), end=end, file=sys.stderr)
 
 
 if __name__ == "__main__":

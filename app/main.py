@@ -19,7 +19,7 @@ from app.event_streams import EventStreams
 from app.inference import DetectionService, detects_on_gpu, load_detector
 from app.limits import BodyLimitMiddleware
 from app.metrics import Metrics, MetricsMiddleware
-from app.routers import datasets, detect, evaluation, jobs, models, ops, web
+from app.routers import datasets, detect, evaluation, jobs, models, ops, web, weights
 from app.security import (
     KeysBeforeBodies,
     LocalOnlyMiddleware,
@@ -50,8 +50,9 @@ Train SSD300 object detectors on your own labelled images and serve them.
 
 1. `POST /datasets` (a COCO, VOC or YOLO zip) or `POST /datasets/synthetic`
 2. `POST /train` with the dataset id -> a job; watch `GET /jobs/{id}` and `GET /jobs/{id}/losses/stream`
+   (`init` says where its weights start: COCO-trained by default where `GET /weights` has them)
 3. `POST /detect` with an image -> boxes (`?format=png` for the image with boxes drawn); `POST /detect/batch`
-   with several
+   with several; `?model=coco` for the COCO-trained SSD300 before any training
 
 Errors are `{"detail": "..."}`. Boxes are `[x1, y1, x2, y2]` in the image's pixels.
 When the server has API keys (`SSD_API_KEY`), send one in the `X-API-Key` header
@@ -115,7 +116,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.detection = detection
     app.state.imports = imports
 
-    for router in (datasets.router, jobs.router, models.router, detect.router, evaluation.router, ops.router):
+    routers = (
+        datasets.router,
+        jobs.router,
+        models.router,
+        detect.router,
+        evaluation.router,
+        ops.router,
+        weights.router,
+    )
+    for router in routers:
         app.include_router(router, **key_check(settings, require_api_key))
     app.include_router(jobs.stream_router, **key_check(settings, require_api_key_or_query))
     app.include_router(ops.health_router)

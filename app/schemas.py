@@ -8,12 +8,13 @@ checks, so a bad value answers 422 before a job exists.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig
+from model.config import INIT_CHOICES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig, parse_init
 
 # The stored records' public parts are answered as they are.
 from worker.records import Dataset as Dataset
@@ -31,6 +32,8 @@ JobStatus = Status
 
 
 Side = Annotated[int, Field(ge=16, le=2048, strict=True)]
+# An init naming a job: "job:" and a job id (ids are opaque, but only ever made of these).
+JOB_INIT_PATTERN = re.compile(r"^job:[A-Za-z0-9_-]{1,100}$")
 # The largest integer JSON carries exactly (2^53 - 1): a client that parses numbers as doubles (JavaScript,
 # schema-driven generators) compares against the same bound the server does.
 MAX_SEED = 2**53 - 1
@@ -101,15 +104,47 @@ class TrainRequest(BaseModel):
         _DEFAULTS.device, description="'auto' leaves the choice to the worker (SSD_DEVICE)."
     )
     amp: bool = _DEFAULTS.amp
-    backbone: Literal["vgg16", "vgg16_bn"] = _DEFAULTS.backbone
-    width_multiplier: float = Field(_DEFAULTS.width_multiplier, gt=0, le=4)
-    pretrained_backbone: Literal["imagenet"] | None = Field(
-        _DEFAULTS.pretrained_backbone, description="null (random weights) or 'imagenet'."
+    init: str = Field(
+        _DEFAULTS.init,
+        max_length=110,
+        description=(
+            "Where the weights start: 'auto' (COCO-trained SSD300 where its weights are present or can be "
+            "fetched, else the ImageNet backbone, else random), 'scratch', 'imagenet', 'coco', or "
+            "'job:<id>' (a succeeded job's model: same backbone and width; classes matched by name)."
+        ),
+        json_schema_extra={"examples": [*INIT_CHOICES, "job:9b1f0c3a5e7d"]},
     )
-    frozen_layers: int | None = Field(_DEFAULTS.frozen_layers, ge=0, le=31)
+    backbone: Literal["vgg16", "vgg16_bn"] | None = Field(
+        _DEFAULTS.backbone, description="null: what the weights need (vgg16 for COCO's, a job's own), else vgg16_bn."
+    )
+    width_multiplier: float = Field(
+        _DEFAULTS.width_multiplier, gt=0, le=4, description="Pretrained weights need 1; a job: init takes the job's."
+    )
+    pretrained_backbone: Literal["imagenet"] | None = Field(
+        _DEFAULTS.pretrained_backbone,
+        deprecated=True,
+        description="'imagenet' is a synonym of init 'imagenet', accepted for one more release.",
+    )
+    frozen_layers: int | None = Field(
+        _DEFAULTS.frozen_layers, ge=0, le=31, description="null: 10 from ImageNet or COCO weights, else 0."
+    )
     augment: bool = _DEFAULTS.augment
     num_workers: int = Field(_DEFAULTS.num_workers, ge=0, le=64)
     max_train_images: int | None = Field(_DEFAULTS.max_train_images, ge=1)
+    patience: int | None = Field(
+        _DEFAULTS.patience,
+        ge=1,
+        le=100_000,
+        description="Stop (succeeded, with a note) after this many epochs without a better validation mAP@0.5.",
+    )
+
+    @field_validator("init")
+    @classmethod
+    def _check_init(cls, value: str) -> str:
+        kind, _ = parse_init(value)  # its ValueError names the choices
+        if kind == "job" and not JOB_INIT_PATTERN.match(value):
+            raise ValueError(f"init {value!r}: a job id has 1-100 letters, digits, '-' or '_'")
+        return value
 
     def train_config(self) -> TrainConfig:
         """The ``TrainConfig``; raises ValueError where its own checks go beyond the ones above."""
@@ -161,6 +196,7 @@ class DetectResponse(BaseModel):
             "examples": [
                 {
                     "job_id": "9b1f0c3a5e7d",
+                    "model": "job:9b1f0c3a5e7d",
                     "image": {"width": 640, "height": 480},
                     "detections": [
                         {"box": [12.0, 40.5, 200.0, 310.0], "label": "circle", "class_id": 1, "score": 0.97}
@@ -170,7 +206,8 @@ class DetectResponse(BaseModel):
         }
     )
 
-    job_id: str
+    job_id: str | None = Field(description="The job whose model answered; null for model=coco.")
+    model: str = Field(description='"job:<id>", or "coco" for torchvision\'s COCO-trained SSD300.')
     image: ImageSize
     detections: list[Detection]
 
@@ -187,6 +224,7 @@ class DetectBatchResponse(BaseModel):
             "examples": [
                 {
                     "job_id": "9b1f0c3a5e7d",
+                    "model": "job:9b1f0c3a5e7d",
                     "results": [
                         {
                             "file": "a.jpg",
@@ -202,7 +240,8 @@ class DetectBatchResponse(BaseModel):
         }
     )
 
-    job_id: str
+    job_id: str | None = Field(description="The job whose model answered; null for model=coco.")
+    model: str = Field(description='"job:<id>", or "coco" for torchvision\'s COCO-trained SSD300.')
     results: list[ImageDetections] = Field(description="One per uploaded image, in the order they were sent.")
 
 
@@ -245,6 +284,23 @@ class EvaluateResponse(BaseModel):
     map50: float | None = Field(description="COCO mAP at IoU 0.5 (the mean over classes with boxes).")
     map: float | None = Field(description="COCO mAP over IoU 0.5:0.95.")
     per_class: list[ClassAP] = Field(description="One entry per class of the model, in the model's order.")
+
+
+class WeightsFile(BaseModel):
+    file: str = Field(description="torchvision's published file name; its part after the last dash starts its SHA-256.")
+    kind: Literal["coco", "imagenet"]
+    backbone: Literal["vgg16", "vgg16_bn"]
+    present: bool = Field(description="Whether this server's weights folder holds it.")
+    bytes: int | None
+    url: str = Field(description="Where it is downloaded from.")
+
+
+class WeightsInfo(BaseModel):
+    folder: str = Field(description="SSD_WEIGHTS_DIR.")
+    download: Literal["auto", "never"] = Field(description="SSD_WEIGHTS_DOWNLOAD: whether missing files are fetched.")
+    files: list[WeightsFile]
+    inits: dict[str, str] = Field(description="What each init of POST /train would start from here now.")
+    coco_model: bool = Field(description="Whether POST /detect?model=coco can answer (its weights are here).")
 
 
 class WorkerSeen(BaseModel):

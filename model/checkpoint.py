@@ -6,7 +6,8 @@ reads it::
     {"format": "ssd-checkpoint", "version": 1, "epoch": int, "classes": [str],
      "model_config": dict, "train_config": dict, "model": state_dict,
      "optimizer": state_dict, "scheduler": state_dict, "scaler": state_dict | None,
-     "best_score": float | None, "history": [epoch record dicts]}
+     "best_score": float | None, "history": [epoch record dicts],
+     "init": {"init": asked, "init_used": used, "init_note": str | None}}
 
 ``best_score`` is what ``best.pt`` minimises: the validation loss (the training loss without
 a validation split).

@@ -2,6 +2,7 @@
 
 ssd synth data/shapes --num-images 200          # a synthetic COCO dataset (--voc, --yolo: also those)
 ssd train data/shapes runs/first --epochs 20    # dataset folder -> run folder
+ssd train data/more runs/second --init job:runs/first   # start from an earlier run's model
 ssd detect runs/first/best.pt photo.jpg --annotated-dir out/
 ssd evaluate runs/first/best.pt data/shapes
 ssd export runs/first/best.pt first.onnx       # ONNX with decoding and NMS (the onnx extra)
@@ -21,7 +22,14 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .data import DatasetError, DetectionData, make_shapes_dataset, read_dataset, write_voc, write_yolo
 
-_OPTIONAL_TYPES = {"str | None": str, "int | None": int, "float | None": float}
+_OPTIONAL_TYPES = {"int | None": int, "float | None": float}  # any other optional field takes a string
+_HELP = {
+    "init": (
+        "where the weights start: auto (default: COCO's SSD300 if in --weights-dir, else the ImageNet backbone, "
+        "else random), scratch, imagenet, coco, or job:RUN_FOLDER (an earlier run's best.pt)"
+    ),
+    "backbone": "vgg16 or vgg16_bn; default: what the weights need (vgg16 for COCO's), else vgg16_bn",
+}
 
 
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +39,14 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         default = field.default if field.default is not MISSING else None
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        elif field.type in _OPTIONAL_TYPES:
-            parser.add_argument(flag, type=_OPTIONAL_TYPES[field.type], default=default)
+        elif default is None:
+            parser.add_argument(
+                flag, type=_OPTIONAL_TYPES.get(field.type, str), default=None, help=_HELP.get(field.name)
+            )
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"default: {default}")
+            parser.add_argument(
+                flag, type=type(default), default=default, help=_HELP.get(field.name, f"default: {default}")
+            )
 
 
 def _cmd_synth(args: argparse.Namespace) -> None:
@@ -92,6 +104,7 @@ def _read_dataset(path: Path) -> DetectionData:
 
 def _cmd_train(args: argparse.Namespace) -> None:
     from .engine import Callbacks, fit, training_precision  # torch-heavy; keep `ssd --help` fast
+    from .initialisation import LocalWeights, WeightsUnavailable
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     data = _read_dataset(args.dataset)
@@ -99,7 +112,11 @@ def _cmd_train(args: argparse.Namespace) -> None:
     print(f"{len(data.images)} images, {data.num_boxes} boxes, classes {data.classes}", file=sys.stderr)
     print(f"training on {device.type} in {precision}", file=sys.stderr)
     bar = _ProgressBar()
-    result = fit(config, data, args.run_dir, Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch))
+    callbacks = Callbacks(on_step=bar.on_step, on_epoch=bar.on_epoch, on_start=_print_start)
+    try:
+        result = fit(config, data, args.run_dir, callbacks, LocalWeights(args.weights_dir))
+    except WeightsUnavailable as error:  # reported as a bad input, like the settings
+        raise ValueError(str(error)) from None
     print(
         json.dumps(
             {
@@ -109,9 +126,16 @@ def _cmd_train(args: argparse.Namespace) -> None:
                 "best_checkpoint": str(result.best_checkpoint),
                 "device": result.device,
                 "precision": result.precision,
+                **(result.init.to_dict() if result.init else {}),
+                "note": result.note,
             }
         )
     )
+
+
+def _print_start(start) -> None:
+    note = f" ({start.init.note})" if start.init.note else ""
+    print(f"weights: {start.init.used}, backbone {start.config.backbone}{note}", file=sys.stderr)
 
 
 def _cmd_detect(args: argparse.Namespace) -> None:
@@ -198,11 +222,16 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train on a dataset folder (COCO, VOC or YOLO); resumes a run folder")
     train.add_argument("dataset", type=Path)
     train.add_argument("run_dir", type=Path)
+    train.add_argument(
+        "--weights-dir",
+        type=Path,
+        help="holds torchvision's weight files under their published names (default: torch.hub's cache); no downloads",
+    )
     _add_train_options(train)
     train.set_defaults(run=_cmd_train)
 
     detect = commands.add_parser("detect", help="detect objects in images; prints JSON")
-    detect.add_argument("checkpoint", type=Path)
+    detect.add_argument("checkpoint", type=Path, help="a run's checkpoint, or torchvision's COCO SSD300 weights file")
     detect.add_argument("images", type=Path, nargs="+")
     detect.add_argument("--score-threshold", type=float, default=0.5)
     detect.add_argument("--max-detections", type=int, default=100)

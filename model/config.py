@@ -10,6 +10,14 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 BACKBONES = ("vgg16", "vgg16_bn")
+# Where a run's weights start (``TrainConfig.init``): these, or "job:<id>" (an earlier run's model).
+INIT_CHOICES = ("auto", "scratch", "imagenet", "coco")
+PRETRAINED_INITS = ("imagenet", "coco")  # torchvision's published weights
+JOB_INIT_PREFIX = "job:"
+MAX_JOB_REFERENCE = 1000
+# torchvision's COCO SSD300 spaces its default boxes' centres by these many pixels of its 300-pixel
+# input (``DefaultBoxGenerator(steps=...)``), not by each map's cell: its box head expects them.
+TORCHVISION_STEPS = (8, 16, 32, 64, 100, 300)
 
 # SSD300's smallest input for which every one of its six feature maps is at least 1x1:
 # conv4_3 must be >= 34 cells wide so that conv11_2 (two valid 3x3 convs later) is 1x1.
@@ -49,6 +57,10 @@ class ModelConfig:
         iou_threshold: a default box whose IoU with a ground-truth box is at least this is
             a positive (SSD paper: 0.5).
         neg_pos_ratio: hard negatives kept per positive in the classification loss (3:1).
+        steps: pixels between default box centres on each feature map, at an ``image_size`` of 300
+            (torchvision's COCO SSD300 and models trained on from it: ``TORCHVISION_STEPS``). None
+            centres them in each map's cells, which is the same except on maps whose side does
+            not divide the input (38 x 8 = 304).
     """
 
     num_classes: int
@@ -60,6 +72,7 @@ class ModelConfig:
     variances: tuple[float, float] = (0.1, 0.2)
     iou_threshold: float = 0.5
     neg_pos_ratio: float = 3.0
+    steps: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.num_classes < 2:
@@ -74,6 +87,8 @@ class ModelConfig:
             raise ValueError("scales needs one entry per feature map plus one")
         if len(self.aspect_ratios) != 6:
             raise ValueError("SSD300 has six feature maps: aspect_ratios needs six entries")
+        if self.steps is not None and (len(self.steps) != 6 or self.image_size != 300):
+            raise ValueError("steps needs six entries and an image_size of 300 (the size they are in pixels of)")
 
     @property
     def image_mean(self) -> tuple[float, float, float]:
@@ -116,18 +131,24 @@ class TrainConfig:
         amp: mixed precision where the device computes it natively: bf16 on CUDA where supported,
             else fp16 with loss scaling; bf16 on a CPU with AVX512-BF16 or AMX (``model.device``).
             Weights, optimiser state, loss and checkpoints stay float32.
-        backbone, width_multiplier: see ``ModelConfig``.
-        pretrained_backbone: ``None`` (random weights), ``"imagenet"`` (torchvision's ImageNet
-            weights, downloaded only when asked for), or a path to a local state dict of the same
-            kind: for ``vgg16`` the Caffe-style ``IMAGENET1K_FEATURES`` weights, for ``vgg16_bn``
-            ``IMAGENET1K_V1`` (the input normalisation follows from the backbone).
+        init: where the weights start (``model.initialisation``): ``"scratch"`` (random),
+            ``"imagenet"`` (torchvision's ImageNet backbone), ``"coco"`` (torchvision's
+            COCO-trained SSD300; classes named as a COCO category start from its row),
+            ``"job:<id>"`` (an earlier run's model; classes matched by name), or ``"auto"``:
+            coco where its weights can be had, else imagenet, else scratch.
+        backbone: ``"vgg16"`` or ``"vgg16_bn"`` (see ``ModelConfig``); None follows the weights
+            (vgg16 for COCO's, the earlier run's for a job, else vgg16_bn).
+        width_multiplier: see ``ModelConfig``; pretrained weights need 1.0.
+        pretrained_backbone: ``"imagenet"`` is a synonym of ``init="imagenet"``, kept for one release.
         frozen_layers: leading VGG layers (torchvision's ``vgg16().features`` numbering, where
             conv, ReLU and pool each count one; 10 = conv blocks 1 and 2) kept frozen. ``None``
-            means 10 with a pretrained backbone and 0 from scratch.
+            means 10 when starting from ImageNet or COCO weights, 0 otherwise.
         augment: SSD's zoom out, IoU crop and flip on training images (in the loader), and its
             photometric distortion on each training batch (on the training device).
         num_workers: data-loading worker processes (0 loads in the training process).
         max_train_images: use at most this many training images (quick experiments).
+        patience: stop early (the run completes) after this many epochs without a better
+            validation mAP@0.5; None trains every epoch. Needs a validation split.
     """
 
     epochs: int = 10
@@ -142,15 +163,25 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = True
-    backbone: Literal["vgg16", "vgg16_bn"] = "vgg16_bn"
+    init: str = "auto"
+    backbone: Literal["vgg16", "vgg16_bn"] | None = None
     width_multiplier: float = 1.0
-    pretrained_backbone: str | None = None
+    pretrained_backbone: Literal["imagenet"] | None = None
     frozen_layers: int | None = None
     augment: bool = True
     num_workers: int = 2
     max_train_images: int | None = None
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        if self.pretrained_backbone is not None:
+            if self.pretrained_backbone != "imagenet":
+                raise ValueError(
+                    f"pretrained_backbone takes only 'imagenet' (see init), not {self.pretrained_backbone!r}"
+                )
+            if self.init not in ("auto", "imagenet"):
+                raise ValueError(f"pretrained_backbone 'imagenet' contradicts init {self.init!r}: give init only")
+            object.__setattr__(self, "init", "imagenet")  # the synonym: the record shows what it means
         checks = [
             (self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -164,29 +195,46 @@ class TrainConfig:
             (self.num_workers >= 0, "num_workers must be >= 0"),
             (self.frozen_layers is None or 0 <= self.frozen_layers <= 31, "frozen_layers must be in [0, 31]"),
             (self.max_train_images is None or self.max_train_images >= 1, "max_train_images must be >= 1"),
+            (self.patience is None or self.patience >= 1, f"patience must be >= 1, got {self.patience}"),
             (
-                not self.pretrained_backbone or self.width_multiplier == 1.0,
-                "a pretrained backbone needs width_multiplier 1.0 (the weights have VGG16's widths)",
+                self.patience is None or self.val_fraction > 0,
+                "patience needs a validation split (val_fraction > 0): it watches the validation mAP@0.5",
             ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
+        kind, _ = parse_init(self.init)
+        if kind in PRETRAINED_INITS and self.width_multiplier != 1.0:
+            raise ValueError(
+                f"init {kind!r} needs width_multiplier 1.0 (the weights have VGG16's widths), "
+                f"got {self.width_multiplier}"
+            )
+        if kind == "coco" and self.backbone == "vgg16_bn":
+            raise ValueError("init 'coco' needs the vgg16 backbone (torchvision's COCO SSD300 has no batch norm)")
         self.model_config(num_classes=2)  # validates backbone, image size and width
 
     @property
+    def resolved_backbone(self) -> Literal["vgg16", "vgg16_bn"]:
+        """The backbone this recipe builds: the one asked for, else vgg16 for COCO's weights, else vgg16_bn."""
+        if self.backbone is not None:
+            return self.backbone
+        return "vgg16" if self.init == "coco" else "vgg16_bn"
+
+    @property
     def resolved_frozen_layers(self) -> int:
-        """Frozen leading VGG layers: 10 with a pretrained backbone, none from scratch, unless set."""
+        """Frozen leading VGG layers: 10 from ImageNet or COCO weights, none otherwise, unless set."""
         if self.frozen_layers is not None:
             return self.frozen_layers
-        return 10 if self.pretrained_backbone else 0
+        return 10 if self.init in PRETRAINED_INITS else 0
 
-    def model_config(self, num_classes: int) -> ModelConfig:
+    def model_config(self, num_classes: int, steps: tuple[int, ...] | None = None) -> ModelConfig:
         return ModelConfig(
             num_classes=num_classes,
-            backbone=self.backbone,
+            backbone=self.resolved_backbone,
             image_size=self.image_size,
             width_multiplier=self.width_multiplier,
+            steps=steps,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -195,3 +243,22 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         return _from_dict(cls, data)
+
+
+def parse_init(init: str) -> tuple[str, str | None]:
+    """``("job", reference)`` for ``"job:<reference>"``, else ``(init, None)``.
+
+    Raises:
+        ValueError: not one of ``INIT_CHOICES`` nor a ``job:`` with a reference (no spaces).
+    """
+    if not isinstance(init, str):
+        raise ValueError(f"init must be a string, got {init!r}")
+    if init.startswith(JOB_INIT_PREFIX):
+        reference = init[len(JOB_INIT_PREFIX) :]
+        if not reference or len(reference) > MAX_JOB_REFERENCE or any(c.isspace() for c in reference):
+            raise ValueError(f"init {init!r}: 'job:' must be followed by a job id")
+        return "job", reference
+    if init not in INIT_CHOICES:
+        choices = ", ".join(repr(c) for c in INIT_CHOICES)
+        raise ValueError(f"init must be one of {choices} or 'job:<id>', got {init!r}")
+    return init, None

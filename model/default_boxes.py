@@ -49,22 +49,29 @@ def default_boxes(
     scales: Sequence[float],
     aspect_ratios: Sequence[Sequence[int]],
     *,
+    steps: Sequence[float] | None = None,
+    image_size: int | None = None,
     clip: bool = True,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """All default boxes of the network, in the order its heads emit predictions.
 
-    Centres sit at ((j + 0.5) / f_k, (i + 0.5) / f_k) for cell (i, j) of an f_k x f_k map.
+    Centres sit at ((j + 0.5) / f_k, (i + 0.5) / f_k) for cell (i, j) of an f_k x f_k map, or,
+    with ``steps`` (pixels between centres on each map of an ``image_size`` input, as
+    torchvision's ``DefaultBoxGenerator(steps=...)``), at ((j + 0.5) * step_k / image_size, ...).
     Order: feature map, then row, then column, then box shape (as torchvision's SSD).
 
     Returns:
         Tensor[A, 4] of ``(cx, cy, w, h)`` relative to the image side (0-1); with ``clip``
         widths and heights are clipped to at most 1. A = 8732 for SSD300.
     """
+    if steps is not None and image_size is None:
+        raise ValueError("default boxes spaced by steps need the image_size the steps are in pixels of")
     per_map = []
-    for f_k, shapes in zip(map_sizes, box_shapes(scales, aspect_ratios), strict=True):
-        centres = (torch.arange(f_k, dtype=torch.float64) + 0.5) / f_k
+    for k, (f_k, shapes) in enumerate(zip(map_sizes, box_shapes(scales, aspect_ratios), strict=True)):
+        spacing = f_k if steps is None else image_size / steps[k]  # cells per image side
+        centres = (torch.arange(f_k, dtype=torch.float64) + 0.5) / spacing
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         xy = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)  # [f_k^2, 2]
         wh = torch.tensor(shapes, dtype=torch.float64)  # [n_shapes, 2]

@@ -18,6 +18,7 @@ from .device import Precision, amp_dtype, autocast, memory_format, precision_nam
 from .fusion import fold_batch_norms
 from .network import SSD300
 from .postprocess import Detections, postprocess
+from .pretrained import COCO_CLASSES, COCO_WEIGHTS, WeightsError, coco_model, read_state_dict
 
 ImageInput = Image.Image | torch.Tensor
 # Input pixels converted to float32 and resized at once (about 200 MB of float32 at full size).
@@ -72,7 +73,8 @@ class Detector:
 
     @classmethod
     def from_checkpoint(cls, path: Path | str, device: str = "auto", **kwargs) -> Detector:
-        """Rebuild the exact trained network from a checkpoint of ``fit``.
+        """Rebuild the exact trained network from a checkpoint of ``fit``, or torchvision's COCO SSD300
+        from its published file (``COCO_WEIGHTS.file_name``).
 
         Raises:
             CheckpointError: unreadable, truncated or foreign checkpoint.
@@ -192,11 +194,21 @@ class Detector:
 
 
 def load_model(path: Path | str) -> tuple[SSD300, list[str]]:
-    """The trained network (on the CPU, eval mode) and class names saved in a checkpoint of ``fit``.
+    """The trained network (on the CPU, eval mode) and class names saved in a checkpoint of ``fit``, or
+    torchvision's COCO SSD300 and its 80 category names from its published file.
 
     Raises:
-        CheckpointError: unreadable, truncated or foreign checkpoint.
+        CheckpointError: unreadable, truncated or foreign checkpoint (or COCO weights file).
     """
+    if Path(path).name == COCO_WEIGHTS.file_name:
+        try:
+            state = read_state_dict(Path(path))  # its errors name the file
+        except WeightsError as error:
+            raise CheckpointError(str(error)) from None
+        try:
+            return coco_model(state), list(COCO_CLASSES)
+        except WeightsError as error:
+            raise CheckpointError(f"{path}: {error}") from None
     state = load_checkpoint(Path(path))
     try:
         model = SSD300(ModelConfig.from_dict(state["model_config"]))

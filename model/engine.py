@@ -22,16 +22,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from .checkpoint import checkpoint_writer, load_checkpoint
-from .config import ModelConfig, TrainConfig
+from .config import ModelConfig, TrainConfig, parse_init
 from .data import photometric
 from .data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
 from .data.records import DetectionData
 from .data.transforms import eval_transforms, train_transforms
 from .device import Precision, amp_dtype, autocast, memory_format, precision_name, resolve_device
+from .initialisation import Initialisation, Start, WeightsSource, plan_start, resumed_start
 from .layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LOSS_PLOT, METRICS_FILE
 from .loss import SSDLoss, SSDLossOutput
 from .metrics import MeanAP
-from .network import SSD300, load_pretrained_backbone
+from .network import SSD300
 from .plots import plot_losses
 from .postprocess import postprocess
 from .storage import RunFolder
@@ -66,6 +67,9 @@ class Callbacks:
         ``fit`` on the same run folder later carries on from the next batch (worker shutdown).
     on_resume: the history of the checkpoint a run resumes from (its epoch records), before
         training continues: the records a crash may have kept from reaching ``on_epoch``.
+    on_start: how the run starts (``Start.init``: what the weights start from, what was asked and
+        why they differ; ``Start.config``: the recipe as it runs), before the first batch; a resumed
+        run reports its first start again.
     """
 
     on_step: Callable[[StepProgress], None] | None = None
@@ -73,6 +77,7 @@ class Callbacks:
     should_stop: Callable[[], bool] | None = None
     should_pause: Callable[[], bool] | None = None
     on_resume: Callable[[list[dict]], None] | None = None
+    on_start: Callable[[Start], None] | None = None
 
     def interruption(self) -> Literal["cancelled", "paused"] | None:
         """Why the run must stop before the next batch, if it must."""
@@ -102,6 +107,8 @@ class FitResult:
     paused_at: tuple[int, int] | None = None  # (epoch, training steps done in it) of a paused run
     device: str = "cpu"  # where it trained: cpu or cuda
     precision: Precision = "fp32"  # what its convolutions computed in (see model.device)
+    init: Initialisation | None = None  # what the weights started from
+    note: str | None = None  # why a completed run stopped before its last epoch (patience)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -128,16 +135,16 @@ class WarmupSchedule:
         return 0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def build_model(model_config: ModelConfig, config: TrainConfig) -> SSD300:
-    """The network with the recipe's backbone weights and frozen layers."""
+def build_model(model_config: ModelConfig, config: TrainConfig, load: Callable[[SSD300], None] | None = None) -> SSD300:
+    """The network with its starting weights (``load``: see ``Start``; None: random) and frozen layers."""
     torch.manual_seed(config.seed)
     model = SSD300(model_config)
-    if config.pretrained_backbone:
-        load_pretrained_backbone(model, config.pretrained_backbone)
-    elif config.resolved_frozen_layers:
+    if load is not None:
+        load(model)
+    elif config.resolved_frozen_layers and parse_init(config.init)[0] in ("scratch", "auto"):
         warnings.warn(
             f"freezing {config.resolved_frozen_layers} VGG layers of a randomly initialised backbone: "
-            "they will stay random. Freezing is meant for pretrained backbones.",
+            "they will stay random. Freezing is meant for pretrained weights.",
             stacklevel=2,
         )
     model.freeze_vgg_layers(config.resolved_frozen_layers)
@@ -447,11 +454,12 @@ def training_precision(config: TrainConfig) -> tuple[torch.device, Precision]:
     return device, precision_name(amp_dtype(device, config.amp))
 
 
-def _build_training(config: TrainConfig, data: DetectionData) -> TrainingRun:
+def _build_training(start: Start, data: DetectionData) -> TrainingRun:
+    config = start.config
     device = resolve_device(config.device)
-    model_config = config.model_config(num_classes=len(data.classes) + 1)
+    model_config = start.model_config(num_classes=len(data.classes) + 1)
     layout = memory_format(device, amp_dtype(device, config.amp))
-    model = build_model(model_config, config).to(device, memory_format=layout)
+    model = build_model(model_config, config, start.load).to(device, memory_format=layout)
     train_loader, val_loader = build_loaders(data, config, model_config, device)
     return build_training_run(model, config, device, train_loader, val_loader)
 
@@ -462,21 +470,29 @@ def _epoch_seed(seed: int, epoch: int) -> int:
 
 
 def fit(
-    config: TrainConfig, data: DetectionData, run_dir: Path | RunFolder, callbacks: Callbacks | None = None
+    config: TrainConfig,
+    data: DetectionData,
+    run_dir: Path | RunFolder,
+    callbacks: Callbacks | None = None,
+    weights: WeightsSource | None = None,
 ) -> FitResult:
     """Train an SSD on ``data``; everything the run produces goes to ``run_dir``, each file replaced whole
     through ``RunFolder.replace`` (pass a ``RunFolder`` to decide how).
 
-    Writes ``config.json``, ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and
-    ``best.pt`` (lowest validation loss; training loss without a validation split) and
-    ``losses.png``. If ``run_dir/last.pt`` exists the run resumes where it left off (after its
-    last epoch, or mid-epoch after a pause) with the same weights, optimiser, schedule and
-    history (``callbacks.on_resume`` gets that history); only ``RESUMABLE_CHANGES`` may differ
-    from the checkpoint's config.
+    The weights start as ``config.init`` says (``model.initialisation.plan_start``), read from
+    ``weights``; without one, ``auto`` starts from random weights. Writes ``config.json``,
+    ``metrics.jsonl`` (one epoch record a line), ``last.pt`` and ``best.pt`` (lowest
+    validation loss; training loss without a validation split) and ``losses.png``. If
+    ``run_dir/last.pt`` exists the run resumes where it left off (after its last epoch, or
+    mid-epoch after a pause) with the same weights, optimiser, schedule and history
+    (``callbacks.on_resume`` gets that history); only ``RESUMABLE_CHANGES`` may differ from
+    the checkpoint's config. With ``config.patience``, the run completes early once the
+    validation mAP@0.5 has not improved for that many epochs (``FitResult.note`` says so).
 
     Raises:
-        ValueError: a dataset with no images, settings that cannot run here, or a run folder
-            holding a different run.
+        ValueError: a dataset with no images, settings that cannot run here, a run folder
+            holding a different run, or weights that do not fit (``WeightsError``).
+        WeightsUnavailable: the weights ``config.init`` names explicitly cannot be had.
         NonFiniteLossError: a training or validation loss became NaN or infinite.
     """
     callbacks = callbacks or Callbacks()
@@ -484,51 +500,88 @@ def fit(
     folder.path.mkdir(parents=True, exist_ok=True)
     if not data.images:
         raise ValueError("the dataset has no images")
-    run = _build_training(config, data)
+    last = folder.file(LAST_CHECKPOINT)
+    checkpoint = load_checkpoint(last) if last.exists() else None
+    start = resumed_start(config, checkpoint) if checkpoint else plan_start(config, data.classes, weights)
+    if callbacks.on_start is not None:
+        callbacks.on_start(start)
+    run = _build_training(start, data)
+    start = dataclasses.replace(start, load=None)  # the starting weights are in the model: not held for the whole run
     try:
-        result = _train(run, config, data, folder, callbacks)
+        resumed = _resume(last, checkpoint, start.config, data, run) if checkpoint else None
+        del checkpoint  # likewise
+        result = _train(run, start, data, folder, callbacks, resumed)
     finally:
         _stop_loader_workers(run)
     return dataclasses.replace(result, device=run.device.type, precision=run.precision)
 
 
 def _train(
-    run: TrainingRun, config: TrainConfig, data: DetectionData, folder: RunFolder, callbacks: Callbacks
+    run: TrainingRun,
+    start: Start,
+    data: DetectionData,
+    folder: RunFolder,
+    callbacks: Callbacks,
+    resumed: tuple[list[dict], float | None, EpochState | None] | None,
 ) -> FitResult:
-    """``fit``'s body, once the run is built: resume, then the epochs."""
+    """``fit``'s body, once the run is built (and restored from ``last.pt``: ``resumed``, see ``_resume``)."""
+    config = start.config
     history: list[dict] = []
     best: float | None = None  # the lowest selection score so far (see _selection_score)
     partial: EpochState | None = None
-    if folder.file(LAST_CHECKPOINT).exists():
-        history, best, partial = _resume(folder.file(LAST_CHECKPOINT), config, data, run)
+    if resumed is not None:
+        history, best, partial = resumed
         log.info("resuming %s after epoch %d", folder.path, len(history))
         if callbacks.on_resume is not None:
             callbacks.on_resume(list(history))
-    config_json = _config_json(config, run.model.config, data.classes)
+    config_json = _config_json(config, run.model.config, data.classes, start.init)
     folder.replace(CONFIG_FILE, lambda f: f.write(config_json))
+
+    def result(status, **details) -> FitResult:
+        return _result(status, folder, history, best, init=start.init, **details)
 
     validation_seconds = history[-1].get("val_seconds", 0.0) if history else 0.0
     for epoch in range(len(history) + 1, config.epochs + 1):
-        outcome, result = _run_epoch(run, config, data.classes, epoch, validation_seconds, callbacks, partial)
+        if partial is None and (note := _out_of_patience(history, config.patience)) is not None:
+            return result("completed", note=note)  # resumed after the last epoch it needed
+        outcome, epoch_result = _run_epoch(run, config, data.classes, epoch, validation_seconds, callbacks, partial)
         partial = None
         if outcome == "paused":
-            _save_checkpoints(folder, run, config, data.classes, history, best, paused_at=result)
-            return _result(outcome, folder, history, best, paused_at=(epoch, result.steps_done))
+            _save_checkpoints(folder, run, config, data.classes, history, best, start.init, paused_at=epoch_result)
+            return result(outcome, paused_at=(epoch, epoch_result.steps_done))
         if outcome != "done":
-            return _result(outcome, folder, history, best)
-        record = result
+            return result(outcome)
+        record = epoch_result
         validation_seconds = record["val_seconds"]
         history.append(record)
         score = _selection_score(record)
         improved = best is None or score < best
         best = score if improved else best
-        _save_checkpoints(folder, run, config, data.classes, history, best, improved=improved)
+        _save_checkpoints(folder, run, config, data.classes, history, best, start.init, improved=improved)
         _write_history(folder, history)
         if callbacks.on_epoch is not None:
             callbacks.on_epoch(record)
+        if epoch < config.epochs and (note := _out_of_patience(history, config.patience)) is not None:
+            return result("completed", note=note)
         if epoch < config.epochs and (interruption := callbacks.interruption()) is not None:
-            return _result(interruption, folder, history, best)
-    return _result("completed", folder, history, best)
+            return result(interruption)
+    return result("completed")
+
+
+def _out_of_patience(history: list[dict], patience: int | None) -> str | None:
+    """Why the run stops early, when the last ``patience`` epochs brought no better validation mAP@0.5
+    than an earlier one (a tie is no better); None to go on."""
+    if patience is None or not history:
+        return None
+    scores = [r.get("val_map50") if r.get("val_map50") is not None else -1.0 for r in history]
+    best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first epoch with the best score
+    waited = len(history) - 1 - best
+    if waited < patience:
+        return None
+    return (
+        f"stopped early after epoch {history[-1]['epoch']}: no better validation mAP@0.5 than epoch "
+        f"{history[best]['epoch']}'s {max(scores[best], 0.0):.4f} for {waited} epochs (patience {patience})"
+    )
 
 
 def _stop_loader_workers(run: TrainingRun) -> None:
@@ -610,24 +663,30 @@ def _no_validation() -> dict[str, None]:
     return dict.fromkeys(("val_loss", "val_loc_loss", "val_conf_loss", "val_map50", "val_map", "val_ap50_per_class"))
 
 
-def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[str]) -> bytes:
-    payload = {"train_config": config.to_dict(), "model_config": model_config.to_dict(), "classes": classes}
+def _config_json(config: TrainConfig, model_config: ModelConfig, classes: list[str], init: Initialisation) -> bytes:
+    payload = {
+        "train_config": config.to_dict(),
+        "model_config": model_config.to_dict(),
+        "classes": classes,
+        "init": init.to_dict(),
+    }
     return json.dumps(payload, indent=2).encode()
 
 
 def _resume(
-    path: Path, config: TrainConfig, data: DetectionData, run: TrainingRun
+    path: Path, checkpoint: dict[str, Any], config: TrainConfig, data: DetectionData, run: TrainingRun
 ) -> tuple[list[dict], float | None, EpochState | None]:
-    """Restore a run from its last checkpoint: its history, best selection score, and the
-    state of an epoch paused half-way (None after a whole epoch)."""
-    checkpoint = load_checkpoint(path)
+    """Restore a run from its last checkpoint (read from ``path``): its history, best selection score,
+    and the state of an epoch paused half-way (None after a whole epoch)."""
     if checkpoint["classes"] != data.classes:
         raise ValueError(
             f"{path} was trained on classes {checkpoint['classes']}, not this dataset's {data.classes}: "
             "use a new run folder"
         )
     saved, current = checkpoint.get("train_config", {}), config.to_dict()
-    changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
+    # Settings a checkpoint predates are not changes; the synonym's meaning is in init.
+    compared = [k for k in current if k in saved and k not in RESUMABLE_CHANGES and k != "pretrained_backbone"]
+    changed = sorted(k for k in compared if saved[k] != current[k])
     if changed:
         raise ValueError(
             f"{path} belongs to a run with different settings ({', '.join(changed)}); "
@@ -653,6 +712,7 @@ def _save_checkpoints(
     classes: list[str],
     history: list[dict],
     best: float | None,
+    init: Initialisation,
     improved: bool = False,
     paused_at: EpochState | None = None,
 ) -> None:
@@ -672,6 +732,7 @@ def _save_checkpoints(
         "scaler": run.scaler.state_dict() if run.scaler.is_enabled() else None,
         "best_score": best,
         "history": history,
+        "init": init.to_dict(),
         "paused_epoch": None
         if paused_at is None
         else {"steps_done": paused_at.steps_done, "loss_sums": list(paused_at.loss_sums)},
@@ -691,7 +752,13 @@ def _write_history(folder: RunFolder, history: list[dict]) -> None:
 
 
 def _result(
-    status, folder: RunFolder, history: list[dict], best: float | None, paused_at: tuple[int, int] | None = None
+    status,
+    folder: RunFolder,
+    history: list[dict],
+    best: float | None,
+    paused_at: tuple[int, int] | None = None,
+    init: Initialisation | None = None,
+    note: str | None = None,
 ) -> FitResult:
     last, best_path = folder.file(LAST_CHECKPOINT), folder.file(BEST_CHECKPOINT)
     validated = bool(history) and history[-1]["val_loss"] is not None
@@ -703,4 +770,6 @@ def _result(
         best_checkpoint=best_path if best_path.exists() else None,
         history=history,
         paused_at=paused_at,
+        init=init,
+        note=note,
     )

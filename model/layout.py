@@ -14,6 +14,8 @@ The data folder (``SSD_DATA_DIR``) of the service::
     runs/.trash-<job id>-<random>/          a run being deleted
     owners/<owner>.lock                     locked (flock) by each live service process
     cache/<hash>                            with a bucket: a local copy of an object or dataset (``worker.cache``)
+    weights/<torchvision's file name>       pretrained weights (``SSD_WEIGHTS_DIR`` may put them elsewhere)
+    weights/.<file name>.lock               locked (flock) by whoever downloads or installs that file
 
 With a bucket (``SSD_STORAGE_URL=s3://bucket/prefix``), the objects under its prefix::
 
@@ -22,6 +24,7 @@ With a bucket (``SSD_STORAGE_URL=s3://bucket/prefix``), the objects under its pr
     runs/<job id>/job.json                  the job's record, replaced only by a later revision
     runs/<job id>/manifest.json             which object holds each of the run's files, and which run may write
     runs/<job id>/files/<name>.<owner>.<random>   one version of a run's file; never changed once written
+    weights/<torchvision's file name>       pretrained weights, fetched once for every host
 
 The data folder then holds only the cache, the working copies of the runs training on this
 machine (``runs/<job id>/``) and the imports being built.
@@ -66,6 +69,7 @@ DATASETS_DIR = "datasets"
 RUNS_DIR = "runs"
 OWNERS_DIR = "owners"
 CACHE_DIR = "cache"
+WEIGHTS_DIR = "weights"
 
 # Work in progress, and work being thrown away.
 TEMP_SUFFIX = ".tmp"
@@ -136,6 +140,10 @@ class DataLayout:
     def cache_dir(self) -> Path:
         return self.root / CACHE_DIR
 
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / WEIGHTS_DIR
+
     def dataset_dir(self, dataset_id: str) -> Path:
         return self.datasets_dir / dataset_id
 
@@ -154,6 +162,16 @@ def dataset_key(dataset_id: str, name: str = "") -> str:
 def run_key(job_id: str, name: str = "") -> str:
     """A run's object ``name`` in a bucket (relative to its prefix); without a name, the run's prefix."""
     return f"{RUNS_DIR}/{job_id}/{name}"
+
+
+def weights_key(file_name: str) -> str:
+    """A weights file's object in a bucket (relative to its prefix)."""
+    return f"{WEIGHTS_DIR}/{file_name}"
+
+
+def weights_lock_name(file_name: str) -> str:
+    """The lock file beside a weights file that its download or install holds."""
+    return f".{file_name}.lock"
 
 
 def run_version_key(job_id: str, name: str) -> str:

@@ -112,7 +112,13 @@ class SSD300(nn.Module):
 
         self.register_buffer("mean", torch.tensor(config.image_mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(config.image_std).view(1, 3, 1, 1), persistent=False)
-        defaults = default_boxes(feature_map_sizes(config.image_size), config.scales, config.aspect_ratios)
+        defaults = default_boxes(
+            feature_map_sizes(config.image_size),
+            config.scales,
+            config.aspect_ratios,
+            steps=config.steps,
+            image_size=config.image_size,
+        )
         self.register_buffer("defaults", defaults, persistent=False)
 
     def _init_weights(self) -> None:
@@ -221,30 +227,3 @@ class SSD300(nn.Module):
         batch, _, height, width = y.shape
         y = y.view(batch, boxes, 4 + self.num_classes, height, width).permute(0, 3, 4, 1, 2)
         return y.reshape(batch, height * width * boxes, 4 + self.num_classes)
-
-
-def load_pretrained_backbone(model: SSD300, source: str) -> None:
-    """Load ImageNet VGG16 weights into ``model``'s backbone.
-
-    Args:
-        source: ``"imagenet"`` for torchvision's weights (downloaded on first use into
-            torch's cache: only when a user asks for them), or a path to a local ``.pth``
-            holding a torchvision VGG16 / VGG16-BN state dict.
-    """
-    if source == "imagenet":
-        weights = (
-            vgg.VGG16_Weights.IMAGENET1K_FEATURES
-            if model.config.backbone == "vgg16"
-            else vgg.VGG16_BN_Weights.IMAGENET1K_V1
-        )
-        state_dict = weights.get_state_dict(progress=True)
-    else:
-        try:
-            state_dict = torch.load(source, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise ValueError(f"pretrained backbone file not found: {source}") from None
-        except Exception as error:
-            raise ValueError(f"cannot read pretrained backbone weights from {source}: {error}") from None
-        if not isinstance(state_dict, Mapping):
-            raise ValueError(f"{source} does not hold a state dict")
-    model.load_vgg_weights(state_dict)

@@ -1,10 +1,12 @@
-"""Fixtures the model tests share: a tiny synthetic set and a tiny network overfitted to it (trained once)."""
+"""Fixtures the model and service tests share: a tiny synthetic set and a tiny network overfitted to it
+(trained once), and torchvision's published weight files (made on first use)."""
 
 import pytest
 
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.engine import fit
+from tests.pretrained_files import PublishedFiles
 from tests.tiny import TINY
 
 
@@ -21,3 +23,9 @@ def overfitted(shapes, tmp_path_factory):
     )
     run_dir = tmp_path_factory.mktemp("overfit")
     return fit(config, shapes, run_dir), run_dir
+
+
+@pytest.fixture(scope="session")
+def published(tmp_path_factory) -> PublishedFiles:
+    """torchvision's published weight files in their exact layout (random weights), made once per session."""
+    return PublishedFiles(tmp_path_factory.mktemp("published"))

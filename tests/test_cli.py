@@ -68,3 +68,21 @@ def test_cli_refuses_invalid_training_settings(tmp_path, capsys):
     main(["synth", str(tmp_path / "d"), "--num-images", "2"])
     assert main(["train", str(tmp_path / "d"), str(tmp_path / "r"), "--epochs", "0"]) == 2
     assert "epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_cli_trains_on_from_an_earlier_run_with_init_job(tmp_path, capsys):
+    data, first, second = tmp_path / "shapes", tmp_path / "first", tmp_path / "second"
+    main(["synth", str(data), "--num-images", "2"])
+    tiny = ["--epochs", "1", "--batch-size", "2", "--val-fraction", "0", "--num-workers", "0"]
+    assert main(["train", str(data), str(first), *tiny, "--width-multiplier", "0.125"]) == 0
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.strip().splitlines()[-1])["init_used"] == "scratch"
+    assert "weights: scratch, backbone vgg16_bn (pretrained weights need width_multiplier 1.0" in printed.err
+
+    # The earlier run's width and backbone follow; asking for weights that are not there is an error.
+    assert main(["train", str(data), str(second), *tiny, "--width-multiplier", "0.125", "--init", f"job:{first}"]) == 0
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert trained["status"] == "completed" and trained["init_used"] == f"job:{first}"
+    missing = ["--init", "coco", "--weights-dir", str(tmp_path / "none")]
+    assert main(["train", str(data), str(tmp_path / "third"), *tiny, *missing]) == 2
+    assert "ssd300_vgg16_coco-b556d3b4.pth is not in" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import math
 import torch
 from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
 
-from model.config import ModelConfig
+from model.config import TORCHVISION_STEPS, ModelConfig
 from model.default_boxes import boxes_per_location, default_boxes, feature_map_sizes
 
 CONFIG = ModelConfig(num_classes=2)
@@ -50,3 +50,15 @@ def test_default_boxes_follow_the_papers_formula_by_hand():
 def test_default_boxes_follow_device_and_dtype():
     boxes = default_boxes([2, 1], (0.2, 0.5, 0.9), ((2,), (2,)), dtype=torch.float64, device="cpu")
     assert boxes.dtype == torch.float64 and boxes.shape == (2 * 2 * 4 + 4, 4)
+
+
+def test_default_boxes_with_steps_equal_torchvisions_ssd300_generator():
+    # torchvision's COCO SSD300 spaces the centres by its steps: 38 x 8 = 304 pixels, not 300.
+    sizes = feature_map_sizes(300)
+    ours = default_boxes(sizes, CONFIG.scales, CONFIG.aspect_ratios, steps=TORCHVISION_STEPS, image_size=300)
+    generator = DefaultBoxGenerator(
+        [list(r) for r in CONFIG.aspect_ratios], scales=list(CONFIG.scales), steps=list(TORCHVISION_STEPS)
+    )
+    theirs = generator._grid_default_boxes([[s, s] for s in sizes], [300, 300])
+    torch.testing.assert_close(ours, theirs)
+    assert not torch.allclose(ours, default_boxes(sizes, CONFIG.scales, CONFIG.aspect_ratios))

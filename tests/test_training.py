@@ -11,6 +11,8 @@ from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import TrainConfig
 from model.detector import Detector, load_model
 from model.engine import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
+from model.initialisation import LocalWeights, plan_start
+from model.pretrained import IMAGENET_WEIGHTS
 from tests.tiny import TINY
 
 
@@ -162,16 +164,13 @@ def test_optimizer_gives_conv_blocks_one_and_two_a_lower_learning_rate():
     assert len(rest["params"]) + len(early["params"]) == len(list(model.parameters()))
 
 
-def test_pretrained_backbone_freezes_ten_layers_and_scratch_freezes_none(tmp_path):
-    from torchvision.models import vgg16_bn
-
-    weights = tmp_path / "vgg16_bn.pth"
-    torch.save(vgg16_bn(weights=None).state_dict(), weights)
-    pretrained = TrainConfig(pretrained_backbone=str(weights), num_workers=0)
-    model = build_model(pretrained.model_config(num_classes=3), pretrained)
+def test_imagenet_weights_freeze_ten_layers_and_scratch_freezes_none(published, tmp_path):
+    weights = LocalWeights(published.folder_with(tmp_path, IMAGENET_WEIGHTS["vgg16_bn"]))
+    start = plan_start(TrainConfig(pretrained_backbone="imagenet", num_workers=0), ["a", "b"], weights)
+    model = build_model(start.model_config(num_classes=3), start.config, start.load)
     frozen = [p for p in model.parameters() if not p.requires_grad]
     assert {id(p) for p in frozen} == {id(p) for p in model.early_block_parameters()}
-    optimizer = build_optimizer(model, pretrained, torch.device("cpu"))
+    optimizer = build_optimizer(model, start.config, torch.device("cpu"))
     assert len(optimizer.param_groups) == 1  # the early blocks are frozen, so no low-rate group
 
     scratch = TrainConfig(**TINY)

@@ -114,6 +114,11 @@ class Job(BaseModel):
         ),
     )
     gpu: str | None = Field(None, description="The host's GPU that worker was given (SSD_GPUS), if any.")
+    init: str | None = Field(None, description="Where the weights were asked to start (the config's init).")
+    init_used: str | None = Field(None, description="Where they did start, once the job has started.")
+    init_note: str | None = Field(None, description="Why init_used differs from init (weights missing, offline...).")
+    backbone: str | None = Field(None, description="The backbone it trains, once started (it follows the weights).")
+    note: str | None = Field(None, description="How a job ended early on its own (patience), if it did.")
     has_model: bool = Field(False, description="Whether POST /detect can use this job's checkpoint.")
 
 
@@ -143,6 +148,7 @@ class JobRecord(Job):
             dataset_name=dataset.name,
             config=dict(config),
             epochs=config["epochs"],
+            init=config.get("init"),
             created_at=now_iso(),
             classes=list(dataset.classes),
             enqueued_at=time.time(),

@@ -71,6 +71,34 @@ class Settings(BaseSettings):
     )
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
 
+    # Pretrained weights (``worker.weights``).
+    weights_dir: Path | None = Field(
+        None,
+        description=(
+            "torchvision's weight files under their published names (ssd300_vgg16_coco-b556d3b4.pth...), shared by "
+            "the API and every worker. Unset: SSD_DATA_DIR/weights. With SSD_STORAGE_URL each host keeps its copy "
+            "here and the bucket holds them once."
+        ),
+    )
+    weights_download: Literal["auto", "never"] = Field(
+        "auto",
+        description=(
+            "auto: a weights file that is missing is downloaded on first use (checked against the SHA-256 in its "
+            "name); never: only files already there (`ssd-service weights fetch` or `import` put them there)."
+        ),
+    )
+    weights_base_url: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]+$",
+        description="Where weights files are downloaded from (base URL + file name). Unset: torchvision's URLs.",
+    )
+    weights_connect_timeout_seconds: float = Field(
+        10.0, gt=0, le=300, description="Longest wait to connect for a weights download (then init auto falls back)."
+    )
+    weights_read_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600, description="Longest wait for the next bytes of a weights download before it gives up."
+    )
+
     # HTTP server (`ssd-service api`, `up`).
     host: str = Field("127.0.0.1", description="Address the API listens on (0.0.0.0 in Docker).")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on.")
@@ -265,7 +293,7 @@ class Settings(BaseSettings):
         ),
     )
 
-    @field_validator("storage_url", mode="before")
+    @field_validator("storage_url", "weights_dir", "weights_base_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # SSD_STORAGE_URL= (as Compose passes an unset one)
@@ -314,6 +342,11 @@ class Settings(BaseSettings):
         from worker.storage import open_storage  # it imports the worker's modules, which import this one
 
         return open_storage(self.storage_url, self.layout, self.cache_bytes)
+
+    @property
+    def weights_folder(self) -> Path:
+        """SSD_WEIGHTS_DIR, or the data folder's ``weights``."""
+        return self.weights_dir if self.weights_dir is not None else self.layout.weights_dir
 
     @property
     def datasets_dir(self) -> Path:

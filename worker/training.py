@@ -42,6 +42,7 @@ from model.config import TrainConfig
 from model.data import read_dataset
 from model.device import resolve_device
 from model.engine import Callbacks, FitResult, StepProgress, fit, training_precision
+from model.initialisation import Start
 from model.layout import BEST_CHECKPOINT
 from model.storage import RunFolder
 from worker.bucket import BucketError, Conflict
@@ -52,6 +53,7 @@ from worker.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
 from worker.run_files import RunFolderBusy
 from worker.settings import Settings
 from worker.store import REDIS_ERRORS, Store
+from worker.weights import JobWeights, WeightsFolder
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ class JobMonitor:
         self.cancelled = threading.Event()
         self.progress: dict[str, Any] | None = None
         self._progress_written = True
+        self.start_fields: dict[str, Any] = {}  # how the run started (init_used...), for the record
+        self._start_written = True
         self._history: list[dict[str, Any]] = []  # the run's epoch records, epochs 1 to n
         self.new_epochs = 0  # finished by this run (not resumed from its checkpoint)
         self._synced = 0  # how many of them Redis is known to hold
@@ -142,9 +146,17 @@ class JobMonitor:
             on_step=self.on_step,
             on_epoch=self.on_epoch,
             on_resume=self.on_resume,
+            on_start=self.on_start,
             should_stop=self.should_stop,
             should_pause=should_pause,
         )
+
+    def on_start(self, start: Start) -> None:
+        """Where the weights start and the backbone they fit: for the job's record at the next tick."""
+        with self._lock:
+            self.start_fields = {**start.init.to_dict(), "backbone": start.config.backbone}
+            self._start_written = False
+        self._wake.set()
 
     def on_step(self, progress: StepProgress) -> None:
         with self._lock:
@@ -190,6 +202,7 @@ class JobMonitor:
                 return  # the training thread sees it before its next batch (should_stop)
             self._check_cancel()
             self.sync()
+            self._write_start()
             if not self._training_done and now >= next_progress and self._write_progress():
                 next_progress = now + self.progress_interval
             self._wake.wait(self.cancel_interval)
@@ -215,6 +228,18 @@ class JobMonitor:
             self._logs["cancel"].failed(error)
         else:
             self._logs["cancel"].worked()
+
+    def _write_start(self) -> None:
+        with self._lock:
+            if self._start_written:
+                return
+            fields, self._start_written = dict(self.start_fields), True
+        try:
+            self.store.update_running(self.lease, **fields)
+        except REDIS_ERRORS as error:  # the job's last write carries them too
+            self._logs["records"].failed(error)
+            with self._lock:
+                self._start_written = False
 
     def _write_progress(self) -> bool:
         with self._lock:
@@ -506,6 +531,8 @@ def _train_and_judge(
         return _Outcome(FAILED, {"error": f"{type(error).__name__}: {error}"})
     checkpoint = result.best_checkpoint or result.last_checkpoint
     fields: dict[str, Any] = {
+        **monitor.start_fields,
+        "note": result.note,
         "epoch": result.epochs_completed,
         "epochs_completed": result.epochs_completed,
         "checkpoint": checkpoint.name if checkpoint is not None else None,
@@ -530,8 +557,9 @@ def _train(job: JobRecord, store: Store, settings: Settings, folder: RunFolder, 
     dataset = retry_redis(read, settings.lease_seconds, f"reading the dataset of job {job.id}")
     if dataset is None:
         raise ValueError(f"dataset {job.dataset_id} was deleted")
+    weights = JobWeights(WeightsFolder.from_settings(settings), store, settings.storage)
     with settings.storage.dataset_files(dataset) as root:  # copied from the bucket into the cache on first use
-        return fit(training_config(job, settings), read_dataset(root), folder, callbacks)
+        return fit(training_config(job, settings), read_dataset(root), folder, callbacks, weights)
 
 
 def _record(

@@ -1,11 +1,12 @@
-"""POST /detect: boxes for an uploaded image from a trained job's model, as JSON or drawn on a PNG;
-POST /detect/batch: for several images in one request."""
+"""POST /detect: boxes for an uploaded image from a trained job's model (or torchvision's COCO-trained
+SSD300), as JSON or drawn on a PNG; POST /detect/batch: for several images in one request."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Literal
@@ -28,9 +29,12 @@ from app.inference import (
 )
 from app.schemas import DetectBatchResponse, DetectResponse
 from app.timing import ServerTiming
+from model.initialisation import WeightsUnavailable
+from model.pretrained import COCO_WEIGHTS
 from worker.settings import Settings
 from worker.storage import Storage
 from worker.store import Store
+from worker.weights import WeightsFolder
 
 router = APIRouter(tags=["detection"])
 
@@ -69,6 +73,52 @@ def wants_png(accept: str | None) -> bool:
     return quality("image/png") > quality("application/json")
 
 
+@dataclass(frozen=True)
+class ModelChoice:
+    """The model that answers a request: its cache key, its job (None for COCO's), and its weights."""
+
+    key: str
+    job_id: str | None
+    checkpoint: CheckpointSource
+
+    @property
+    def name(self) -> str:
+        """``job:<id>`` or ``coco``, as answers name it."""
+        return f"job:{self.job_id}" if self.job_id else self.key
+
+    @property
+    def described(self) -> str:
+        return f"job {self.job_id}'s model" if self.job_id else "the COCO model"
+
+
+def choose_model(store: Store, settings: Settings, job_id: str | None, model: str | None) -> ModelChoice:
+    """The model a request asks for: ``model`` (coco), else ``job_id``'s, else the newest succeeded job's.
+
+    Raises:
+        HTTPException: 404 unknown job or COCO weights missing, 409 no trained model, 422 both asked for.
+    """
+    if model is None:
+        job_id, checkpoint = resolve_model(store, settings, job_id)
+        return ModelChoice(job_id, job_id, checkpoint)
+    if job_id is not None:
+        message = "ask for a job_id or a model, not both"
+        raise RequestValidationError(
+            [{"type": "value_error", "loc": ("query", "model"), "msg": message, "input": model}]
+        )
+    folder = WeightsFolder.from_settings(settings)
+    try:
+        path = folder.present(COCO_WEIGHTS)
+    except WeightsUnavailable as error:  # the bucket's copy is not the file its name says
+        raise HTTPException(503, f"the COCO model's weights cannot be had: {error}") from error
+    if path is None:
+        raise HTTPException(
+            404,
+            f"the COCO model's weights ({COCO_WEIGHTS.file_name}) are not in {folder.folder}: "
+            "run `ssd-service weights fetch coco` (or `ssd-service weights import FILE`) first",
+        )
+    return ModelChoice(model, None, partial(nullcontext, path))
+
+
 def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, CheckpointSource]:
     """The job whose model answers, and its checkpoint: ``job_id``'s, or the newest succeeded job's.
 
@@ -96,7 +146,7 @@ def open_checkpoint(storage: Storage, job_id: str, name: str) -> Iterator[Path]:
 
 _ERRORS = {
     400: {"description": "A truncated or corrupt image."},
-    404: {"description": "No such job."},
+    404: {"description": "No such job, or (model=coco) the COCO weights are not in the weights folder."},
     409: {"description": "No trained model yet (or the job has none)."},
     413: {"description": "The upload or its pixel count is over the limit."},
     415: {"description": f"Not an image, or not one of {', '.join(ACCEPTED_FORMATS.values())}."},
@@ -108,6 +158,15 @@ _ERRORS = {
     },
 }
 JobQuery = Annotated[str | None, Query(description="Default: the newest succeeded job.")]
+ModelQuery = Annotated[
+    Literal["coco"] | None,
+    Query(
+        description=(
+            "coco: torchvision's COCO-trained SSD300 (80 categories) instead of a job's model, when its weights "
+            "are in the weights folder (`ssd-service weights fetch coco`)."
+        )
+    ),
+]
 ScoreQuery = Annotated[float, Query(ge=0, le=1)]
 MostQuery = Annotated[int, Query(ge=1, le=1000)]
 
@@ -124,6 +183,7 @@ async def detect(
     settings: SettingsDep,
     detection: DetectorDep,
     job_id: JobQuery = None,
+    model: ModelQuery = None,
     score_threshold: ScoreQuery = 0.5,
     max_detections: MostQuery = 100,
     format: Annotated[Literal["json", "png"] | None, Query(description="png: the image with boxes drawn.")] = None,
@@ -134,20 +194,20 @@ async def detect(
     decoding, detection (waiting for a batch included) and the whole handler took, in ms."""
     timing = ServerTiming()
     with _admitted(detection, 1):
-        job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
+        chosen = await run_in_threadpool(choose_model, store, settings, job_id, model)
         data = await _read(file, settings)
         with timing.phase("decode"):
             image = await _decode(detection, data, file, settings)
         with timing.phase("detect"):
-            [detections] = await _detect(
-                detection, settings, job_id, checkpoint, [image], score_threshold, max_detections
-            )
+            [detections] = await _detect(detection, settings, chosen, [image], score_threshold, max_detections)
         if format == "png" or (format is None and wants_png(accept)):
             with timing.phase("draw"):
                 png = await detection.draw(image, detections)
-            return Response(png, media_type="image/png", headers={"X-Job-Id": job_id, **_timed(timing)})
+            named = {"X-Model": chosen.name, **({"X-Job-Id": chosen.job_id} if chosen.job_id else {})}
+            return Response(png, media_type="image/png", headers={**named, **_timed(timing)})
         response.headers.update(_timed(timing))
-        return {"job_id": job_id, "image": {"width": image.width, "height": image.height}, "detections": detections}
+        size = {"width": image.width, "height": image.height}
+        return {"job_id": chosen.job_id, "model": chosen.name, "image": size, "detections": detections}
 
 
 @router.post("/detect/batch", response_model=DetectBatchResponse, responses=_ERRORS)
@@ -161,6 +221,7 @@ async def detect_batch(
     settings: SettingsDep,
     detection: DetectorDep,
     job_id: JobQuery = None,
+    model: ModelQuery = None,
     score_threshold: ScoreQuery = 0.5,
     max_detections: MostQuery = 100,
 ):
@@ -175,7 +236,7 @@ async def detect_batch(
         message = f"{len(files)} images in one request; the limit is {most}"
         raise RequestValidationError([{"type": "too_long", "loc": ("body", "files"), "msg": message, "input": None}])
     with _admitted(detection, len(files)):
-        job_id, checkpoint = await run_in_threadpool(resolve_model, store, settings, job_id)
+        chosen = await run_in_threadpool(choose_model, store, settings, job_id, model)
         uploads = [await _read(file, settings) for file in files]
         with timing.phase("decode"):
             decoded = await asyncio.gather(
@@ -188,13 +249,13 @@ async def detect_batch(
                 raise outcome
         images = list(decoded)
         with timing.phase("detect"):
-            found = await _detect(detection, settings, job_id, checkpoint, images, score_threshold, max_detections)
+            found = await _detect(detection, settings, chosen, images, score_threshold, max_detections)
         response.headers.update(_timed(timing))
         results = [
             {"file": file.filename or "", "image": {"width": image.width, "height": image.height}, "detections": d}
             for file, image, d in zip(files, images, found, strict=True)
         ]
-        return {"job_id": job_id, "results": results}
+        return {"job_id": chosen.job_id, "model": chosen.name, "results": results}
 
 
 def batch_image_limit(settings: Settings, detection: DetectionService) -> int:
@@ -233,19 +294,18 @@ async def _decode(detection: DetectionService, data: bytes, file: UploadFile, se
 async def _detect(
     detection: DetectionService,
     settings: Settings,
-    job_id: str,
-    checkpoint: CheckpointSource,
+    chosen: ModelChoice,
     images: list[Image.Image],
     score_threshold: float,
     max_detections: int,
 ) -> list[Detections]:
     """Each image's detections from the micro-batcher, within SSD_DETECT_TIMEOUT_SECONDS; errors as HTTP answers."""
     tasks = [
-        asyncio.ensure_future(detection.detect(job_id, checkpoint, image, score_threshold, max_detections))
+        asyncio.ensure_future(detection.detect(chosen.key, chosen.checkpoint, image, score_threshold, max_detections))
         for image in images
     ]
     try:
-        with model_load_errors(job_id):
+        with model_load_errors(chosen.described):
             return await asyncio.wait_for(asyncio.gather(*tasks), settings.detect_timeout_seconds)
     except asyncio.TimeoutError as error:
         raise HTTPException(
@@ -261,17 +321,17 @@ async def _detect(
 
 
 @contextmanager
-def model_load_errors(job_id: str) -> Iterator[None]:
-    """A job's model that cannot be loaded, as an HTTP answer: 503 (its device is not here), 409 (its
-    checkpoint is gone) or 500 (the checkpoint is truncated or foreign)."""
+def model_load_errors(model: str) -> Iterator[None]:
+    """A model (``"job <id>'s model"``...) that cannot be loaded, as an HTTP answer: 503 (its device is
+    not here), 409 (its checkpoint is gone) or 500 (the checkpoint is truncated or foreign)."""
     try:
         yield
     except DeviceUnavailable as error:
-        raise HTTPException(503, f"job {job_id}'s model cannot be loaded here: {error}") from error
+        raise HTTPException(503, f"{model} cannot be loaded here: {error}") from error
     except CheckpointMissing as error:
         raise HTTPException(409, str(error)) from error
     except ValueError as error:  # CheckpointError
-        raise HTTPException(500, f"job {job_id}'s checkpoint cannot be loaded: {error}") from error
+        raise HTTPException(500, f"{model} cannot be loaded: {error}") from error
 
 
 def _timed(timing: ServerTiming) -> dict[str, str]:

@@ -94,7 +94,7 @@ def _resolve(store: Store, settings: Settings, job_id: str, dataset_id: str):
 
 async def _detector(detection: DetectionService, job_id: str, checkpoint):
     """/detect's cached detector for the job (loaded once for both)."""
-    with model_load_errors(job_id):
+    with model_load_errors(f"job {job_id}'s model"):
         return await detection.cache.get(job_id, checkpoint)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response
@@ -26,10 +27,11 @@ from app.deps import (
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
+from model.config import JOB_INIT_PREFIX, TrainConfig, parse_init
 from model.layout import LOSS_PLOT
 from model.plots import plot_losses
 from worker.queue import SEND_ERRORS, dispatch
-from worker.records import ACTIVE, FINISHED, JobRecord
+from worker.records import ACTIVE, FINISHED, SUCCEEDED, JobRecord
 from worker.settings import Settings
 from worker.store import ID_PATTERN, QueueFull, Store, epoch_stream_id, new_id
 
@@ -62,6 +64,8 @@ def start_training(body: TrainRequest, store: StoreDep, settings: SettingsDep, c
         config = body.train_config()
     except ValueError as error:
         raise invalid_body(None, str(error)) from error
+    if config.init.startswith(JOB_INIT_PREFIX):
+        config = fitted_to_source_job(store, body, config)
     try:
         job = store.create_job(JobRecord.new(new_id(), dataset, config.to_dict()), settings.max_queued_jobs)
     except QueueFull as error:
@@ -137,6 +141,31 @@ def delete_job(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Respons
     if store.delete_job(job) == "missing":
         raise HTTPException(404, f"no job with id {job_id!r}")
     return Response(status_code=204)
+
+
+def fitted_to_source_job(store: Store, body: TrainRequest, config: TrainConfig) -> TrainConfig:
+    """``config`` for an ``init: "job:<id>"``: the job's width unless one was given, once the job is known
+    to have a model of the same architecture to start from.
+
+    Raises:
+        RequestValidationError: (422) no such job, no model yet, or another backbone or width asked for.
+    """
+    _, job_id = parse_init(config.init)
+    source = store.get_job(job_id)
+    if source is None:
+        raise invalid_body("init", f"init {config.init!r}: there is no job {job_id}", config.init)
+    if source.status != SUCCEEDED or not source.checkpoint:
+        problem = f"init {config.init!r}: job {job_id} is {source.status}; only a succeeded job's model can start one"
+        raise invalid_body("init", problem, config.init)
+    backbone = source.backbone or source.config.get("backbone") or "vgg16_bn"
+    width = source.config.get("width_multiplier", 1.0)
+    if config.backbone is not None and config.backbone != backbone:
+        problem = f"init {config.init!r}: job {job_id} trained a {backbone} backbone, not {config.backbone}"
+        raise invalid_body("backbone", problem, config.backbone)
+    if "width_multiplier" in body.model_fields_set and config.width_multiplier != width:
+        problem = f"init {config.init!r}: job {job_id} trained width_multiplier {width}, not {config.width_multiplier}"
+        raise invalid_body("width_multiplier", problem, config.width_multiplier)
+    return replace(config, width_multiplier=width)
 
 
 def losses_with_history(store: Store, settings: Settings, job_id: str, after: int) -> list[dict[str, Any]]:

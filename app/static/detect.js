@@ -1,10 +1,12 @@
-// The Detect view: pick a trained model, drop or choose an image, see its boxes. The image is sent
-// once with a low score threshold; the slider then filters those detections here, with no new request.
+// The Detect view: pick a trained model (or the COCO-trained one, before any training), drop or choose an
+// image, see its boxes. The image is sent once with a low score threshold; the slider then filters those
+// detections here, with no new request.
 
 import { request } from "./api.js";
 import { setOptions, svgElement } from "./ui.js";
 
 const REQUEST_THRESHOLD = 0.05; // the slider's minimum: nothing below it was asked for
+const COCO = "coco"; // the model choice that is no job: POST /detect?model=coco
 const COLOURS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#0f9b8e", "#f032e6", "#9a6324"];
 
 export class DetectView {
@@ -24,6 +26,8 @@ export class DetectView {
     this.json = root.querySelector("#detect-json");
     this.result = null;
     this.imageUrl = null;
+    this.jobs = [];
+    this.cocoModel = false;
     this.slider.min = REQUEST_THRESHOLD;
     this.slider.addEventListener("input", () => this.draw());
     this.fileInput.addEventListener("change", () => this.fileInput.files[0] && this.detect(this.fileInput.files[0]));
@@ -40,15 +44,24 @@ export class DetectView {
     });
   }
 
-  /** The jobs whose model can answer, newest first; keeps the one picked (or picks `preferred`). */
+  /** The jobs whose model can answer, newest first, then the COCO model where the server has its weights;
+   * keeps the one picked (or picks `preferred`). */
   setJobs(jobs, preferred) {
+    this.jobs = jobs;
     const trained = jobs.filter((job) => job.has_model);
     const items = trained.map((job) => {
       const loss = job.best_val_loss != null ? ` · val loss ${job.best_val_loss.toPrecision(3)}` : "";
       return [job.id, `${job.id} · ${job.dataset_name || job.dataset_id} · ${job.epochs_completed} epochs${loss}`];
     });
+    if (this.cocoModel) items.push([COCO, "COCO-trained SSD300 · 80 everyday categories · no training needed"]);
     setOptions(this.model, items, { preferred, emptyText: "no trained model yet" });
-    this.noModel.hidden = trained.length > 0;
+    this.noModel.hidden = items.length > 0;
+  }
+
+  /** `GET /weights`: offers the COCO model when its weights are on the server. */
+  setWeights(weights) {
+    this.cocoModel = Boolean(weights?.coco_model);
+    this.setJobs(this.jobs);
   }
 
   async detect(file) {
@@ -56,7 +69,8 @@ export class DetectView {
     const body = new FormData();
     body.append("file", file);
     const query = new URLSearchParams({ score_threshold: REQUEST_THRESHOLD, max_detections: 100 });
-    if (this.model.value) query.set("job_id", this.model.value);
+    if (this.model.value === COCO) query.set("model", COCO);
+    else if (this.model.value) query.set("job_id", this.model.value);
     this.count.textContent = "detecting…";
     try {
       const result = await request(`/detect?${query}`, { method: "POST", body });

@@ -133,8 +133,19 @@ async function poll() {
   schedulePoll(active ? FAST_POLL_MS : SLOW_POLL_MS);
 }
 
+/** What the server's weights folder holds: the COCO model for Detect, what each init would use. */
+async function refreshWeights() {
+  try {
+    const weights = await request("/weights");
+    training.setWeights(weights);
+    detect.setWeights(weights);
+  } catch (error) {
+    showError(error);
+  }
+}
+
 async function refreshAll() {
-  await Promise.all([refreshDatasets(), refreshJobs(), refreshStatus()]);
+  await Promise.all([refreshDatasets(), refreshJobs(), refreshStatus(), refreshWeights()]);
 }
 
 async function start() {

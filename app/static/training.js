@@ -4,9 +4,11 @@
 import { fieldOf, request } from "./api.js";
 import { setOptions } from "./ui.js";
 
-// Shown first; every other field of the schema goes under "More settings".
-const MAIN_FIELDS = ["epochs", "batch_size", "learning_rate", "width_multiplier", "image_size", "val_fraction", "seed"];
+// Shown first; every other field of the schema goes under "More settings" (but deprecated ones).
+const MAIN_FIELDS = ["init", "epochs", "batch_size", "learning_rate", "width_multiplier", "image_size", "val_fraction", "seed"];
 const LABELS = {
+  init: "Start from",
+  patience: "Patience (epochs)",
   epochs: "Epochs",
   batch_size: "Batch size",
   learning_rate: "Learning rate",
@@ -28,11 +30,21 @@ const LABELS = {
   max_train_images: "Max training images",
 };
 const HINTS = {
-  width_multiplier: "1 is the full SSD300; 0.25 trains quickly on a CPU.",
-  pretrained_backbone: "none: random weights; imagenet: torchvision's ImageNet weights.",
-  frozen_layers: "none: 10 with a pretrained backbone, 0 from scratch.",
+  width_multiplier: "1 is the full SSD300 (pretrained weights need it); 0.25 trains quickly on a CPU. Starting from a job: the job's.",
+  backbone: "vgg16 for COCO's weights, a job's own, else vgg16_bn.",
+  frozen_layers: "none: 10 from ImageNet or COCO weights, else 0.",
   max_train_images: "none: every training image.",
+  patience: "none: every epoch; else stop after this many epochs without a better validation mAP@0.5.",
 };
+// What the empty choice of a nullable list means.
+const NULL_CHOICES = { backbone: "what the weights need" };
+// The choices of "Start from" beside the succeeded jobs; their hints say what this server would use.
+const INIT_CHOICES = [
+  ["auto", "auto: COCO, else ImageNet, else random"],
+  ["coco", "COCO-trained SSD300"],
+  ["imagenet", "ImageNet backbone"],
+  ["scratch", "random weights (scratch)"],
+];
 const ACTIVE = ["queued", "running"];
 
 /** The JSON-schema type of a property, whether it may be null, and its choices (if an enum). */
@@ -58,9 +70,13 @@ function fieldFor(name, prop) {
     input.type = "checkbox";
     input.checked = Boolean(prop.default);
     wrap.classList.add("check");
+  } else if (name === "init") {
+    input = document.createElement("select");
+    for (const [value, text] of INIT_CHOICES) input.append(new Option(text, value));
+    input.value = prop.default ?? "auto";
   } else if (choices) {
     input = document.createElement("select");
-    if (nullable) input.append(new Option("none", ""));
+    if (nullable) input.append(new Option(NULL_CHOICES[name] || "none", ""));
     for (const choice of choices) input.append(new Option(choice, choice));
     input.value = prop.default ?? "";
   } else {
@@ -80,6 +96,7 @@ function fieldFor(name, prop) {
   input.name = name;
   input.dataset.type = type;
   input.dataset.nullable = nullable;
+  if ("default" in prop) input.dataset.default = JSON.stringify(prop.default);
   const error = document.createElement("p");
   error.id = `${id}-error`;
   error.className = "error field-error";
@@ -98,17 +115,21 @@ function fieldFor(name, prop) {
   return wrap;
 }
 
-/** The request body: blank optional numbers are left out, so the server's defaults apply. */
+/** The request body. Fields left at the server's default (or blank optional numbers) are left out, so the
+ * server's rules for unset fields apply: a job's own width when starting from it, for one. */
 function formBody(form) {
   const body = {};
   for (const input of form.querySelectorAll("[name]")) {
     const { name, value } = input;
-    if (input.type === "checkbox") body[name] = input.checked;
+    let entry; // undefined: not sent
+    if (input.type === "checkbox") entry = input.checked;
     else if (input.dataset.type === "integer" || input.dataset.type === "number") {
-      if (input.validity.badInput) body[name] = input.value || "not a number";
-      else if (value !== "") body[name] = Number(value);
-    } else if (value !== "") body[name] = value;
-    else if (input.dataset.nullable === "true") body[name] = null;
+      if (input.validity.badInput) entry = input.value || "not a number";
+      else if (value !== "") entry = Number(value);
+    } else if (value !== "") entry = value;
+    else if (input.dataset.nullable === "true") entry = null;
+    const isDefault = "default" in input.dataset && JSON.stringify(entry) === input.dataset.default;
+    if (entry !== undefined && !isDefault) body[name] = entry;
   }
   return body;
 }
@@ -132,6 +153,16 @@ export function progressOf(job) {
   return [fraction, `epoch ${p.epoch} of ${job.epochs} · step ${p.step} of ${p.steps_per_epoch}${eta}`];
 }
 
+/** Where a job's weights start: what was asked, what is used once it started, and why they differ. */
+export function startedFrom(job) {
+  const asked = job.init ?? job.config?.init;
+  if (!asked) return "";
+  if (!job.init_used) return `weights: ${asked}`;
+  const used = job.init_used === asked ? asked : `${job.init_used} (asked: ${asked})`;
+  const backbone = job.backbone ? `, ${job.backbone}` : "";
+  return `weights: ${used}${backbone}${job.init_note ? ` · ${job.init_note}` : ""}`;
+}
+
 export class TrainingView {
   /** `onStarted(job)` after a job was queued; `onCurves(id)` / `onDetect(id)` open those views. */
   constructor(root, { onStarted, onCurves, onDetect }) {
@@ -151,7 +182,7 @@ export class TrainingView {
 
   /** Builds the fields from the OpenAPI schema of POST /train's body. */
   buildForm(schema) {
-    const properties = { ...schema.properties };
+    const properties = Object.fromEntries(Object.entries(schema.properties).filter(([, prop]) => !prop.deprecated));
     delete properties.dataset_id;
     const main = this.form.querySelector("#train-fields");
     const more = this.form.querySelector("#train-more-fields");
@@ -161,6 +192,35 @@ export class TrainingView {
         .filter((n) => !MAIN_FIELDS.includes(n))
         .map((n) => fieldFor(n, properties[n])),
     );
+    this.form.querySelector("#train-init")?.addEventListener("change", () => this.showInitHint());
+    this.showInitHint();
+  }
+
+  /** `GET /weights`: what each init would start from on this server. */
+  setWeights(weights) {
+    this.weights = weights;
+    this.showInitHint();
+  }
+
+  showInitHint() {
+    const select = this.form.querySelector("#train-init");
+    const hint = this.form.querySelector("#train-init-hint");
+    if (!select || !hint) return;
+    const kind = select.value.startsWith("job:") ? "job:<id>" : select.value;
+    const uses = this.weights?.inits?.[kind];
+    hint.textContent = uses ? `Here: ${uses}.` : "Where the weights start.";
+  }
+
+  /** "Start from" offers the fixed choices and every succeeded job's model. */
+  setInitJobs(jobs) {
+    const select = this.form.querySelector("#train-init");
+    if (!select) return;
+    const trained = jobs.filter((job) => job.status === "succeeded" && job.has_model);
+    const items = [
+      ...INIT_CHOICES,
+      ...trained.map((job) => [`job:${job.id}`, `job ${job.id} · ${job.dataset_name || job.dataset_id}`]),
+    ];
+    setOptions(select, items);
   }
 
   setDatasets(datasets, preferred) {
@@ -209,6 +269,7 @@ export class TrainingView {
   }
 
   setJobs(jobs) {
+    this.setInitJobs(jobs);
     this.empty.hidden = jobs.length > 0;
     const seen = new Set();
     let previous = null;
@@ -241,6 +302,8 @@ export class TrainingView {
       <progress max="1" value="0"></progress>
       <p class="job-progress"></p>
       <p class="job-extra muted"></p>
+      <p class="job-init muted"></p>
+      <p class="job-note"></p>
       <p class="job-error error"></p>
       <div class="row job-actions">
         <button type="button" class="secondary small" data-action="curves">Curves</button>
@@ -268,6 +331,8 @@ export class TrainingView {
     if (job.config?.width_multiplier != null) extra.push(`width ${job.config.width_multiplier}`);
     if (job.device) extra.push(job.precision ? `${job.device} ${job.precision}` : job.device);
     item.querySelector(".job-extra").textContent = extra.join(" · ");
+    item.querySelector(".job-init").textContent = startedFrom(job);
+    item.querySelector(".job-note").textContent = job.note || "";
     item.querySelector(".job-error").textContent = job.error || "";
     item.querySelector("[data-action=detect]").hidden = !job.has_model;
     const cancel = item.querySelector("[data-action=cancel]");

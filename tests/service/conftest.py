@@ -51,6 +51,8 @@ TEST_LIMITS = {
     "SSD_LEASE_SECONDS": "10",
     "SSD_PROGRESS_INTERVAL_SECONDS": "0.5",
     "SSD_CANCEL_CHECK_SECONDS": "0.2",
+    # No test reaches the internet: init auto finds the weights folder empty and falls back at once.
+    "SSD_WEIGHTS_DOWNLOAD": "never",
 }
 
 

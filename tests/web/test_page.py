@@ -13,6 +13,7 @@ import pytest
 from playwright.sync_api import Route, expect
 
 from model.data import make_shapes_dataset
+from model.pretrained import COCO_CLASSES, COCO_WEIGHTS
 from tests.service.conftest import PYTHON, api_process, free_port, start_process, wait_for_http
 from tests.service.helpers import TINY, wait_for_job, zip_folder
 from tests.web.conftest import DESKTOP, new_page, screenshot
@@ -92,7 +93,12 @@ def test_upload_train_watch_and_detect(page, console, api, worker, shapes):
     # Training: the form holds the API's defaults; the new dataset is chosen; tiny settings for speed.
     page.click("nav a[data-view=training]")
     expect(page.locator("#train-epochs")).to_have_value("10")
-    expect(page.locator("#train-backbone")).to_have_value("vgg16_bn")
+    expect(page.locator("#train-backbone")).to_have_value("")  # what the weights need
+    expect(page.locator("#train-init")).to_have_value("auto")
+    expect(page.locator("#train-init-hint")).to_have_text(
+        "Here: scratch: no weights present and downloads are off; at a width other than 1: scratch."
+    )
+    expect(page.locator("#train-pretrained_backbone")).to_have_count(0)  # deprecated: not offered
     dataset_id = row.get_attribute("data-id")
     expect(page.locator("#train-dataset_id")).to_have_value(dataset_id)
     fill_tiny_job(page, epochs=2)
@@ -108,6 +114,9 @@ def test_upload_train_watch_and_detect(page, console, api, worker, shapes):
         "amp": False,
     }
     expect(job.locator(".job-progress")).to_contain_text("epoch", timeout=60_000)
+    expect(job.locator(".job-init")).to_have_text(
+        "weights: scratch (asked: auto), vgg16_bn · pretrained weights need width_multiplier 1.0, this run has 0.125"
+    )
     screenshot(page, "desktop-training")
 
     # Curves: the first stream connection is cut after a made-up epoch 1 (without an event id, so the
@@ -416,4 +425,55 @@ def test_the_jobs_list_pages_through_older_jobs(browser, console, env, log_dir, 
             expect(page.locator("#jobs-more")).to_be_hidden()
         finally:
             context.close()
+    console.assert_clean()
+
+
+@pytest.fixture(scope="module")
+def coco_api(env, log_dir, published, tmp_path_factory, api):
+    """An API on the same Redis whose weights folder holds the COCO file (torchvision's layout, random weights)."""
+    weights = published.folder_with(tmp_path_factory.mktemp("web-weights"), COCO_WEIGHTS)
+    with api_process(env, log_dir, "api-web-coco", SSD_WEIGHTS_DIR=str(weights)) as base:
+        yield base
+
+
+def test_start_from_a_trained_job_and_detect_with_the_coco_model(browser, console, coco_api, worker, shapes):
+    with httpx.Client(base_url=coco_api, timeout=60) as client:
+        dataset = client.post("/datasets", files={"file": ("s.zip", shapes["zip"].read_bytes())}).json()
+        first = client.post("/train", json={"dataset_id": dataset["id"], "epochs": 1, **TINY}).json()
+        wait_for_job(client, first["id"], ("succeeded",), timeout=120)
+    context, page = new_page(browser, coco_api, console, DESKTOP)
+    try:
+        # "Start from" offers the succeeded job; its width follows the job (the form leaves width unset).
+        page.goto("/#training")
+        expect(page.locator(f"#train-init option[value='job:{first['id']}']")).to_have_count(1)
+        expect(page.locator("#train-init-hint")).to_contain_text("Here: coco: ssd300_vgg16_coco-b556d3b4.pth")
+        page.select_option("#train-dataset_id", dataset["id"])
+        page.select_option("#train-init", f"job:{first['id']}")
+        expect(page.locator("#train-init-hint")).to_have_text("Here: that succeeded job's best checkpoint.")
+        page.fill("#train-epochs", "1")
+        page.click("#train-more summary")
+        for selector in ("#train-batch_size", "#train-num_workers", "#train-warmup_steps"):
+            page.fill(selector, TINY_FORM[selector])
+        page.set_checked("#train-augment", False)
+        page.select_option("#train-device", "cpu")
+        page.click("#train-form button[type=submit]")
+        item = page.locator("#jobs-list li").first
+        expect(item.locator(".job-init")).to_have_text(f"weights: job:{first['id']}, vgg16_bn", timeout=60_000)
+        second = httpx.get(f"{coco_api}/jobs/{item.get_attribute('data-id')}").json()
+        assert second["config"]["init"] == f"job:{first['id']}" and second["config"]["width_multiplier"] == 0.125
+        screenshot(page, "desktop-training-from-a-job")
+
+        # Detect: the COCO-trained model answers before any training of one's own.
+        page.click("nav a[data-view=detect]")
+        page.select_option("#detect-model", "coco")
+        drop_file(page, "#dropzone", shapes["images"][0], "image/jpeg")
+        # The first request loads the full-size model beside a training job on the same cores.
+        expect(page.locator("#detect-count")).to_contain_text("detections with score", timeout=120_000)
+        result = json.loads(page.locator("#detect-json").text_content())
+        assert result["model"] == "coco" and result["job_id"] is None
+        assert {d["label"] for d in result["detections"]} <= set(COCO_CLASSES)
+        screenshot(page, "desktop-detect-coco")
+        wait_for_job(httpx.Client(base_url=coco_api, timeout=30), second["id"], ("succeeded", "failed"), timeout=120)
+    finally:
+        context.close()
     console.assert_clean()
