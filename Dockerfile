@@ -1,10 +1,9 @@
 # One image for the API and the worker (docker-compose.yml picks the command).
-# The torch wheel from PyPI runs on CPU and on NVIDIA GPUs. For a smaller CPU-only image,
-# build with --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index>.
+# Every package at the version requirements.lock pins (scripts/lock refreshes it). The torch wheel
+# from PyPI runs on CPU and on NVIDIA GPUs. For a smaller CPU-only image, build with
+# --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> (its "+cpu" builds of the same releases).
 FROM python:3.11-slim
 
-ARG TORCH_VERSION=2.14.1
-ARG TORCHVISION_VERSION=0.29.1
 ARG TORCH_INDEX_URL=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -17,15 +16,15 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /srv
 
 # torch first, in its own layer: it is by far the largest and changes least often.
-RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} \
-        "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
+COPY requirements.lock ./
+RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} --constraint requirements.lock torch torchvision
 
 COPY pyproject.toml README* ./
 COPY model ./model
 COPY worker ./worker
 COPY app ./app
 # The onnx extra: GET /jobs/{id}/model.onnx exports a trained model.
-RUN pip install ".[onnx]"
+RUN pip install --constraint requirements.lock ".[onnx]"
 
 RUN useradd --create-home --uid 1000 ssd && mkdir -p /data && chown ssd:ssd /data
 USER ssd
