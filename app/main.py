@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from redis.asyncio.retry import Retry as AsyncRetry
 from starlette.concurrency import run_in_threadpool
 
+from app import openapi
 from app.dataset_import import ImportAdmission, ImportSlots
 from app.event_streams import EventStreams
 from app.inference import DetectionService, detects_on_gpu, load_detector
@@ -97,7 +98,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await app.state.async_redis.aclose()
         store.redis.close()
 
-    app = FastAPI(title="SSD detector service", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(
+        title="SSD detector service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=openapi.operation_id,
+    )
     app.state.settings = settings
     app.state.store = store
     async_pool = redis.asyncio.BlockingConnectionPool.from_url(
@@ -163,24 +170,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def redis_unavailable(_request: Request, error: Exception) -> JSONResponse:
         return JSONResponse({"detail": f"the job store (Redis) is unreachable: {error}"}, status_code=503)
 
-    document_batch_limit(app, detect.batch_image_limit(settings, detection))
+    openapi.install(app, batch_images=detect.batch_image_limit(settings, detection))
     return app
-
-
-def document_batch_limit(app: FastAPI, most: int) -> None:
-    """Give POST /detect/batch's ``files`` this server's image limit (``maxItems``) in the OpenAPI
-    document: it is a setting, which the route's static declaration cannot know."""
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = build()
-            body = schema["paths"]["/detect/batch"]["post"]["requestBody"]["content"]["multipart/form-data"]
-            name = body["schema"]["$ref"].rsplit("/", 1)[-1]
-            schema["components"]["schemas"][name]["properties"]["files"]["maxItems"] = most
-        return app.openapi_schema
-
-    app.openapi = openapi
 
 
 def _check_storage(settings: Settings) -> None:

@@ -27,13 +27,16 @@ _DEFAULTS = TrainConfig()
 
 # FastAPI answers 400 to a JSON body it cannot parse (not JSON, not UTF-8): routes with one say so.
 UNREADABLE_BODY = {400: {"description": "The body is not JSON (or not UTF-8)."}}
+# A PNG answer's media type entry in the OpenAPI document: bytes (generated clients read them as such).
+PNG_CONTENT = {"schema": {"type": "string", "format": "binary"}}
 
 JobStatus = Status
 
 
 Side = Annotated[int, Field(ge=16, le=2048, strict=True)]
 # An init naming a job: "job:" and a job id (ids are opaque, but only ever made of these).
-JOB_INIT_PATTERN = re.compile(r"^job:[A-Za-z0-9_-]{1,100}$")
+# init "job:<id>": the id has the form the service gives (ID_PATTERN), so it never reaches Redis otherwise.
+JOB_INIT_PATTERN = re.compile("^job:" + ID_PATTERN.removeprefix("^"))
 # The largest integer JSON carries exactly (2^53 - 1): a client that parses numbers as doubles (JavaScript,
 # schema-driven generators) compares against the same bound the server does.
 MAX_SEED = 2**53 - 1
@@ -143,7 +146,7 @@ class TrainRequest(BaseModel):
     def _check_init(cls, value: str) -> str:
         kind, _ = parse_init(value)  # its ValueError names the choices
         if kind == "job" and not JOB_INIT_PATTERN.match(value):
-            raise ValueError(f"init {value!r}: a job id has 1-100 letters, digits, '-' or '_'")
+            raise ValueError(f"init {value!r}: 'job:' must be followed by a job id (12 lowercase hex digits)")
         return value
 
     def train_config(self) -> TrainConfig:

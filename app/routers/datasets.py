@@ -77,7 +77,7 @@ async def upload_dataset(
 
 
 @router.post("/synthetic", status_code=201, response_model=Dataset, responses={**_BUSY, **UNREADABLE_BODY})
-async def synthetic_dataset(
+async def create_synthetic_dataset(
     request: Request, body: SyntheticDatasetRequest, store: StoreDep, settings: SettingsDep, imports: ImportsDep
 ) -> Dataset:
     """Generate a dataset of coloured shapes (circle, square, triangle), for demos and tests."""

@@ -27,7 +27,7 @@ from app.inference import (
     DeviceUnavailable,
     ImageRejected,
 )
-from app.schemas import DetectBatchResponse, DetectResponse
+from app.schemas import PNG_CONTENT, DetectBatchResponse, DetectResponse
 from app.timing import ServerTiming
 from model.initialisation import WeightsUnavailable
 from model.pretrained import COCO_WEIGHTS
@@ -174,7 +174,10 @@ MostQuery = Annotated[int, Query(ge=1, le=1000)]
 @router.post(
     "/detect",
     response_model=DetectResponse,
-    responses={200: {"content": {"image/png": {}}, "description": "JSON detections, or the annotated PNG."}, **_ERRORS},
+    responses={
+        200: {"content": {"image/png": PNG_CONTENT}, "description": "JSON detections, or the annotated PNG."},
+        **_ERRORS,
+    },
 )
 async def detect(
     file: Annotated[UploadFile, File(description="A JPEG, PNG, WebP or BMP image.")],

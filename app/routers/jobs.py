@@ -26,7 +26,7 @@ from app.deps import (
 )
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
-from app.schemas import UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
+from app.schemas import PNG_CONTENT, UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
 from model.config import JOB_INIT_PREFIX, TrainConfig, parse_init
 from model.layout import LOSS_PLOT
 from model.plots import plot_losses
@@ -240,9 +240,9 @@ async def stream_losses(
 @router.get(
     "/jobs/{job_id}/losses.png",
     response_class=Response,
-    responses={**_NOT_FOUND, 200: {"content": {"image/png": {}}, "description": "The learning curve."}},
+    responses={**_NOT_FOUND, 200: {"content": {"image/png": PNG_CONTENT}, "description": "The learning curve."}},
 )
-def losses_png(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
+def get_loss_plot(job_id: JobId, store: StoreDep, settings: SettingsDep) -> Response:
     """The learning curve: train and validation loss per epoch."""
     job = job_or_404(store, job_id)
     records = losses_with_history(store, settings, job_id, 0)

@@ -70,7 +70,7 @@ def onnx_file(store: Store, settings: Settings, job_id: str, held: ExitStack) ->
         501: {"description": 'The server lacks the onnx extra (pip install "ssd-service[onnx]").'},
     },
 )
-async def model_onnx(job_id: JobId, store: StoreDep, settings: SettingsDep) -> FileResponse:
+async def get_onnx_model(job_id: JobId, store: StoreDep, settings: SettingsDep) -> FileResponse:
     """A succeeded job's model as ONNX, with decoding and NMS in the graph.
 
     Input ``images``: float32 [N, 3, S, S], RGB in 0-1, resized to the model's square input

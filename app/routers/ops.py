@@ -16,7 +16,7 @@ health_router = APIRouter(tags=["operations"])  # open even with API keys on: fo
 
 
 @health_router.get("/healthz", response_model=Health)
-def healthz() -> dict:
+def check_health() -> dict:
     """The process is up (it checks nothing else)."""
     return {"status": "ok"}
 
@@ -26,7 +26,7 @@ def healthz() -> dict:
     response_model=Ready,
     responses={503: {"model": Ready, "description": "Redis or the storage (a bucket) is unreachable."}},
 )
-def readyz(store: StoreDep, settings: SettingsDep):
+def check_readiness(store: StoreDep, settings: SettingsDep):
     """Ready when Redis and the storage answer; lists the training workers whose heartbeat was seen lately."""
     body: dict = {"status": "ready", "redis": "ok", "storage": "ok", "workers": []}
     try:
@@ -42,6 +42,6 @@ def readyz(store: StoreDep, settings: SettingsDep):
 
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {"text/plain": {}}}})
-def metrics(metrics: MetricsDep) -> Response:
+def get_metrics(metrics: MetricsDep) -> Response:
     """Prometheus metrics: requests and latency by route, jobs by status, detect batch sizes."""
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

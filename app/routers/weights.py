@@ -13,7 +13,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/weights", response_model=WeightsInfo)
-def weights(settings: SettingsDep) -> dict:
+def list_weights(settings: SettingsDep) -> dict:
     """The weights folder's files (torchvision's published names), whether downloads are on, what each
     ``init`` of POST /train would use, and whether ``POST /detect?model=coco`` can answer."""
     folder = WeightsFolder.from_settings(settings)

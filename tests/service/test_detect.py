@@ -253,7 +253,7 @@ def test_a_refused_image_fails_its_batch_naming_the_first_one(trained, client, s
         assert words in (detail if status != 422 else detail[0]["msg"]), response.text
     assert client.post("/detect/batch", params={"job_id": job_id}).status_code == 422
     document = client.get("/openapi.json").json()["components"]["schemas"]
-    assert document["Body_detect_batch_detect_batch_post"]["properties"]["files"]["maxItems"] == 6
+    assert document["Body_detect_batch"]["properties"]["files"]["maxItems"] == 6
     assert post_batch(client, [good], job_id="no-such-job").status_code == 404
     assert sorted(p.relative_to(settings.data_dir) for p in settings.data_dir.rglob("*")) == before
 
@@ -409,7 +409,7 @@ def test_a_batch_may_send_at_most_half_the_detections_admitted_at_once(trained, 
         assert too_many.status_code == 422 and "the limit is 1" in too_many.json()["detail"][0]["msg"]
         assert post_batch(client, [("a.jpg", content)], job_id=job_id).status_code == 200
         document = client.get("/openapi.json").json()["components"]["schemas"]
-        assert document["Body_detect_batch_detect_batch_post"]["properties"]["files"]["maxItems"] == 1
+        assert document["Body_detect_batch"]["properties"]["files"]["maxItems"] == 1
 
 
 def test_a_batch_takes_a_place_per_image_all_or_none():

@@ -21,10 +21,11 @@ def test_inits_that_cannot_start_a_job_answer_422_before_anything_is_queued(clie
     cases = [
         ({"init": "imagenet2"}, "init must be one of 'auto', 'scratch', 'imagenet', 'coco' or 'job:<id>'"),
         ({"init": "job:"}, "must be followed by a job id"),
-        ({"init": "job:../../etc"}, "a job id has 1-100 letters"),
+        ({"init": "job:../../etc"}, "12 lowercase hex digits"),
+        ({"init": "job:*:status:queued"}, "12 lowercase hex digits"),
         ({"init": "coco", "backbone": "vgg16_bn"}, "init 'coco' needs the vgg16 backbone"),
         ({"init": "imagenet", "width_multiplier": 0.5}, "init 'imagenet' needs width_multiplier 1.0"),
-        ({"init": "job:nosuchjob"}, "there is no job nosuchjob"),
+        ({"init": "job:0123456789ab"}, "there is no job 0123456789ab"),
         ({"init": f"job:{stopped['id']}"}, f"job {stopped['id']} is cancelled"),
         ({"init": f"job:{job_id}", "backbone": "vgg16"}, f"job {job_id} trained a vgg16_bn backbone, not vgg16"),
         ({"init": f"job:{job_id}", "width_multiplier": 1.0}, "trained width_multiplier 0.125, not 1.0"),
