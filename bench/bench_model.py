@@ -30,9 +30,9 @@ from model.config import ModelConfig, TrainConfig
 from model.data.tensor_decode import decode_images
 from model.detector import Detector, load_model
 from model.device import amp_dtype, autocast, memory_format
-from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
+from model.training import build_training_run, train_step
 
 NUM_CLASSES = 21  # as the VOC-sized peer
 

@@ -25,7 +25,7 @@ from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.data.dataset import split_train_val
 from model.device import amp_dtype, memory_format
-from model.engine import Callbacks, build_model, build_training_run, fit, train_step, training_precision
+from model.training import Callbacks, build_model, build_training_run, fit, train_step, training_precision
 
 CALIBRATION_STEPS = 4
 

@@ -16,10 +16,10 @@ import torch
 
 from model.config import ModelConfig, TrainConfig
 from model.detector import Detector
-from model.engine import build_training_run, train_step
 from model.loss import SSDLoss
 from model.network import SSD300
 from model.postprocess import postprocess
+from model.training import build_training_run, train_step
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -22,7 +22,7 @@ import torch
 from photos_finetune import add_dataset_arguments, load_splits, plot, score_on  # a script's folder is on sys.path
 
 from model.config import TrainConfig
-from model.engine import Callbacks, fit
+from model.training import Callbacks, fit
 from worker.weights import WeightsFolder
 
 

@@ -21,7 +21,7 @@ from model.config import ModelConfig, TrainConfig
 from model.data import make_shapes_dataset
 from model.data.images import open_rgb
 from model.data.transforms import train_transforms
-from model.engine import _epoch_seed, build_loaders
+from model.training import build_loaders, epoch_seed
 
 
 def step_costs(data, image_size: int, repeats: int) -> dict[str, float]:
@@ -52,7 +52,7 @@ def loader_rate(data, workers: int, batch_size: int, epochs: int) -> dict[str, f
     loader, _ = build_loaders(data, config, ModelConfig(num_classes=4), torch.device("cpu"))
     first_batch, images, busy = [], 0, 0.0
     for epoch in range(1, epochs + 1):
-        loader.sampler.set_epoch(_epoch_seed(0, epoch))
+        loader.sampler.set_epoch(epoch_seed(0, epoch))
         start = time.perf_counter()
         for i, batch in enumerate(loader):
             if i == 0:

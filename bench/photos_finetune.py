@@ -33,9 +33,9 @@ from matplotlib.figure import Figure
 from model.config import TrainConfig
 from model.data import DetectionData, read_dataset
 from model.detector import Detector
-from model.engine import Callbacks, fit
 from model.initialisation import LocalWeights
 from model.metrics import evaluate_detector
+from model.training import Callbacks, fit
 
 
 def read_photos(folder: Path, work: Path) -> DetectionData:

@@ -29,8 +29,8 @@ from torchvision.ops import box_iou
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector, load_model
-from model.engine import Callbacks, fit
 from model.metrics import evaluate_detector
+from model.training import Callbacks, fit
 
 
 def train(data, config: TrainConfig, folder: Path) -> dict:

@@ -46,8 +46,8 @@ from model.data import make_shapes_dataset
 from model.data.dataset import load_annotated, split_train_val
 from model.data.records import DetectionData
 from model.device import autocast, memory_format, resolve_device
-from model.engine import Callbacks, WarmupSchedule, build_model, build_training_run, fit, train_step
 from model.metrics import MeanAP
+from model.training import Callbacks, WarmupSchedule, build_model, build_training_run, fit, train_step
 
 
 def generate(folder: Path, count: int, size: tuple[int, int], seed: int, processes: int) -> DetectionData:

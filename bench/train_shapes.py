@@ -18,8 +18,8 @@ import torch
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector
-from model.engine import Callbacks, fit
 from model.metrics import evaluate_detector
+from model.training import Callbacks, fit
 
 
 def main() -> None:

@@ -103,8 +103,8 @@ def _read_dataset(path: Path) -> DetectionData:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from .engine import Callbacks, fit, training_precision  # torch-heavy; keep `ssd --help` fast
     from .initialisation import LocalWeights, WeightsUnavailable
+    from .training import Callbacks, fit, training_precision  # torch-heavy; keep `ssd --help` fast
 
     config = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
     data = _read_dataset(args.dataset)

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, read_checkpoint
 from .config import ModelConfig
 from .data.tensor_decode import decode_images
 from .device import Precision, amp_dtype, autocast, memory_format, precision_name, resolve_device
@@ -209,13 +209,13 @@ def load_model(path: Path | str) -> tuple[SSD300, list[str]]:
             return coco_model(state), list(COCO_CLASSES)
         except WeightsError as error:
             raise CheckpointError(f"{path}: {error}") from None
-    state = load_checkpoint(Path(path))
+    checkpoint = read_checkpoint(Path(path))
     try:
-        model = SSD300(ModelConfig.from_dict(state["model_config"]))
-        model.load_state_dict(state["model"])
+        model = SSD300(ModelConfig.from_dict(checkpoint.model_config))
+        model.load_state_dict(checkpoint.model)
     except (TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path} does not describe a loadable SSD: {error}") from None
-    return model.eval(), state["classes"]
+    return model.eval(), checkpoint.classes
 
 
 def _to_chw_tensor(image: ImageInput) -> torch.Tensor:

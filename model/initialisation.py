@@ -16,7 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .checkpoint import CheckpointError, load_checkpoint
+from .checkpoint import CheckpointError, RunCheckpoint, read_checkpoint
 from .config import TORCHVISION_STEPS, ModelConfig, TrainConfig, parse_init
 from .layout import BEST_CHECKPOINT
 from .network import SSD300
@@ -118,16 +118,16 @@ def plan_start(config: TrainConfig, classes: list[str], source: WeightsSource | 
     return _from_published(config, classes, source, weights, may_download=True)
 
 
-def resumed_start(config: TrainConfig, checkpoint: dict[str, Any]) -> Start:
+def resumed_start(config: TrainConfig, checkpoint: RunCheckpoint) -> Start:
     """The start of a run that carries on from ``checkpoint``: the one it recorded (older
     checkpoints: random, or ImageNet where they asked for it), and its weights come from the checkpoint."""
-    saved = checkpoint.get("train_config", {})
-    if checkpoint.get("init"):
-        init = Initialisation.from_dict(checkpoint["init"])
+    saved = checkpoint.train_config
+    if checkpoint.init:
+        init = Initialisation.from_dict(checkpoint.init)
     else:
         used = "imagenet" if saved.get("pretrained_backbone") else "scratch"
         init = Initialisation(saved.get("init", used), used)
-    model_config = checkpoint.get("model_config", {})
+    model_config = checkpoint.model_config
     backbone = model_config.get("backbone", saved.get("backbone"))
     ran = replace(config, init=init.used, backbone=backbone, pretrained_backbone=None)
     return Start(init, ran, _steps(model_config.get("steps")))
@@ -183,10 +183,10 @@ def _from_published(
 def _from_run(config: TrainConfig, classes: list[str], source: WeightsSource, reference: str) -> Start:
     with source.checkpoint(reference) as path:
         try:
-            checkpoint = load_checkpoint(path)
+            checkpoint = read_checkpoint(path)
         except CheckpointError as error:
             raise WeightsError(str(error)) from None
-    trained = ModelConfig.from_dict(checkpoint["model_config"])
+    trained = ModelConfig.from_dict(checkpoint.model_config)
     conflicts = []
     if config.backbone is not None and config.backbone != trained.backbone:
         conflicts.append(f"backbone {trained.backbone}, not {config.backbone}")
@@ -196,8 +196,8 @@ def _from_run(config: TrainConfig, classes: list[str], source: WeightsSource, re
         raise ValueError(f"init {config.init!r}: that run's model has {' and '.join(conflicts)}")
     ran = replace(config, backbone=trained.backbone, pretrained_backbone=None)
     steps = trained.steps if config.image_size == trained.image_size else None
-    rows = match_class_rows(checkpoint["classes"], classes)
-    state, num_classes = checkpoint["model"], trained.num_classes
+    rows = match_class_rows(checkpoint.classes, classes)
+    state, num_classes = checkpoint.model, trained.num_classes
     load = _file_error(path, lambda model: load_ssd_weights(model, state, num_classes, rows))
     return Start(Initialisation(config.init, config.init), ran, steps, load)
 

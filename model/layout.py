@@ -42,7 +42,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-# A training run's folder: written by ``model.engine.fit``.
+# A training run's folder: written by ``model.training.fit``.
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 LAST_CHECKPOINT = "last.pt"

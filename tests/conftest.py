@@ -5,7 +5,7 @@ import pytest
 
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
-from model.engine import fit
+from model.training import fit
 from tests.pretrained_files import PublishedFiles
 from tests.tiny import TINY
 

@@ -9,10 +9,11 @@ import torch
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.config import TORCHVISION_STEPS, ModelConfig, TrainConfig
 from model.data import make_shapes_dataset
-from model.engine import Callbacks, _out_of_patience, fit
 from model.initialisation import LocalWeights, WeightsUnavailable, plan_start
 from model.network import SSD300
 from model.pretrained import COCO_WEIGHTS, IMAGENET_WEIGHTS, WeightsError, read_state_dict
+from model.training import Callbacks, fit
+from model.training.fit import _out_of_patience
 
 CLASSES = ["person", "widget"]
 

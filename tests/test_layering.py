@@ -28,6 +28,6 @@ def test_worker_does_not_import_app():
 
 
 def test_the_api_process_does_not_load_the_training_code():
-    code = "import sys, app.main; print(sorted(m for m in ('model.engine', 'torchmetrics') if m in sys.modules))"
+    code = "import sys, app.main; print(sorted(m for m in ('model.training', 'torchmetrics') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

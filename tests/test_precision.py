@@ -15,9 +15,9 @@ from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.detector import Detector, load_model
 from model.device import amp_dtype, cpu_has_native_bf16, memory_format, precision_name
-from model.engine import build_training_run, fit, train_step, training_precision
 from model.metrics import evaluate_detector
 from model.network import SSD300
+from model.training import build_training_run, fit, train_step, training_precision
 from tests.tiny import TINY
 
 CPU = torch.device("cpu")

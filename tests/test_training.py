@@ -10,9 +10,9 @@ from torchvision.ops import box_iou
 from model.checkpoint import CheckpointError, load_checkpoint
 from model.config import TrainConfig
 from model.detector import Detector, load_model
-from model.engine import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
 from model.initialisation import LocalWeights, plan_start
 from model.pretrained import IMAGENET_WEIGHTS
+from model.training import Callbacks, NonFiniteLossError, build_model, build_optimizer, fit
 from tests.tiny import TINY
 
 
@@ -275,7 +275,7 @@ def test_a_failed_run_stops_its_loader_workers_while_the_error_is_still_held(sha
 
 
 def test_the_training_step_distorts_colours_by_its_seed_only_when_augmenting():
-    from model.engine import build_training_run, train_step
+    from model.training import build_training_run, train_step
 
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (2, 3, 300, 300), dtype=torch.uint8, generator=generator)

@@ -218,13 +218,13 @@ def test_split_is_deterministic_per_seed():
 
 def _epoch_batches(data, num_workers: int, epochs: list[int]) -> list[list]:
     from model.config import ModelConfig, TrainConfig
-    from model.engine import _epoch_seed, build_loaders
+    from model.training import build_loaders, epoch_seed
 
     config = TrainConfig(batch_size=3, num_workers=num_workers, val_fraction=0.0, seed=5)
     loader, _ = build_loaders(data, config, ModelConfig(num_classes=4), torch.device("cpu"))
     batches = []
     for epoch in epochs:
-        loader.sampler.set_epoch(_epoch_seed(config.seed, epoch))
+        loader.sampler.set_epoch(epoch_seed(config.seed, epoch))
         batches.append([[t.clone() for t in batch] for batch in loader])
     return batches
 

@@ -151,7 +151,7 @@ def test_a_job_resumes_on_another_machine_from_the_bucket_and_is_served_and_dele
 def assert_same_as_uninterrupted(service: BucketService, manifest: dict, dataset: dict, tmp_path: Path) -> None:
     from model.config import TrainConfig
     from model.data import read_dataset
-    from model.engine import fit
+    from model.training import fit
 
     def read(name: str) -> bytes:
         key = f"{PREFIX}/{manifest['files'][name]}"

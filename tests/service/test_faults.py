@@ -69,7 +69,7 @@ def test_a_sigkilled_worker_is_replaced_and_the_job_resumes(faults, tmp_path):
     # The resumed run went on from epoch 1's checkpoint exactly as an uninterrupted run does.
     from model.config import TrainConfig
     from model.data import read_dataset
-    from model.engine import fit
+    from model.training import fit
 
     config = TrainConfig.from_dict(
         json.loads((service.data_dir / "runs" / job["id"] / "config.json").read_text())["train_config"]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from model.engine import StepProgress
+from model.training import StepProgress
 from tests.service.conftest import wait_until
 from tests.service.helpers import DATASET, TINY, wait_for_job
 from worker.lease import Lease
