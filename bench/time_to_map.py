@@ -45,7 +45,7 @@ from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.data.dataset import load_annotated, split_train_val
 from model.data.records import DetectionData
-from model.device import autocast, memory_format, resolve_device
+from model.device import amp_dtype, autocast, memory_format, resolve_device
 from model.metrics import MeanAP
 from model.training import Callbacks, WarmupSchedule, build_model, build_training_run, fit, train_step
 
@@ -135,7 +135,7 @@ def bare_step_rate(args, num_classes: int) -> float:
         batch_size=args.batch_size, backbone=args.backbone, width_multiplier=args.width_multiplier, learning_rate=1e-5
     )
     model = build_model(config.model_config(num_classes=num_classes), config)
-    model = model.to(device, memory_format=memory_format(device))
+    model = model.to(device, memory_format=memory_format(device, amp_dtype(device, config.amp)))
     run = build_training_run(model, config, device, total_steps=1000)
     images = torch.randint(0, 256, (args.batch_size, 3, 300, 300), dtype=torch.uint8, device=device)
     boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.4, 0.3, 0.9, 0.8]], device=device).expand(args.batch_size, 2, 4)

@@ -41,10 +41,10 @@ import redis
 from model.config import TrainConfig
 from model.data import read_dataset
 from model.device import resolve_device
-from model.engine import Callbacks, FitResult, StepProgress, fit, training_precision
 from model.initialisation import Start
 from model.layout import BEST_CHECKPOINT
 from model.storage import RunFolder
+from model.training import Callbacks, FitResult, StepProgress, fit, training_precision
 from worker.bucket import BucketError, Conflict
 from worker.lease import Lease, LeaseLost, LostReason
 from worker.queue import send_quietly
