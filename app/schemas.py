@@ -37,6 +37,7 @@ Side = Annotated[int, Field(ge=16, le=2048, strict=True)]
 # An init naming a job: "job:" and a job id (ids are opaque, but only ever made of these).
 # init "job:<id>": the id has the form the service gives (ID_PATTERN), so it never reaches Redis otherwise.
 JOB_INIT_PATTERN = re.compile("^job:" + ID_PATTERN.removeprefix("^"))
+INIT_PATTERN = f"^({'|'.join(INIT_CHOICES)}|job:{ID_PATTERN.strip('^$')})$"
 # The largest integer JSON carries exactly (2^53 - 1): a client that parses numbers as doubles (JavaScript,
 # schema-driven generators) compares against the same bound the server does.
 MAX_SEED = 2**53 - 1
@@ -109,13 +110,14 @@ class TrainRequest(BaseModel):
     amp: bool = _DEFAULTS.amp
     init: str = Field(
         _DEFAULTS.init,
-        max_length=110,
         description=(
             "Where the weights start: 'auto' (COCO-trained SSD300 where its weights are present or can be "
             "fetched, else the ImageNet backbone, else random), 'scratch', 'imagenet', 'coco', or "
             "'job:<id>' (a succeeded job's model: same backbone and width; classes matched by name)."
         ),
-        json_schema_extra={"examples": [*INIT_CHOICES, "job:9b1f0c3a5e7d"]},
+        # The form in the document (clients and generators see it); the validator below enforces it
+        # with a message that names the choices.
+        json_schema_extra={"examples": [*INIT_CHOICES, "job:9b1f0c3a5e7d"], "pattern": INIT_PATTERN},
     )
     backbone: Literal["vgg16", "vgg16_bn"] | None = Field(
         _DEFAULTS.backbone, description="null: what the weights need (vgg16 for COCO's, a job's own), else vgg16_bn."

@@ -12,7 +12,6 @@ import httpx
 import pytest
 from PIL import Image
 
-from model.device import cpu_has_native_bf16
 from tests.service.conftest import api_process, wait_until
 from tests.service.helpers import TINY, read_sse, shapes, wait_for_job, zip_folder
 from worker.run_files import read_job_file
@@ -34,8 +33,9 @@ def test_training_job_end_to_end(trained, client, settings):
     assert job["classes"] == ["circle", "square", "triangle"]
     assert job["started_at"] and job["finished_at"] and job["error"] is None
     assert job["best_val_loss"] is not None and job["has_model"]
-    # The precision rule of model.device, on this machine's processor (the worker runs on the same one).
-    assert (job["device"], job["precision"]) == ("cpu", "bf16" if cpu_has_native_bf16() else "fp32")
+    # TINY turns mixed precision off, so the record says float32 whatever this processor has
+    # (test_training shows the bf16 rule on a processor that has it).
+    assert (job["device"], job["precision"]) == ("cpu", "fp32")
     progress = job["progress"]
     assert progress["steps_per_epoch"] == 2 and progress["epoch"] in (1, 2) and progress["eta_seconds"] >= 0
 
