@@ -21,6 +21,7 @@ RUN pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} --constraint 
 
 COPY pyproject.toml README* ./
 COPY model ./model
+COPY core ./core
 COPY worker ./worker
 COPY app ./app
 # The onnx extra: GET /jobs/{id}/model.onnx exports a trained model.

@@ -1,4 +1,4 @@
-"""The HTTP side of the service: FastAPI app, routers, dataset import, batched inference.
+"""The HTTP side of the service: the FastAPI app, its routers, upload admission and batched inference.
 
-``app/`` enqueues training by task name and never imports the training code path.
+``app/`` enqueues training by task name (``core.dispatch``) and never imports the training code path.
 """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
-from worker.settings import Settings
+from core.settings import Settings
 
 
 def main() -> None:

@@ -2,10 +2,10 @@
 
 A dataset lives in ``<data_dir>/datasets/<id>/``: ``files/`` holds what the archive held
 (read with ``model.data.read_dataset``) and ``dataset.json`` the record also kept in Redis
-(names in ``model.layout``). It is built in ``datasets/.incoming-<owner>-<id>/``, read,
+(names in ``core.layout``). It is built in ``datasets/.incoming-<owner>-<id>/``, read,
 published to the storage (uploaded, with a bucket), recorded in Redis, and only then renamed
 into place (``_commit``): a failed import leaves nothing behind, and what a killed one leaves
-keeps its incoming name, which the next start settles (``worker.leftovers``).
+keeps its incoming name, which the next start settles (``core.leftovers``).
 
 Archives come from users. Before ``zipfile`` builds its list of entries (memory grows with
 their number), the central directory is walked record by record to count them against
@@ -36,12 +36,12 @@ from typing import IO, Any, TypeVar
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from core.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name
+from core.records import DatasetRecord, now_iso
+from core.settings import Settings
+from core.store import Store, new_id
 from model.data import DatasetError, DetectionData, make_shapes_dataset, read_dataset
 from model.data.images import safe_relative_path
-from model.layout import DATASET_FILE, DATASET_FILES_DIR, incoming_name
-from worker.records import DatasetRecord, now_iso
-from worker.settings import Settings
-from worker.store import Store, new_id
 
 _JUNK_DIRS = {"__MACOSX"}
 _JUNK_FILES = {".DS_Store", "Thumbs.db"}
@@ -353,7 +353,7 @@ def _record(
 def _commit(incoming: Path, record: DatasetRecord, settings: Settings, store: Store) -> None:
     """Publish the built folder to the storage, record the dataset in Redis, then move the folder
     into place. Until the record is in Redis the folder keeps its incoming name, so whatever a
-    crash leaves is found and settled at the next start (``worker.leftovers.settle_imports``).
+    crash leaves is found and settled at the next start (``core.leftovers.settle_imports``).
 
     Raises:
         StorageUnavailable: the bucket refused it.

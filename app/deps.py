@@ -16,9 +16,9 @@ from app.dataset_import import ImportSlots
 from app.event_streams import EventStreams
 from app.inference import DetectionService
 from app.metrics import Metrics
-from worker.records import DatasetRecord, JobRecord
-from worker.settings import Settings
-from worker.store import Store, is_id
+from core.records import DatasetRecord, JobRecord
+from core.settings import Settings
+from core.store import Store, is_id
 
 
 async def get_settings(request: Request) -> Settings:
@@ -65,7 +65,7 @@ EventStreamsDep = Annotated[EventStreams, Depends(get_event_streams)]
 
 def checked_id(kind: str, value: str) -> str:
     """``value`` if it has the form of the service's ids, else 404 naming it: an id of another form
-    names nothing, and never reaches Redis or the storage (``worker.store.ID_PATTERN``)."""
+    names nothing, and never reaches Redis or the storage (``core.store.ID_PATTERN``)."""
     if not is_id(value):
         raise HTTPException(404, f"no {kind} with id {value!r}")
     return value

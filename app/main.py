@@ -29,13 +29,13 @@ from app.security import (
     require_api_key,
     require_api_key_or_query,
 )
-from worker.bucket import BucketError
-from worker.cpu_threads import api_threads, use_threads
-from worker.leftovers import start_sweep
-from worker.queue import make_celery
-from worker.settings import Settings
-from worker.storage import StorageUnavailable
-from worker.store import POOL_WAIT_SECONDS, Store, quick_retry
+from core.cpu_threads import api_threads, use_threads
+from core.dispatch import make_celery
+from core.leftovers import start_sweep
+from core.s3 import BucketError
+from core.settings import Settings
+from core.storage import StorageUnavailable
+from core.store import POOL_WAIT_SECONDS, Store, quick_retry
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from worker.store import REDIS_ERRORS
+from core.store import REDIS_ERRORS
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 
-from worker.store import CURSOR_PATTERN, Page
+from core.store import CURSOR_PATTERN, Page
 
 T = TypeVar("T")
 

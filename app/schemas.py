@@ -1,6 +1,6 @@
 """Request and response bodies of the HTTP contract (``shared/design/API.md``), in one place.
 
-Job and dataset answers are the stored records' public parts (``worker.records``).
+Job and dataset answers are the stored records' public parts (``core.records``).
 ``TrainRequest`` mirrors ``model.config.TrainConfig``: the same fields, the same defaults
 (taken from ``TrainConfig()`` itself) and constraints that match its ``__post_init__``
 checks, so a bad value answers 422 before a job exists.
@@ -14,14 +14,13 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from model.config import INIT_CHOICES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig, parse_init
-
 # The stored records' public parts are answered as they are.
-from worker.records import Dataset as Dataset
-from worker.records import Job as Job
-from worker.records import Progress as Progress
-from worker.records import Status
-from worker.store import ID_PATTERN
+from core.records import Dataset as Dataset
+from core.records import Job as Job
+from core.records import Progress as Progress
+from core.records import Status
+from core.store import ID_PATTERN
+from model.config import INIT_CHOICES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConfig, parse_init
 
 _DEFAULTS = TrainConfig()
 

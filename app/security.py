@@ -30,7 +30,7 @@ from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.deps import SettingsDep
-from worker.settings import Settings
+from core.settings import Settings
 
 api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="One of the keys in SSD_API_KEY.")
 api_key_query = APIKeyQuery(

@@ -155,9 +155,9 @@ def own_service(device: str, batch_max_size: int | None, width_multiplier: float
     from detect_service import write_job
     from service_api import start_api
 
-    from app.up import start_redis, stop
-    from model.layout import DataLayout
-    from worker.store import Store
+    from core.launcher import start_redis, stop
+    from core.layout import DataLayout
+    from core.store import Store
 
     folder = tempfile.TemporaryDirectory()
     data_dir = Path(folder.name)

@@ -36,15 +36,15 @@ from service_api import start_api  # bench/service_api.py: a script's folder is 
 from torchvision.models.detection import ssd300_vgg16
 from torchvision.transforms.v2 import functional as F
 
-from app.up import start_redis, stop
+from core.launcher import start_redis, stop
+from core.layout import BEST_CHECKPOINT, DATASET_FILES_DIR, DataLayout
+from core.records import SUCCEEDED, DatasetRecord, JobRecord, now_iso
+from core.store import Store
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector
-from model.layout import BEST_CHECKPOINT, DATASET_FILES_DIR, DataLayout
 from model.network import SSD300
-from worker.records import SUCCEEDED, DatasetRecord, JobRecord, now_iso
-from worker.store import Store
 
 CLASSES = ["circle", "square", "triangle"]
 TORCHVISION = "torchvision ssd300_vgg16 forward (in-process, tensor in memory)"

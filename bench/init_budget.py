@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 from photos_finetune import add_dataset_arguments, load_splits, plot, score_on  # a script's folder is on sys.path
 
+from core.weights import WeightsFolder
 from model.config import TrainConfig
 from model.training import Callbacks, fit
-from worker.weights import WeightsFolder
 
 
 def map_at_minutes(records: list[dict], minutes: int) -> list[float | None]:

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from app.up import free_port, http_answers, stop
+from core.launcher import free_port, http_answers, stop
 
 REPO = Path(__file__).resolve().parents[1]
 

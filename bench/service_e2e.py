@@ -32,7 +32,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from detect_load import run_load, summary, test_images  # noqa: E402 - the bench folder is on the path now
 
-from app.up import free_port, http_answers, redis_server_executable, stop  # noqa: E402
+from core.launcher import free_port, http_answers, redis_server_executable, stop  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -39,11 +39,11 @@ sys.path.insert(0, str(REPO))
 
 from service_api import start_api  # noqa: E402
 
-from app.up import start_redis, stop  # noqa: E402
+from core.launcher import start_redis, stop  # noqa: E402
+from core.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetRecord, JobRecord, now_iso  # noqa: E402
+from core.settings import Settings  # noqa: E402
+from core.store import Store  # noqa: E402
 from worker.reaper import Reaper  # noqa: E402
-from worker.records import CANCELLED, FAILED, RUNNING, SUCCEEDED, DatasetRecord, JobRecord, now_iso  # noqa: E402
-from worker.settings import Settings  # noqa: E402
-from worker.store import Store  # noqa: E402
 
 PREFIX = "bench"
 DATASETS = 10

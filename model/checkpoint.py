@@ -14,7 +14,7 @@ from typing import IO, Any
 
 import torch
 
-from .storage import Writer, atomic_write
+from .run_folder import Writer, atomic_write
 
 FORMAT = "ssd-checkpoint"
 VERSION = 1

@@ -30,9 +30,9 @@ from .boxes import decode
 from .detector import Detector
 from .network import SSD300
 from .nms import grouped_nms
-from .storage import commit_temp, write_temp
+from .run_folder import commit_temp, write_temp
 
-# The graph's version, in the metadata; bump it (and model.layout.ONNX_EXPORT) when the graph changes.
+# The graph's version, in the metadata; bump it (and core.layout.ONNX_MODEL) when the graph changes.
 GRAPH_VERSION = 1
 # The ONNX opset of the graph: supported by the dynamo exporter of every torch the extra admits,
 # and by ONNX Runtime since 1.14.

@@ -18,7 +18,6 @@ import torch
 
 from .checkpoint import CheckpointError, RunCheckpoint, read_checkpoint
 from .config import TORCHVISION_STEPS, ModelConfig, TrainConfig, parse_init
-from .layout import BEST_CHECKPOINT
 from .network import SSD300
 from .pretrained import (
     COCO_CATEGORY_IDS,
@@ -31,6 +30,7 @@ from .pretrained import (
     read_state_dict,
     ssd_state_from_torchvision,
 )
+from .run_folder import BEST_CHECKPOINT
 
 
 class WeightsUnavailable(LookupError):

@@ -10,7 +10,7 @@ from pathlib import Path
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .storage import atomic_write
+from .run_folder import atomic_write
 
 
 def plot_losses(records: list[dict], path: Path | None = None) -> bytes:

@@ -1,5 +1,5 @@
-"""The training side of the service: the Celery app and task, the Redis job store, leases.
+"""The Celery training worker: the app and its task, the job runner, the lease monitor, the reaper,
+rebuilding Redis from the storage, and the pool of one worker per GPU.
 
-Importing ``worker`` (or ``worker.queue``, ``worker.store``, ``worker.settings``) does not
-import the training code: only ``worker.tasks`` and ``worker.training`` do, in the worker.
+Only ``worker.tasks`` and ``worker.job_runner`` import the training code (``model.training``).
 """

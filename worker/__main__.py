@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 
-from worker.settings import Settings
+from core.settings import Settings
 
 
 def celery_worker_args(settings: Settings, name: str) -> list[str]:

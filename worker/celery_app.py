@@ -22,16 +22,16 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from worker.cpu_threads import threads_line, use_threads, worker_threads
-from worker.leftovers import start_sweep
-from worker.queue import dispatch, make_celery, task_ids_in_broker
+from core.cpu_threads import threads_line, use_threads, worker_threads
+from core.dispatch import dispatch, make_celery, task_ids_in_broker
+from core.leftovers import start_sweep
+from core.settings import Settings
+from core.storage import StorageUnavailable
+from core.store import REDIS_ERRORS, Store
 from worker.reaper import Reaper
-from worker.settings import Settings
-from worker.storage import StorageUnavailable
-from worker.store import REDIS_ERRORS, Store
 
 settings = Settings()
-app = make_celery(settings, include_tasks=True)
+app = make_celery(settings, task_modules=["worker.tasks"])
 log = logging.getLogger(__name__)
 use_threads(worker_threads(settings))  # before anything computes
 

@@ -26,9 +26,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.processes import spawn, stop
+from core.settings import Settings
 from worker.__main__ import celery_worker_args
-from worker.processes import spawn, stop
-from worker.settings import Settings
 
 log = logging.getLogger("worker.pool")
 

@@ -36,11 +36,11 @@ import logging
 import time
 from collections.abc import Callable
 
-from worker.queue import send_quietly
+from core.dispatch import send_quietly
+from core.records import QUEUED, RUNNING
+from core.settings import Settings
+from core.store import REDIS_ERRORS, ActiveJob, Crashes, Store
 from worker.rebuild import correct_stale_jobs, rebuild_from_storage
-from worker.records import QUEUED, RUNNING
-from worker.settings import Settings
-from worker.store import REDIS_ERRORS, ActiveJob, Crashes, Store
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,10 @@ class Reaper:
     ):
         """
         Args:
-            dispatch: sends a job's task (``worker.queue.dispatch``).
+            dispatch: sends a job's task (``core.dispatch.dispatch``).
             clock: monotonic seconds (tests move it by hand).
             broker_task_ids: the ids of the task messages waiting in the queue
-                (``worker.queue.task_ids_in_broker``); None trusts every ``dispatch_id`` to be
+                (``core.dispatch.task_ids_in_broker``); None trusts every ``dispatch_id`` to be
                 on its way.
         """
         self.store = store

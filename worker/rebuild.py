@@ -1,4 +1,4 @@
-"""Records Redis lost, rebuilt from the storage (the data folder or the bucket: ``worker.storage``).
+"""Records Redis lost, rebuilt from the storage (the data folder or the bucket: ``core.storage``).
 
 Every dataset keeps its record in ``datasets/<id>/dataset.json`` and every job in
 ``runs/<id>/job.json``, kept current at each change, with its epoch records in
@@ -26,8 +26,8 @@ import logging
 import time
 from collections.abc import Callable
 
-from worker.queue import send_quietly
-from worker.records import (
+from core.dispatch import send_quietly
+from core.records import (
     ACTIVE,
     CANCELLED,
     FINISHED,
@@ -38,9 +38,9 @@ from worker.records import (
     iso_to_unix,
     now_iso,
 )
-from worker.settings import Settings
-from worker.storage import Storage
-from worker.store import Store
+from core.settings import Settings
+from core.storage import Storage
+from core.store import Store
 
 log = logging.getLogger(__name__)
 

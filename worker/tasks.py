@@ -1,10 +1,10 @@
-"""Celery tasks. Each is a thin shell: take the id, call the logic in ``worker.training``."""
+"""Celery tasks. Each is a thin shell: take the id, call the logic in ``worker.job_runner``."""
 
 from __future__ import annotations
 
+from core.dispatch import TRAIN_TASK
 from worker.celery_app import SHUTDOWN, app, node_name, send_again, settings, store
-from worker.queue import TRAIN_TASK
-from worker.training import run_job
+from worker.job_runner import run_job
 
 
 @app.task(name=TRAIN_TASK, ignore_result=True, bind=True)

@@ -17,8 +17,8 @@ from app.dataset_import import (
 from app.deps import DatasetId, ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
-from worker.records import DatasetRecord
-from worker.storage import StorageUnavailable
+from core.records import DatasetRecord
+from core.storage import StorageUnavailable
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 

@@ -29,12 +29,12 @@ from app.inference import (
 )
 from app.schemas import PNG_CONTENT, DetectBatchResponse, DetectResponse
 from app.timing import ServerTiming
+from core.settings import Settings
+from core.storage import Storage
+from core.store import Store
+from core.weights import WeightsFolder
 from model.initialisation import WeightsUnavailable
 from model.pretrained import COCO_WEIGHTS
-from worker.settings import Settings
-from worker.storage import Storage
-from worker.store import Store
-from worker.weights import WeightsFolder
 
 router = APIRouter(tags=["detection"])
 

@@ -22,10 +22,10 @@ from app.deps import DetectorDep, JobId, SettingsDep, StoreDep, dataset_or_404
 from app.inference import DetectionService
 from app.routers.detect import model_load_errors, resolve_model
 from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
+from core.records import DatasetRecord
+from core.settings import Settings
+from core.store import Store
 from model.data import DatasetError, read_dataset
-from worker.records import DatasetRecord
-from worker.settings import Settings
-from worker.store import Store
 
 log = logging.getLogger(__name__)
 

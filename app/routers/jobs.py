@@ -1,6 +1,6 @@
 """POST /train and /jobs: job records, progress, losses (JSON, SSE, PNG), cancel, delete.
 
-Every change a route makes to a job reaches the job's ``job.json`` too (``worker.storage``),
+Every change a route makes to a job reaches the job's ``job.json`` too (``core.storage``),
 so a job survives Redis losing it from the moment POST /train answers.
 """
 
@@ -27,13 +27,13 @@ from app.deps import (
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import PNG_CONTENT, UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
+from core.dispatch import SEND_ERRORS, dispatch
+from core.layout import LOSS_PLOT
+from core.records import ACTIVE, FINISHED, SUCCEEDED, JobRecord
+from core.settings import Settings
+from core.store import ID_PATTERN, QueueFull, Store, epoch_stream_id, new_id
 from model.config import JOB_INIT_PREFIX, TrainConfig, parse_init
-from model.layout import LOSS_PLOT
 from model.plots import plot_losses
-from worker.queue import SEND_ERRORS, dispatch
-from worker.records import ACTIVE, FINISHED, SUCCEEDED, JobRecord
-from worker.settings import Settings
-from worker.store import ID_PATTERN, QueueFull, Store, epoch_stream_id, new_id
 
 router = APIRouter(tags=["jobs"])
 # The event stream also takes the API key as ?api_key= (browsers' EventSource sends no headers).

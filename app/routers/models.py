@@ -12,12 +12,12 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobId, SettingsDep, StoreDep, job_or_404
+from core.layout import ONNX_MODEL
+from core.records import SUCCEEDED
+from core.settings import Settings
+from core.store import Store
 from model.checkpoint import CheckpointError
 from model.export import OnnxUnavailable, export_onnx, require_onnx
-from model.layout import ONNX_MODEL
-from worker.records import SUCCEEDED
-from worker.settings import Settings
-from worker.store import Store
 
 router = APIRouter(tags=["jobs"])
 

@@ -8,8 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.deps import MetricsDep, SettingsDep, StoreDep
 from app.schemas import Health, Ready
-from worker.storage import StorageUnavailable
-from worker.store import REDIS_ERRORS
+from core.storage import StorageUnavailable
+from core.store import REDIS_ERRORS
 
 router = APIRouter(tags=["operations"])
 health_router = APIRouter(tags=["operations"])  # open even with API keys on: for load balancers

@@ -6,8 +6,8 @@ from fastapi import APIRouter
 
 from app.deps import SettingsDep
 from app.schemas import WeightsInfo
+from core.weights import WeightsFolder, what_inits_use
 from model.pretrained import COCO_WEIGHTS
-from worker.weights import WeightsFolder, what_inits_use
 
 router = APIRouter(tags=["operations"])
 

@@ -16,9 +16,8 @@ from ..config import ModelConfig, TrainConfig
 from ..data.records import DetectionData
 from ..device import Precision
 from ..initialisation import Initialisation, Start, WeightsSource, plan_start, resumed_start
-from ..layout import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LOSS_PLOT, METRICS_FILE
 from ..plots import plot_losses
-from ..storage import RunFolder
+from ..run_folder import BEST_CHECKPOINT, CONFIG_FILE, LAST_CHECKPOINT, LOSS_PLOT, METRICS_FILE, RunFolder
 from .loop import Callbacks, EpochState, run_epoch
 from .setup import TrainingRun, build_run
 

@@ -25,10 +25,10 @@ import httpx
 import pytest
 import redis
 
+from core.settings import Settings
+from core.store import Store
 from tests.service.helpers import TINY, read_sse, shapes, voc_zip, wait_for_job, zip_folder
 from worker.__main__ import celery_worker_args
-from worker.settings import Settings
-from worker.store import Store
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 
+from core.store import Store
 from tests.service.conftest import (
     PYTHON,
     Process,
@@ -28,7 +29,6 @@ from tests.service.conftest import (
     worker_args,
 )
 from tests.service.helpers import TINY, shapes, zip_folder
-from worker.store import Store
 
 # Leases of 3 s renewed every second; Celery redelivers unacked messages after 2 s.
 FAULT_LIMITS = {

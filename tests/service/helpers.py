@@ -12,8 +12,8 @@ from pathlib import Path
 import httpx
 from PIL import Image
 
+from core.records import DatasetRecord
 from model.data import DetectionData, make_shapes_dataset, write_voc, write_yolo
-from worker.records import DatasetRecord
 
 # A dataset record for store-level tests: no files behind it.
 DATASET = DatasetRecord(id="d1", name="x", format="coco", num_images=1, num_boxes=1, classes=["a"], root="files")

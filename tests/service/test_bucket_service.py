@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.store import Store
 from tests.service.bucket import S3Server, s3_server
 from tests.service.conftest import (
     PYTHON,
@@ -33,7 +34,6 @@ from tests.service.conftest import (
 )
 from tests.service.faults import FAULT_LIMITS, JOB, CuttableProxy, epochs, train_into_epoch_two
 from tests.service.helpers import image_bytes, shapes, wait_for_job, zip_folder
-from worker.store import Store
 
 BUCKET = "ssd-service-test"
 PREFIX = "team"

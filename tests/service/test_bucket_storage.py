@@ -9,16 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from model.layout import DataLayout
+from core.bucket_storage import BucketStorage
+from core.cache import LocalCache
+from core.layout import DataLayout
+from core.lease import Lease, LeaseLost, LostReason
+from core.records import DatasetRecord, JobRecord
+from core.s3 import Bucket, BucketError, Conflict, Location
+from core.settings import Settings
+from core.storage import StorageUnavailable
 from tests.service.bucket import S3Server, s3_server
 from tests.service.helpers import shapes
-from worker.bucket import Bucket, BucketError, Conflict, Location
-from worker.bucket_storage import BucketStorage
-from worker.cache import LocalCache
-from worker.lease import Lease, LeaseLost, LostReason
-from worker.records import DatasetRecord, JobRecord
-from worker.settings import Settings
-from worker.storage import StorageUnavailable
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,9 @@ from pathlib import Path
 import httpx
 import yaml
 
+from core.store import Store
 from tests.service.conftest import REPO, free_port, service_env, start_process, wait_for_http, wait_for_worker
 from tests.service.helpers import TINY, wait_for_job
-from worker.store import Store
 
 
 def load(name: str) -> dict:

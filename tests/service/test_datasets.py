@@ -14,6 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
+from core.records import DatasetRecord
 from tests.service.conftest import api_process, wait_until
 from tests.service.helpers import (
     coco_document,
@@ -25,7 +26,6 @@ from tests.service.helpers import (
     zip_entries,
     zip_folder,
 )
-from worker.records import DatasetRecord
 
 
 def upload(client, data: bytes, filename: str = "data.zip", name: str | None = None):

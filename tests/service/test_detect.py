@@ -16,9 +16,9 @@ from PIL import Image, ImageOps
 
 from app.inference import load_detector
 from app.main import create_app
+from core.settings import Settings
 from tests.service.conftest import api_process, free_port, service_env, wait_until
 from tests.service.helpers import image_bytes
-from worker.settings import Settings
 
 
 def in_process(settings: Settings, method: str, path: str, **kwargs) -> httpx.Response:
@@ -178,8 +178,8 @@ def _same_detections(first: list[dict], second: list[dict]) -> bool:
 def test_exif_orientation_is_applied_as_ssd_detect_applies_it(trained, client, settings, tmp_path, capsys):
     """A phone photo stored 200x100 and shown 100x200: /detect answers in the displayed frame, with the
     boxes ``ssd detect`` finds in the same file, and those it finds in the already-turned pixels."""
+    from core.layout import BEST_CHECKPOINT
     from model.cli import main
-    from model.layout import BEST_CHECKPOINT
 
     job_id = trained["job"]["id"]
     photo = tmp_path / "phone.jpg"

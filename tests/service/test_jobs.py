@@ -12,9 +12,9 @@ import httpx
 import pytest
 from PIL import Image
 
+from core.run_files import read_job_file
 from tests.service.conftest import api_process, wait_until
 from tests.service.helpers import TINY, read_sse, shapes, wait_for_job, zip_folder
-from worker.run_files import read_job_file
 
 
 def test_coco_and_voc_uploads_agree(trained):

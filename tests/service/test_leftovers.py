@@ -14,18 +14,18 @@ import uuid
 
 import pytest
 
-from model.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
+from core.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
+from core.leftovers import hold_owner_lock, remove_leftovers, settle_imports
+from core.storage import FolderStorage
+from core.store import Store
 from tests.service.conftest import REPO, api_process, wait_until
 from tests.service.helpers import DATASET
-from worker.leftovers import hold_owner_lock, remove_leftovers, settle_imports
-from worker.storage import FolderStorage
-from worker.store import Store
 
 WRITER = """
 import sys, time
 from pathlib import Path
-from model.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
-from worker.leftovers import hold_owner_lock
+from core.layout import TEMP_SUFFIX, DataLayout, incoming_name, temp_prefix
+from core.leftovers import hold_owner_lock
 
 layout = DataLayout(Path(sys.argv[1]))
 hold_owner_lock(layout)
@@ -102,8 +102,8 @@ def test_the_api_sweeps_at_start(writer, tmp_path, env, log_dir):
 PUBLISHER = """
 import sys, time
 from pathlib import Path
-from model.layout import DATASET_FILE, DataLayout, incoming_name
-from worker.leftovers import hold_owner_lock
+from core.layout import DATASET_FILE, DataLayout, incoming_name
+from core.leftovers import hold_owner_lock
 
 layout = DataLayout(Path(sys.argv[1]))
 hold_owner_lock(layout)

@@ -13,9 +13,9 @@ from PIL import Image
 from torchvision.transforms.v2 import functional as F
 
 from app.main import create_app
+from core.layout import ONNX_MODEL
 from model.detector import Detector
 from model.export import GRAPH_VERSION
-from model.layout import ONNX_MODEL
 from tests.service.helpers import TINY, shapes, wait_for_job, zip_folder
 from tests.test_onnx import assert_same_detections
 

@@ -10,11 +10,11 @@ import httpx
 import psutil
 import pytest
 
+from core.settings import Settings
+from core.store import Store
 from tests.service.conftest import PYTHON, api_process, service_env, start_process, wait_for_worker, wait_until
 from tests.service.helpers import TINY, shapes, wait_for_job, zip_folder
 from worker.pool import members, visible_gpus
-from worker.settings import Settings
-from worker.store import Store
 
 
 @pytest.mark.parametrize(

@@ -10,12 +10,12 @@ from functools import partial
 
 import pytest
 
+from core.dispatch import dispatch, make_celery, task_ids_in_broker
+from core.records import JobRecord
+from core.settings import Settings
+from core.store import Store
 from tests.service.helpers import DATASET
-from worker.queue import dispatch, make_celery, task_ids_in_broker
 from worker.reaper import Reaper
-from worker.records import JobRecord
-from worker.settings import Settings
-from worker.store import Store
 
 
 class _Clock:

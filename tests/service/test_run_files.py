@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from model.layout import TEMP_SUFFIX
+from core.layout import TEMP_SUFFIX
+from core.lease import FencedRunFolder, Lease, LeaseLost, LostReason, fence_holder
+from core.records import JobRecord
+from core.run_files import RunFolderBusy, keep_job_file, read_job_file, remove_run, run_lock, save_job_file
+from core.settings import Settings
 from tests.service.helpers import DATASET
-from worker.lease import FencedRunFolder, Lease, LeaseLost, LostReason, fence_holder
-from worker.records import JobRecord
-from worker.run_files import RunFolderBusy, keep_job_file, read_job_file, remove_run, run_lock, save_job_file
-from worker.settings import Settings
 
 
 def _lease(token: str, ttl: float = 30) -> Lease:

@@ -12,10 +12,10 @@ import httpx
 import pytest
 
 from app.main import create_app
+from core.settings import Settings
+from core.store import Store
 from tests.service.conftest import PYTHON, api_process, free_port, start_process, wait_for_http, wait_until
 from tests.service.helpers import DATASET, coco_zip
-from worker.settings import Settings
-from worker.store import Store
 
 KEY = "k" * 20
 OTHER_KEY = "o" * 24

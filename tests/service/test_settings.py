@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from worker.settings import Settings
+from core.settings import Settings
 
 
 def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
@@ -65,7 +65,7 @@ def test_a_setting_that_lets_a_lease_lapse_stops_the_process_at_start_up(command
 
 
 def test_settings_table_lists_every_variable():
-    from worker.settings import settings_table
+    from core.settings import settings_table
 
     table = settings_table()
     for name in Settings.model_fields:
@@ -73,7 +73,7 @@ def test_settings_table_lists_every_variable():
 
 
 def test_the_api_keeps_its_cores_and_a_worker_on_the_same_host_takes_the_rest(monkeypatch):
-    from worker.cpu_threads import api_threads, host_cores, shared_host_api_cores, worker_threads
+    from core.cpu_threads import api_threads, host_cores, shared_host_api_cores, worker_threads
 
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert host_cores() == 8

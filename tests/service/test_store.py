@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
+from core.lease import Lease
+from core.records import DatasetRecord, JobRecord
+from core.store import Crashes, Store
 from tests.service.helpers import DATASET
-from worker.lease import Lease
-from worker.records import DatasetRecord, JobRecord
-from worker.store import Crashes, Store
 
 CRASHED = ("crashed its worker ", " times")
 

@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
+from core.lease import Lease
+from core.records import JobRecord
+from core.run_files import read_job_file, save_job_file
+from core.settings import Settings
+from core.store import Store
 from model.training import StepProgress
 from tests.service.conftest import wait_until
 from tests.service.helpers import DATASET, TINY, wait_for_job
-from worker.lease import Lease
+from worker.job_runner import run_job, training_config, where_it_runs
+from worker.lease_monitor import JobMonitor
 from worker.reaper import Reaper
-from worker.records import JobRecord
-from worker.run_files import read_job_file, save_job_file
-from worker.settings import Settings
-from worker.store import Store
-from worker.training import JobMonitor, run_job, training_config, where_it_runs
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import time
 
 import httpx
 
-from app.up import redis_answers
+from core.launcher import redis_answers
 from tests.service.conftest import PYTHON, free_port, service_env, start_process, wait_for_http, wait_until
 
 
@@ -17,7 +17,7 @@ def test_up_uses_the_configured_redis_when_it_answers(redis_server, tmp_path, lo
     assert not redis_answers(f"redis://127.0.0.1:{free_port()}/0", timeout=0.3)
     port = free_port()
     env = service_env(redis_server.url, tmp_path / "data", SSD_PORT=str(port))
-    up = start_process("up-external", [PYTHON, "-m", "app.up"], env, log_dir)
+    up = start_process("up-external", [PYTHON, "-m", "core.launcher"], env, log_dir)
     try:
         wait_until(lambda: "ready: API at" in up.log.read_text(), 120, "the ready line")
         log = up.log.read_text()
@@ -33,7 +33,7 @@ def test_up_uses_the_configured_redis_when_it_answers(redis_server, tmp_path, lo
 def test_up_without_a_configured_redis_starts_its_own(tmp_path, log_dir):
     env = service_env("unused", tmp_path / "data", SSD_PORT=str(free_port()))
     del env["SSD_REDIS_URL"]  # the default localhost:6379 may be someone else's: not used
-    up = start_process("up-embedded", [PYTHON, "-m", "app.up"], env, log_dir)
+    up = start_process("up-embedded", [PYTHON, "-m", "core.launcher"], env, log_dir)
     try:
         wait_until(lambda: "started redis-server at" in up.log.read_text(), 60, "an embedded redis-server")
         up.popen.send_signal(signal.SIGINT)
@@ -46,7 +46,7 @@ def test_up_without_a_configured_redis_starts_its_own(tmp_path, log_dir):
 def test_up_starts_everything_and_ctrl_c_stops_everything(tmp_path, log_dir):
     port = free_port()
     env = service_env(f"redis://127.0.0.1:{free_port()}/0", tmp_path / "data", SSD_PORT=str(port))
-    up = start_process("up", [PYTHON, "-m", "app.up"], env, log_dir)
+    up = start_process("up", [PYTHON, "-m", "core.launcher"], env, log_dir)
     try:
         base_url = f"http://127.0.0.1:{port}"
         wait_for_http(f"{base_url}/readyz", up, timeout=120)
@@ -77,5 +77,5 @@ def test_up_starts_everything_and_ctrl_c_stops_everything(tmp_path, log_dir):
 
 
 def test_cli_help():
-    result = subprocess.run([PYTHON, "-m", "app.cli", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([PYTHON, "-m", "core.cli", "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "up" in result.stdout and "worker" in result.stdout

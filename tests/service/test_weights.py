@@ -13,16 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from app.cli import main as service_cli
+from core.cli import main as service_cli
+from core.layout import TEMP_SUFFIX
+from core.s3 import Bucket, Location
+from core.weights import WeightsFolder
 from model.config import TrainConfig
 from model.initialisation import WeightsUnavailable, plan_start
-from model.layout import TEMP_SUFFIX
 from model.pretrained import COCO_WEIGHTS, IMAGENET_WEIGHTS, WeightsError
 from tests.pretrained_files import named_by_hash
 from tests.service.bucket import s3_server
 from tests.service.conftest import free_port
-from worker.bucket import Bucket, Location
-from worker.weights import WeightsFolder
 
 
 class FileServer:

@@ -2,14 +2,18 @@
 ``workers`` (one per GPU), ``storage`` (check, or create, where datasets and runs are kept), ``weights``
 (list, fetch or import the pretrained weights).
 
-Each reads its settings from ``SSD_*`` environment variables (see ``worker.settings``).
+Each reads its settings from ``SSD_*`` environment variables (see ``core.settings``).
 """
 
 from __future__ import annotations
 
 import argparse
+import runpy
 import sys
 from pathlib import Path
+
+# The commands that run one of the service's processes, and the module that process runs as.
+PROCESS_MODULES = {"api": "app", "worker": "worker", "workers": "worker.pool"}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -39,25 +43,22 @@ def main(argv: list[str] | None = None) -> None:
     if command == "weights":
         raise SystemExit(manage_weights(args.action, getattr(args, "which", None), getattr(args, "file", None)))
     if command == "up":
-        from app.up import main as run
-    elif command == "api":
-        from app.__main__ import main as run
-    elif command == "worker":
-        from worker.__main__ import main as run
-    elif command == "workers":
-        from worker.pool import main as run
+        from core.launcher import main as run
+
+        run()
+    elif command in PROCESS_MODULES:
+        # ``python -m <module>`` in this process: core names the API and the worker, never imports them.
+        runpy.run_module(PROCESS_MODULES[command], run_name="__main__")
     else:
-        from worker.settings import settings_table
+        from core.settings import settings_table
 
         print(settings_table())
-        return
-    run()
 
 
 def check_storage(create_bucket: bool) -> int:
     """``ssd-service storage``: 0 when the storage can be used (after creating the bucket if asked), else 1."""
-    from worker.settings import Settings
-    from worker.storage import StorageUnavailable
+    from core.settings import Settings
+    from core.storage import StorageUnavailable
 
     settings = Settings()
     storage = settings.storage
@@ -74,11 +75,11 @@ def check_storage(create_bucket: bool) -> int:
 
 def manage_weights(action: str | None, which: str | None, file: Path | None) -> int:
     """``ssd-service weights [fetch WHICH | import FILE]``: 0 when done, 1 when a fetch or import failed."""
+    from core.s3 import BucketError
+    from core.settings import Settings
+    from core.weights import WeightsFolder, what_inits_use
     from model.initialisation import WeightsUnavailable
     from model.pretrained import PUBLISHED, WeightsError
-    from worker.bucket import BucketError
-    from worker.settings import Settings
-    from worker.weights import WeightsFolder, what_inits_use
 
     folder = WeightsFolder.from_settings(Settings())
     try:

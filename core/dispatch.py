@@ -1,7 +1,7 @@
 """Celery's configuration for training tasks, shared by the worker and the API that enqueues them.
 
-The API builds its own Celery client from this module and sends tasks by name, so it never
-imports the training code (``worker.tasks``).
+The API builds its own Celery client from this module and sends tasks by name (``send_task``),
+so neither it nor ``core`` imports the worker's Celery app or the training code.
 
 Why these settings:
 
@@ -11,7 +11,7 @@ Why these settings:
   a time (one per GPU), and does not hoard queued jobs that an idle worker could run.
 - ``visibility_timeout`` (``SSD_VISIBILITY_TIMEOUT_SECONDS``, 6 h by default): Redis's
   transport redelivers a message not acked within it. A job running longer is therefore
-  delivered a second time while it still runs; the job's Redis lease (``worker.store``)
+  delivered a second time while it still runs; the job's Redis lease (``core.store``)
   makes that second delivery a no-op (it is acked and nothing runs), so a job never trains
   twice at once. The timeout is not what recovers a job whose worker died: the reaper
   (``worker.reaper``) requeues it as soon as its lease expires (``SSD_LEASE_SECONDS``), so
@@ -35,14 +35,14 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import redis
 from celery import Celery
 from kombu.exceptions import KombuError
 
-from worker.settings import Settings
-from worker.store import Store
+from core.settings import Settings
+from core.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +56,10 @@ _PRIORITY_STEPS = (0, 3, 6, 9)
 _TASK_ID = re.compile(r"[0-9a-f]{32}")
 
 
-def make_celery(settings: Settings, include_tasks: bool = False) -> Celery:
-    """A Celery app on ``settings.redis_url``; ``include_tasks`` makes a worker import ``worker.tasks``."""
-    app = Celery("ssd", broker=settings.redis_url, include=["worker.tasks"] if include_tasks else [])
+def make_celery(settings: Settings, task_modules: Sequence[str] = ()) -> Celery:
+    """A Celery app on ``settings.redis_url``. The API's sends tasks by name (``TRAIN_TASK``) and imports
+    none; a worker's names its ``task_modules``, which Celery imports when the worker starts."""
+    app = Celery("ssd", broker=settings.redis_url, include=list(task_modules))
     timeout = settings.visibility_timeout_seconds
     app.conf.update(
         task_default_queue=settings.queue,

@@ -21,8 +21,13 @@ from typing import Any
 import httpx
 from filelock import FileLock
 
+from core.layout import TEMP_SUFFIX, weights_key, weights_lock_name
+from core.records import SUCCEEDED
+from core.s3 import Bucket, BucketError
+from core.settings import Settings
+from core.storage import Storage
+from core.store import Store
 from model.initialisation import WeightsUnavailable
-from model.layout import TEMP_SUFFIX, weights_key, weights_lock_name
 from model.pretrained import (
     COCO_WEIGHTS,
     IMAGENET_WEIGHTS,
@@ -32,12 +37,7 @@ from model.pretrained import (
     read_state_dict,
     ssd_state_from_torchvision,
 )
-from model.storage import commit_temp, write_temp
-from worker.bucket import Bucket, BucketError
-from worker.records import SUCCEEDED
-from worker.settings import Settings
-from worker.storage import Storage
-from worker.store import Store
+from model.run_folder import commit_temp, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class WeightsFolder:
         path = self.path(weights)
         for leftover in self.folder.glob(f".{weights.file_name}.*{TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)
-        temp = write_temp(path, lambda file: None)  # named as model.layout names temporary files
+        temp = write_temp(path, lambda file: None)  # named as core.layout names temporary files
         try:
             fill(temp)
             _fsync(temp)

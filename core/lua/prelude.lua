@@ -1,5 +1,5 @@
--- Prepended to every script of the job store (worker.scripts). A job is a hash with one field per
--- record field (worker.records): status, dataset_id, lease_token and dispatch_id are plain
+-- Prepended to every script of the job store (core.lua_scripts). A job is a hash with one field per
+-- record field (core.records): status, dataset_id, lease_token and dispatch_id are plain
 -- strings, every other value is JSON that the scripts pass through without reading it.
 --
 -- A job's key is "<prefix>:job:<id>"; its indexes are named from the same prefix, all sorted sets

@@ -2,7 +2,7 @@
 
 Each service process (the API, each worker) holds an ``flock`` on ``owners/<owner>.lock``
 for its whole life (``hold_owner_lock``), before it writes anything. Its temporary files and
-import folders carry its owner token in their names (``model.layout``). The kernel releases
+import folders carry its owner token in their names (``core.layout``). The kernel releases
 a lock when its process dies, however it dies, so at the next start of any service process
 ``remove_leftovers`` deletes, whatever their age:
 
@@ -30,7 +30,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from model.layout import (
+from core.layout import (
     DATASET_FILE,
     INCOMING_PREFIX,
     OWNER_LOCK_SUFFIX,
@@ -41,10 +41,10 @@ from model.layout import (
     process_owner,
     temp_owner,
 )
-from worker.store import REDIS_ERRORS, Store
+from core.store import REDIS_ERRORS, Store
 
 if TYPE_CHECKING:
-    from worker.storage import Storage
+    from core.storage import Storage
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ exclusively without waiting, so an entry in use (a dataset a run trains on) is n
 under its user, and removes the lock file with the entry. The first user of a missing entry
 fills it under a ``.fill`` lock of its own, so that two processes never download the same
 object twice, and nobody waits for an entry in use. Entries are built beside their place under
-names ``worker.leftovers`` knows (``.incoming-<owner>-...``), then renamed into place: a reader
+names ``core.leftovers`` knows (``.incoming-<owner>-...``), then renamed into place: a reader
 never sees half of one, and what a dead process left is removed at the next start.
 """
 
@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from model.layout import incoming_name
+from core.layout import incoming_name
 
 log = logging.getLogger(__name__)
 

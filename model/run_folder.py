@@ -1,22 +1,65 @@
-"""Replacing files whole: a crash leaves the old file or the new one, never half of one.
+"""A training run's folder as ``fit`` writes it: the names of its files, and replacing files whole
+(a crash leaves the old file or the new one, never half of one).
 
-A new file is written to a temporary file beside its target (named by ``model.layout``),
+A new file is written to a temporary file beside its target (``.<name>.<owner>.<random>.tmp``),
 flushed and fsynced, then renamed over the target, and the folder is fsynced so the rename
-itself survives a power cut. ``RunFolder`` is a training run's folder as ``fit`` sees it:
-every file ``fit`` writes goes through ``RunFolder.replace``, so the service can decide, at
-the moment of the rename, whether this run may still write there (``worker.lease``).
+itself survives a power cut. ``<owner>`` names the process that wrote the temporary file
+(``process_owner``), so that the service can tell the leftovers of a dead writer from files still
+being written (``core.leftovers``). ``RunFolder`` is a training run's folder as ``fit`` sees it:
+every file ``fit`` writes goes through ``RunFolder.replace``, so the service can decide, at the
+moment of the rename, whether this run may still write there (``core.lease``).
+
+The service's whole data folder and bucket layout, of which a run folder is a part, is ``core.layout``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-from .layout import TEMP_SUFFIX, temp_prefix, trash_name
+# A training run's folder: written by ``model.training.fit``.
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+LAST_CHECKPOINT = "last.pt"
+BEST_CHECKPOINT = "best.pt"
+LOSS_PLOT = "losses.png"
+
+# Work in progress, and work being thrown away.
+TEMP_SUFFIX = ".tmp"
+TRASH_PREFIX = ".trash-"
+
+_owner = {"pid": -1, "token": ""}
+
+
+def process_owner() -> str:
+    """This process's owner token (hex, no dots or dashes): a fresh one in each process, forks included."""
+    if _owner["pid"] != os.getpid():
+        _owner.update(pid=os.getpid(), token=secrets.token_hex(8))
+    return _owner["token"]
+
+
+def temp_prefix(target_name: str) -> str:
+    """The prefix of a temporary file that will replace ``target_name``; a random part and ``TEMP_SUFFIX`` follow."""
+    return f".{target_name}.{process_owner()}."
+
+
+def temp_owner(name: str) -> str | None:
+    """The owner token in a temporary file's name (``.<target>.<owner>.<random>.tmp``), or None if it has none."""
+    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
+        return None
+    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
+    return parts[1] if len(parts) == 3 and parts[1] else None
+
+
+def trash_name(record_id: str) -> str:
+    """A fresh name to rename a folder to before deleting it, so a half-deleted folder is never read."""
+    return f"{TRASH_PREFIX}{record_id}-{secrets.token_hex(3)}"
+
 
 Writer = Callable[[IO[bytes]], None]
 
@@ -60,7 +103,7 @@ def atomic_write(path: Path, write: Writer) -> None:
 
 
 def remove_aside(folder: Path) -> None:
-    """Delete ``folder`` (if it exists): renamed aside first (``layout.trash_name``), so a half-deleted
+    """Delete ``folder`` (if it exists): renamed aside first (``trash_name``), so a half-deleted
     folder is never read and a writer still at work finds it gone; a crash leaves the trash, which the
     next start removes."""
     folder = Path(folder)

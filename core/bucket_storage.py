@@ -1,6 +1,6 @@
 """Datasets and runs in an S3-compatible bucket; the data folder keeps a bounded cache.
 
-The objects (names in ``model.layout``): a dataset is its zipped folder and then its record;
+The objects (names in ``core.layout``): a dataset is its zipped folder and then its record;
 a run is its ``job.json``, its ``manifest.json`` and the file versions the manifest names.
 A worker needs only Redis and the bucket: it copies a dataset into its cache on first use,
 and a run it takes over into a working copy, so a job resumes on any machine.
@@ -36,7 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from model.layout import (
+from core.cache import LocalCache
+from core.layout import (
     DATASET_ARCHIVE,
     DATASET_FILE,
     DATASETS_DIR,
@@ -51,13 +52,12 @@ from model.layout import (
     run_key,
     run_version_key,
 )
-from model.storage import RunFolder, commit_temp, write_temp
-from worker.bucket import Bucket, BucketError, Conflict, Location
-from worker.cache import LocalCache
-from worker.lease import Lease, LeaseLost, LostReason
-from worker.records import DatasetRecord, JobRecord
-from worker.run_files import RunFolderBusy, parse_history
-from worker.storage import StorageUnavailable
+from core.lease import Lease, LeaseLost, LostReason
+from core.records import DatasetRecord, JobRecord
+from core.run_files import RunFolderBusy, parse_history
+from core.s3 import Bucket, BucketError, Conflict, Location
+from core.storage import StorageUnavailable
+from model.run_folder import RunFolder, commit_temp, write_temp
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class BucketRunFolder(RunFolder):
     ``commit`` uploads a new file version and names it in the manifest (a conditional put).
     ``path`` is the working copy, which ``fit`` reads (its resume checkpoint): a folder of this
     run's own, named like an import in progress, so that what a dead worker left is removed at
-    the next start (``worker.leftovers``), and two runs of the job on one machine never share one.
+    the next start (``core.leftovers``), and two runs of the job on one machine never share one.
     """
 
     def __init__(self, storage: BucketStorage, job_id: str, lease: Lease):

@@ -2,7 +2,7 @@
 
 - **Acquire.** A run takes the job's lease (``p:job:<id>:lease``: its token, with a
   ``SSD_LEASE_SECONDS`` expiry) with ``SET NX`` before it starts the job.
-- **Renew.** The run's monitor thread (``worker.training.JobMonitor``) pushes the expiry out
+- **Renew.** The run's monitor thread (``worker.lease_monitor.JobMonitor``) pushes the expiry out
   every third of the TTL. A lease that lapsed while Redis was away (or lost its last renewal)
   is taken back if nobody else took it and the job still names this run's token.
 - **Fence.** A run trusts its lease only until ``TRUST_FRACTION`` of the TTL after the last
@@ -11,7 +11,7 @@
   writes nothing more. Its Redis writes (progress, epoch records, the job's end) are scripts
   that check its token against the lease atomically. Its files are fenced too: a run that
   takes a job writes its token to the run folder's ``.fence`` under the folder's lock
-  (``worker.run_files.run_lock``) before it reads anything there, and each file it writes
+  (``core.run_files.run_lock``) before it reads anything there, and each file it writes
   is renamed into place under that lock only while ``.fence`` names it and it still trusts
   its lease. A run that was frozen (SIGSTOP, swap) or cut off from Redis past its lease can
   therefore not overwrite the files of the run that took the job over: the newer run's
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import redis
 
-from model.layout import FENCE_FILE
-from model.storage import RunFolder, Writer, atomic_write, commit_temp
-from worker.run_files import LOCK_TIMEOUT_SECONDS, run_lock
-from worker.scripts import register
+from core.layout import FENCE_FILE
+from core.lua_scripts import register
+from core.run_files import LOCK_TIMEOUT_SECONDS, run_lock
+from model.run_folder import RunFolder, Writer, atomic_write, commit_temp
 
 log = logging.getLogger(__name__)
 

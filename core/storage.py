@@ -1,7 +1,7 @@
 """Where datasets and runs are kept: the data folder (``FolderStorage``), or an S3-compatible
-bucket with the data folder as a bounded cache (``worker.bucket_storage.BucketStorage``).
+bucket with the data folder as a bounded cache (``core.bucket_storage.BucketStorage``).
 
-``SSD_STORAGE_URL`` picks one (``Settings.storage``). Every process reads and writes
+``SSD_STORAGE_URL`` picks one (``core.settings.open_storage``). Every process reads and writes
 datasets, run folders and job records through this interface only, so the rest of the
 service never asks which it is. In the data folder, the API and every worker must share
 one file system; with a bucket, each needs only the bucket and Redis.
@@ -12,15 +12,14 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
-from model.layout import DATASET_FILE, JOB_FILE, DataLayout
-from model.storage import RunFolder, remove_aside
-from worker.lease import FencedRunFolder, Lease
-from worker.records import DatasetRecord, JobRecord
-from worker.run_files import keep_job_file, read_history, read_job_file, read_record, remove_run, save_job_file
+from core.layout import DATASET_FILE, JOB_FILE, DataLayout
+from core.lease import FencedRunFolder, Lease
+from core.records import DatasetRecord, JobRecord
+from core.run_files import keep_job_file, read_history, read_job_file, read_record, remove_run, save_job_file
+from model.run_folder import RunFolder, remove_aside
 
 
 class StorageUnavailable(OSError):
@@ -85,7 +84,7 @@ class FolderStorage:
     def place_dataset(self, dataset_id: str, folder: Path) -> None:
         """Move the published ``folder`` into place, once the dataset's record is in Redis: until then
         it keeps the import's name, so what an import that died leaves is settled at the next start
-        (``worker.leftovers.settle_imports``)."""
+        (``core.leftovers.settle_imports``)."""
         os.rename(folder, self.layout.dataset_dir(dataset_id))
 
     def dataset_files(self, record: DatasetRecord) -> AbstractContextManager[Path]:
@@ -93,7 +92,7 @@ class FolderStorage:
         return nullcontext(self.layout.dataset_dir(record.id) / record.root)
 
     def remove_dataset(self, dataset_id: str) -> None:
-        """Delete a dataset's files (``model.storage.remove_aside``: a half-deleted folder is never read)."""
+        """Delete a dataset's files (``model.run_folder.remove_aside``: a half-deleted folder is never read)."""
         remove_aside(self.layout.dataset_dir(dataset_id))
 
     def saved_datasets(self) -> Iterator[DatasetRecord]:
@@ -168,14 +167,3 @@ def _ids_with(root: Path, name: str) -> list[str]:
     if not root.is_dir():
         return []
     return sorted(p.name for p in root.iterdir() if not p.name.startswith(".") and (p / name).is_file())
-
-
-@lru_cache(maxsize=8)
-def open_storage(url: str | None, layout: DataLayout, cache_bytes: int) -> Storage:
-    """The storage ``SSD_STORAGE_URL`` names: None is the data folder; ``s3://bucket/prefix`` a bucket.
-    One per process for the same arguments (a bucket's client is made once)."""
-    if not url:
-        return FolderStorage(layout)
-    from worker.bucket_storage import BucketStorage
-
-    return BucketStorage(url, layout, cache_bytes)

@@ -1,4 +1,4 @@
-"""Every name the project gives a file or folder on disk, in one place.
+"""Every name the service gives a file or folder on disk or an object in a bucket, in one place.
 
 The data folder (``SSD_DATA_DIR``) of the service::
 
@@ -13,7 +13,7 @@ The data folder (``SSD_DATA_DIR``) of the service::
     runs/<job id>/.fence                    the lease token of the one attempt that may write it
     runs/.trash-<job id>-<random>/          a run being deleted
     owners/<owner>.lock                     locked (flock) by each live service process
-    cache/<hash>                            with a bucket: a local copy of an object or dataset (``worker.cache``)
+    cache/<hash>                            with a bucket: a local copy of an object or dataset (``core.cache``)
     weights/<torchvision's file name>       pretrained weights (``SSD_WEIGHTS_DIR`` may put them elsewhere)
     weights/.<file name>.lock               locked (flock) by whoever downloads or installs that file
 
@@ -30,25 +30,72 @@ The data folder then holds only the cache, the working copies of the runs traini
 machine (``runs/<job id>/``) and the imports being built.
 
 A file is replaced by writing ``.<name>.<owner>.<random>.tmp`` beside it and renaming that
-over it (``model.storage``). ``<owner>`` names the process that wrote the temporary file
+over it (``model.run_folder``). ``<owner>`` names the process that wrote the temporary file
 (``process_owner``), so that the next start of a service process can tell the leftovers of
 a dead writer (whose ``owners/<owner>.lock`` nobody holds) from files still being written.
 """
 
 from __future__ import annotations
 
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-# A training run's folder: written by ``model.training.fit``.
-CONFIG_FILE = "config.json"
-METRICS_FILE = "metrics.jsonl"
-LAST_CHECKPOINT = "last.pt"
-BEST_CHECKPOINT = "best.pt"
-LOSS_PLOT = "losses.png"
-# ...and by the service around it.
+# The names of a run folder's own files, and of temporary and trashed files, are model.run_folder's (fit
+# writes them); the service's names are given here beside them.
+from model.run_folder import (
+    BEST_CHECKPOINT,
+    CONFIG_FILE,
+    LAST_CHECKPOINT,
+    LOSS_PLOT,
+    METRICS_FILE,
+    TEMP_SUFFIX,
+    TRASH_PREFIX,
+    process_owner,
+    temp_owner,
+    temp_prefix,
+    trash_name,
+)
+
+__all__ = [
+    "BEST_CHECKPOINT",
+    "CACHE_DIR",
+    "CONFIG_FILE",
+    "DATASETS_DIR",
+    "DATASET_ARCHIVE",
+    "DATASET_FILE",
+    "DATASET_FILES_DIR",
+    "FENCE_FILE",
+    "INCOMING_PREFIX",
+    "JOB_FILE",
+    "LAST_CHECKPOINT",
+    "LOSS_PLOT",
+    "METRICS_FILE",
+    "ONNX_MODEL",
+    "OWNERS_DIR",
+    "OWNER_LOCK_SUFFIX",
+    "RUNS_DIR",
+    "RUN_LOCK_FILE",
+    "RUN_MANIFEST",
+    "RUN_OBJECTS_DIR",
+    "TEMP_SUFFIX",
+    "TRASH_PREFIX",
+    "WEIGHTS_DIR",
+    "DataLayout",
+    "dataset_key",
+    "incoming_name",
+    "incoming_owner",
+    "process_owner",
+    "run_key",
+    "run_version_key",
+    "temp_owner",
+    "temp_prefix",
+    "trash_name",
+    "weights_key",
+    "weights_lock_name",
+]
+
+# A run folder's files written by the service around ``fit``.
 JOB_FILE = "job.json"
 RUN_LOCK_FILE = ".lock"
 FENCE_FILE = ".fence"
@@ -71,33 +118,9 @@ OWNERS_DIR = "owners"
 CACHE_DIR = "cache"
 WEIGHTS_DIR = "weights"
 
-# Work in progress, and work being thrown away.
-TEMP_SUFFIX = ".tmp"
+# Work in progress of an import, and the lock each live process holds.
 INCOMING_PREFIX = ".incoming-"
-TRASH_PREFIX = ".trash-"
 OWNER_LOCK_SUFFIX = ".lock"
-
-_owner = {"pid": -1, "token": ""}
-
-
-def process_owner() -> str:
-    """This process's owner token (hex, no dots or dashes): a fresh one in each process, forks included."""
-    if _owner["pid"] != os.getpid():
-        _owner.update(pid=os.getpid(), token=secrets.token_hex(8))
-    return _owner["token"]
-
-
-def temp_prefix(target_name: str) -> str:
-    """The prefix of a temporary file that will replace ``target_name``; a random part and ``TEMP_SUFFIX`` follow."""
-    return f".{target_name}.{process_owner()}."
-
-
-def temp_owner(name: str) -> str | None:
-    """The owner token in a temporary file's name (``.<target>.<owner>.<random>.tmp``), or None if it has none."""
-    if not (name.startswith(".") and name.endswith(TEMP_SUFFIX)):
-        return None
-    parts = name[: -len(TEMP_SUFFIX)].rsplit(".", 2)
-    return parts[1] if len(parts) == 3 and parts[1] else None
 
 
 def incoming_name(record_id: str) -> str:
@@ -111,11 +134,6 @@ def incoming_owner(name: str) -> str | None:
         return None
     owner, dash, _ = name[len(INCOMING_PREFIX) :].partition("-")
     return owner if dash and owner else None
-
-
-def trash_name(record_id: str) -> str:
-    """A fresh name to rename a folder to before deleting it, so a half-deleted folder is never read."""
-    return f"{TRASH_PREFIX}{record_id}-{secrets.token_hex(3)}"
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,22 @@
 """The service's one settings class, read from ``SSD_*`` environment variables.
 
 Read once per process (the API's ``create_app``, the Celery app module) and passed down.
-It lives in ``worker/`` because both layers need it and imports point down: ``app/``
-imports ``worker/``, never the reverse.
+``open_storage`` turns ``SSD_STORAGE_URL`` into the storage every process uses.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from model.layout import DataLayout
-from worker.bucket import URL_PATTERN
-
-if TYPE_CHECKING:
-    from worker.storage import Storage
+from core.bucket_storage import BucketStorage
+from core.layout import DataLayout
+from core.s3 import URL_PATTERN
+from core.storage import FolderStorage, Storage
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
@@ -71,7 +70,7 @@ class Settings(BaseSettings):
     )
     key_prefix: str = Field("ssd", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every Redis key.")
 
-    # Pretrained weights (``worker.weights``).
+    # Pretrained weights (``core.weights``).
     weights_dir: Path | None = Field(
         None,
         description=(
@@ -338,9 +337,7 @@ class Settings(BaseSettings):
 
     @property
     def storage(self) -> Storage:
-        """Where datasets and runs are kept (``worker.storage``): the data folder, or SSD_STORAGE_URL's bucket."""
-        from worker.storage import open_storage  # it imports the worker's modules, which import this one
-
+        """Where datasets and runs are kept (``core.storage``): the data folder, or SSD_STORAGE_URL's bucket."""
         return open_storage(self.storage_url, self.layout, self.cache_bytes)
 
     @property
@@ -355,6 +352,15 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.layout.runs_dir
+
+
+@lru_cache(maxsize=8)
+def open_storage(url: str | None, layout: DataLayout, cache_bytes: int) -> Storage:
+    """The storage ``SSD_STORAGE_URL`` names: None is the data folder; ``s3://bucket/prefix`` a bucket.
+    One per process for the same arguments (a bucket's client is made once)."""
+    if not url:
+        return FolderStorage(layout)
+    return BucketStorage(url, layout, cache_bytes)
 
 
 def settings_table() -> str:

@@ -9,7 +9,7 @@ allows it are one step for every other writer:
 
 - ``job.json`` only moves forward: it is replaced only by a record of a higher ``revision``
   (every change in Redis counts one), whatever order the writers arrive in;
-- a run's files are committed only while the run's fence holds (``worker.lease``).
+- a run's files are committed only while the run's fence holds (``core.lease``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from model.layout import JOB_FILE, METRICS_FILE, RUN_LOCK_FILE, DataLayout
-from model.storage import atomic_write, remove_aside
-from worker.records import JobRecord
+from core.layout import JOB_FILE, METRICS_FILE, RUN_LOCK_FILE, DataLayout
+from core.records import JobRecord
+from model.run_folder import atomic_write, remove_aside
 
 log = logging.getLogger(__name__)
 
@@ -135,5 +135,5 @@ def parse_history(text: str) -> list[dict[str, Any]]:
 
 
 def remove_run(layout: DataLayout, job_id: str) -> None:
-    """Delete a job's run folder (``model.storage.remove_aside``: a run still writing it finds it gone)."""
+    """Delete a job's run folder (``model.run_folder.remove_aside``: a run still writing it finds it gone)."""
     remove_aside(layout.run_dir(job_id))

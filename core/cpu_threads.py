@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from worker.settings import Settings
+from core.settings import Settings
 
 
 def host_cores() -> int:

