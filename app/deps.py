@@ -12,10 +12,10 @@ import redis.asyncio
 from celery import Celery
 from fastapi import Depends, HTTPException, Request
 
-from app.dataset_import import ImportSlots
 from app.event_streams import EventStreams
 from app.inference import DetectionService
 from app.metrics import Metrics
+from app.uploads import ImportSlots
 from core.records import DatasetRecord, JobRecord
 from core.settings import Settings
 from core.store import Store, is_id

@@ -15,7 +15,6 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from starlette.concurrency import run_in_threadpool
 
 from app import openapi
-from app.dataset_import import ImportAdmission, ImportSlots
 from app.event_streams import EventStreams
 from app.inference import DetectionService, detects_on_gpu, load_detector
 from app.limits import BodyLimitMiddleware
@@ -29,6 +28,7 @@ from app.security import (
     require_api_key,
     require_api_key_or_query,
 )
+from app.uploads import ImportAdmission, ImportSlots
 from core.cpu_threads import api_threads, use_threads
 from core.dispatch import make_celery
 from core.leftovers import start_sweep

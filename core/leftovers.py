@@ -13,7 +13,7 @@ a lock when its process dies, however it dies, so at the next start of any servi
 - the lock files of dead owners.
 
 An import folder that holds its ``dataset.json`` had reached publishing: its archive may be
-in the bucket, its record in Redis (``app.dataset_import._commit``). ``settle_imports`` finishes
+in the bucket, its record in Redis (``core.dataset_import._commit``). ``settle_imports`` finishes
 such an import if Redis has its record (the folder goes into place), and removes it with
 whatever reached the storage otherwise.
 

@@ -7,16 +7,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, File, Form, HTTPException, Request, Response, UploadFile
 
-from app.dataset_import import (
-    DatasetImportError,
-    ImportPermit,
-    ImportSlots,
-    create_synthetic,
-    import_archive,
-)
 from app.deps import DatasetId, ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
 from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
+from app.uploads import ImportPermit, ImportSlots
+from core.dataset_import import DatasetImportError, create_synthetic, import_archive
 from core.records import DatasetRecord
 from core.storage import StorageUnavailable
 
@@ -31,7 +26,7 @@ _ERRORS = {
 
 
 def _permit(request: Request) -> ImportPermit:
-    """The import slot ``app.dataset_import.ImportAdmission`` reserved for this request."""
+    """The import slot ``app.uploads.ImportAdmission`` reserved for this request."""
     return request.state.import_permit
 
 
@@ -44,7 +39,7 @@ async def _import(imports: ImportSlots, permit: ImportPermit, function, *args) -
         record: DatasetRecord = await asyncio.shield(asyncio.ensure_future(imports.run(permit, function, *args)))
         return record.public()
     except DatasetImportError as error:
-        raise HTTPException(error.status_code, str(error)) from error
+        raise HTTPException(413 if error.too_large else 400, str(error)) from error
     except StorageUnavailable as error:
         raise HTTPException(503, str(error)) from error
 

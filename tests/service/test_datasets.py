@@ -261,7 +261,7 @@ def test_imports_run_on_their_own_bounded_pool():
     import asyncio
     import threading
 
-    from app.dataset_import import ImportsBusy, ImportSlots
+    from app.uploads import ImportsBusy, ImportSlots
 
     release = threading.Event()
 
