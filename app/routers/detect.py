@@ -5,10 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from functools import partial
-from pathlib import Path
+from contextlib import contextmanager
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, File, Header, HTTPException, Query, Response, UploadFile
@@ -16,25 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from PIL import Image
 from starlette.concurrency import run_in_threadpool
 
-from app.deps import DetectorDep, SettingsDep, StoreDep, job_or_404
+from app.deps import DetectorDep, SettingsDep, StoreDep
 from app.inference import (
     ACCEPTED_FORMATS,
-    CheckpointMissing,
-    CheckpointSource,
     Detections,
     DetectionsBusy,
     DetectionService,
-    DeviceUnavailable,
     ImageRejected,
 )
+from app.model_choice import ModelChoice, choose_model, model_load_errors
 from app.schemas import PNG_CONTENT, DetectBatchResponse, DetectResponse
 from app.timing import ServerTiming
 from core.settings import Settings
-from core.storage import Storage
-from core.store import Store
-from core.weights import WeightsFolder
-from model.initialisation import WeightsUnavailable
-from model.pretrained import COCO_WEIGHTS
 
 router = APIRouter(tags=["detection"])
 
@@ -71,77 +61,6 @@ def wants_png(accept: str | None) -> bool:
         return 0.0
 
     return quality("image/png") > quality("application/json")
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The model that answers a request: its cache key, its job (None for COCO's), and its weights."""
-
-    key: str
-    job_id: str | None
-    checkpoint: CheckpointSource
-
-    @property
-    def name(self) -> str:
-        """``job:<id>`` or ``coco``, as answers name it."""
-        return f"job:{self.job_id}" if self.job_id else self.key
-
-    @property
-    def described(self) -> str:
-        return f"job {self.job_id}'s model" if self.job_id else "the COCO model"
-
-
-def choose_model(store: Store, settings: Settings, job_id: str | None, model: str | None) -> ModelChoice:
-    """The model a request asks for: ``model`` (coco), else ``job_id``'s, else the newest succeeded job's.
-
-    Raises:
-        HTTPException: 404 unknown job or COCO weights missing, 409 no trained model, 422 both asked for.
-    """
-    if model is None:
-        job_id, checkpoint = resolve_model(store, settings, job_id)
-        return ModelChoice(job_id, job_id, checkpoint)
-    if job_id is not None:
-        message = "ask for a job_id or a model, not both"
-        raise RequestValidationError(
-            [{"type": "value_error", "loc": ("query", "model"), "msg": message, "input": model}]
-        )
-    folder = WeightsFolder.from_settings(settings)
-    try:
-        path = folder.present(COCO_WEIGHTS)
-    except WeightsUnavailable as error:  # the bucket's copy is not the file its name says
-        raise HTTPException(503, f"the COCO model's weights cannot be had: {error}") from error
-    if path is None:
-        raise HTTPException(
-            404,
-            f"the COCO model's weights ({COCO_WEIGHTS.file_name}) are not in {folder.folder}: "
-            "run `ssd-service weights fetch coco` (or `ssd-service weights import FILE`) first",
-        )
-    return ModelChoice(model, None, partial(nullcontext, path))
-
-
-def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, CheckpointSource]:
-    """The job whose model answers, and its checkpoint: ``job_id``'s, or the newest succeeded job's.
-
-    Raises:
-        HTTPException: 404 for an unknown job, 409 when there is no trained model to use.
-    """
-    if job_id is None:
-        job_id = store.newest_succeeded_job()
-        if job_id is None:
-            raise HTTPException(409, "no trained model yet: start a job with POST /train and wait until it succeeds")
-    job = job_or_404(store, job_id)
-    if not job.model_ready:
-        raise HTTPException(409, f"job {job_id} is {job.status} and has no trained model to detect with")
-    return job_id, partial(open_checkpoint, settings.storage, job_id, Path(job.checkpoint).name)
-
-
-@contextmanager
-def open_checkpoint(storage: Storage, job_id: str, name: str) -> Iterator[Path]:
-    """The job's checkpoint ``name`` for a ``with`` block (CheckpointMissing if its run has none)."""
-    with storage.run_file(job_id, name) as path:
-        if path is None:
-            raise CheckpointMissing(f"job {job_id}'s checkpoint {name} is missing from its run folder")
-        yield path
 
 
 _ERRORS = {
@@ -321,20 +240,6 @@ async def _detect(
         # gives back its places (the micro-batcher skips what is cancelled).
         for task in tasks:
             task.cancel()
-
-
-@contextmanager
-def model_load_errors(model: str) -> Iterator[None]:
-    """A model (``"job <id>'s model"``...) that cannot be loaded, as an HTTP answer: 503 (its device is
-    not here), 409 (its checkpoint is gone) or 500 (the checkpoint is truncated or foreign)."""
-    try:
-        yield
-    except DeviceUnavailable as error:
-        raise HTTPException(503, f"{model} cannot be loaded here: {error}") from error
-    except CheckpointMissing as error:
-        raise HTTPException(409, str(error)) from error
-    except ValueError as error:  # CheckpointError
-        raise HTTPException(500, f"{model} cannot be loaded: {error}") from error
 
 
 def _timed(timing: ServerTiming) -> dict[str, str]:

@@ -20,7 +20,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.deps import DetectorDep, JobId, SettingsDep, StoreDep, dataset_or_404
 from app.inference import DetectionService
-from app.routers.detect import model_load_errors, resolve_model
+from app.model_choice import model_load_errors, resolve_model
 from app.schemas import UNREADABLE_BODY, EvaluateRequest, EvaluateResponse
 from core.records import DatasetRecord
 from core.settings import Settings

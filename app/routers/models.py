@@ -12,6 +12,8 @@ from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from app.deps import JobId, SettingsDep, StoreDep, job_or_404
+from app.inference import CheckpointMissing
+from app.model_choice import checkpoint_name, open_checkpoint
 from core.layout import ONNX_MODEL
 from core.records import SUCCEEDED
 from core.settings import Settings
@@ -45,10 +47,10 @@ def onnx_file(store: Store, settings: Settings, job_id: str, held: ExitStack) ->
         require_onnx()
     except OnnxUnavailable as error:
         raise HTTPException(501, f"this server cannot export ONNX models: {error}") from error
-    name = Path(job.checkpoint).name
-    checkpoint = held.enter_context(settings.storage.run_file(job_id, name))
-    if checkpoint is None:
-        raise HTTPException(409, f"job {job_id}'s checkpoint {name} is missing from its run folder")
+    try:
+        checkpoint = held.enter_context(open_checkpoint(settings.storage, job_id, checkpoint_name(job)))
+    except CheckpointMissing as error:
+        raise HTTPException(409, str(error)) from error
     with _exporting:
         try:
             # Never creates the run folder: a deleted job stays deleted. With a bucket, the export is
