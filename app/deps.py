@@ -14,7 +14,7 @@ from fastapi import Depends, HTTPException, Request
 
 from app.event_streams import EventStreams
 from app.inference import DetectionService
-from app.metrics import Metrics
+from app.prometheus import Metrics
 from app.uploads import ImportSlots
 from core.records import DatasetRecord, JobRecord
 from core.settings import Settings

@@ -3,8 +3,8 @@
 Forward passes never run on the event loop: they run in a thread pool (``inference_threads``
 threads, 1 by default since one forward already uses every core) behind a micro-batcher
 that gathers the requests for the same model that arrive while its forward pass runs (and,
-with ``batch_max_wait_ms`` above 0, waits that long for more before an idle model runs) and
-answers up to ``batch_max_size`` of them from one batched forward. Each
+with ``detect_batch_wait_ms`` above 0, waits that long for more before an idle model runs) and
+answers up to ``detect_batch_size`` of them from one batched forward. Each
 model has one lane that runs one batch at a time, so more threads only let different
 models' batches run at once.
 

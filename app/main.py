@@ -18,8 +18,8 @@ from app import openapi
 from app.event_streams import EventStreams
 from app.inference import DetectionService, detects_on_gpu, load_detector
 from app.limits import BodyLimitMiddleware
-from app.metrics import Metrics, MetricsMiddleware
-from app.routers import datasets, detect, evaluation, jobs, models, ops, web, weights
+from app.prometheus import Metrics, MetricsMiddleware
+from app.routers import datasets, detect, evaluation, exports, jobs, ops, web, weights
 from app.security import (
     KeysBeforeBodies,
     LocalOnlyMiddleware,
@@ -72,8 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         load=partial(load_detector, device=settings.device, cpu_precision=settings.cpu_precision),
         cache_size=settings.detector_cache_size,
         threads=settings.inference_threads,
-        max_batch=settings.detect_batch_size(on_gpu),
-        max_wait_ms=settings.batch_max_wait_ms,
+        max_batch=settings.detect_batch_size_for(on_gpu),
+        max_wait_ms=settings.detect_batch_wait_ms,
         max_pending=settings.pending_detections(on_gpu),
         image_threads=settings.detect_image_threads(on_gpu),
         on_batch=metrics.detect_batch_size.observe,
@@ -126,7 +126,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     routers = (
         datasets.router,
         jobs.router,
-        models.router,
+        exports.router,
         detect.router,
         evaluation.router,
         ops.router,
@@ -143,7 +143,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits={
             ("POST", "/datasets"): settings.max_upload_bytes,
             ("POST", "/detect"): settings.max_image_bytes,
-            ("POST", "/detect/batch"): settings.max_batch_bytes,
+            ("POST", "/detect/batch"): settings.max_batch_request_bytes,
         },
         default=settings.max_body_bytes,
     )

@@ -163,7 +163,7 @@ def own_service(device: str, batch_max_size: int | None, width_multiplier: float
     data_dir = Path(folder.name)
     redis_url, redis_process = start_redis(data_dir / "redis")
     job_id = write_job(Store.from_url(redis_url, "bench"), DataLayout(data_dir).runs_dir, width_multiplier)
-    batching = {"SSD_BATCH_MAX_SIZE": str(batch_max_size)} if batch_max_size else {}
+    batching = {"SSD_DETECT_BATCH_SIZE": str(batch_max_size)} if batch_max_size else {}
     api, url = start_api(redis_url, data_dir, SSD_DEVICE=device, SSD_KEY_PREFIX="bench", **batching)
 
     def stop_all() -> None:
@@ -179,7 +179,7 @@ def main() -> None:
     parser.add_argument("--url", help="a running API (else one is started here with its own Redis and job)")
     parser.add_argument("--job-id", help="with --url: the succeeded job whose model answers")
     parser.add_argument("--device", default="cpu", help="without --url: SSD_DEVICE of the API started here")
-    parser.add_argument("--batch-max-size", type=int, help="without --url: SSD_BATCH_MAX_SIZE (else its default)")
+    parser.add_argument("--batch-max-size", type=int, help="without --url: SSD_DETECT_BATCH_SIZE (else its default)")
     parser.add_argument(
         "--width-multiplier",
         type=float,

@@ -195,8 +195,8 @@ def main() -> None:
             concurrent: list[tuple[str, int, float, list[float]]] = []
             for label, max_batch in (("off (max 1)", 1), ("on (max 8, no wait)", 8)):
                 batching = {
-                    "SSD_BATCH_MAX_SIZE": str(max_batch),
-                    "SSD_BATCH_MAX_WAIT_MS": "0",
+                    "SSD_DETECT_BATCH_SIZE": str(max_batch),
+                    "SSD_DETECT_BATCH_WAIT_MS": "0",
                     # Every client admitted: this measures queueing, not the admission limit's 503s.
                     "SSD_MAX_PENDING_DETECTIONS": str(max(levels)),
                 }

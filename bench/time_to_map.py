@@ -43,8 +43,8 @@ from torchvision.transforms import v2
 
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
+from model.data.annotations import DetectionData
 from model.data.dataset import load_annotated, split_train_val
-from model.data.records import DetectionData
 from model.device import amp_dtype, autocast, memory_format, resolve_device
 from model.metrics import MeanAP
 from model.training import Callbacks, WarmupSchedule, build_model, build_training_run, fit, train_step

@@ -6,12 +6,15 @@ Read once per process (the API's ``create_app``, the Celery app module) and pass
 
 from __future__ import annotations
 
+import os
+import warnings
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from core.bucket_storage import BucketStorage
 from core.layout import DataLayout
@@ -20,11 +23,20 @@ from core.storage import FolderStorage, Storage
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
-CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_BATCH_MAX_SIZE unset)
+CPU_DETECT_BATCH, GPU_DETECT_BATCH = 8, 64  # /detect's default batch sizes (SSD_DETECT_BATCH_SIZE unset)
 CPU_IMAGE_THREADS, GPU_IMAGE_THREADS = 2, 8  # /detect's default decoding threads (SSD_IMAGE_THREADS unset)
 # Each pending /detect holds its decoded image: 128 photos of 640x480 are 118 MB, of 12 MP 4.6 GB.
 # Two GPU batches: one runs while the next gathers.
 MAX_DEFAULT_PENDING_DETECTIONS = 128
+
+# Variables renamed so that a forward pass's batch and a request's images cannot be taken for each other.
+# The old names are read for one more release, with a FutureWarning (``RenamedVariables``).
+RENAMED_VARIABLES = {
+    "SSD_BATCH_MAX_SIZE": "SSD_DETECT_BATCH_SIZE",
+    "SSD_BATCH_MAX_WAIT_MS": "SSD_DETECT_BATCH_WAIT_MS",
+    "SSD_MAX_BATCH_IMAGES": "SSD_MAX_IMAGES_PER_REQUEST",
+    "SSD_MAX_BATCH_BYTES": "SSD_MAX_BATCH_REQUEST_BYTES",
+}
 
 
 class Settings(BaseSettings):
@@ -186,7 +198,7 @@ class Settings(BaseSettings):
             "Most /detect requests admitted and not yet answered (decoding, waiting for the model or a batch, "
             "running); more answer 503 with Retry-After before their image is decoded. It bounds the memory their "
             "images hold (each up to SSD_MAX_IMAGE_PIXELS x 3 bytes decoded). Unset: four batches "
-            "(SSD_BATCH_MAX_SIZE), which lets one batch run while the next ones gather (a request past that would "
+            "(SSD_DETECT_BATCH_SIZE), which lets one batch run while the next ones gather (a request past that would "
             "wait several forward passes anyway), and at most 128."
         ),
     )
@@ -200,7 +212,7 @@ class Settings(BaseSettings):
             "passes without taking their cores), 8 on a GPU (where decoding on the CPU is the longer part)."
         ),
     )
-    max_batch_images: int = Field(
+    max_images_per_request: int = Field(
         64,
         ge=1,
         le=500,  # under the multipart parser's 1,000 parts
@@ -209,12 +221,12 @@ class Settings(BaseSettings):
             "SSD_MAX_PENDING_DETECTIONS: each image takes one of those places while it is served."
         ),
     )
-    max_batch_bytes: int = Field(
+    max_batch_request_bytes: int = Field(
         256 * MiB, ge=1024, description="Largest POST /detect/batch body, all its images together (413 above)."
     )
 
     # Inference: the micro-batcher and the detector cache.
-    batch_max_size: int | None = Field(
+    detect_batch_size: int | None = Field(
         None,
         ge=1,
         le=256,
@@ -223,7 +235,7 @@ class Settings(BaseSettings):
             "image already keeps every core busy), 64 on a GPU (a batch costs little more than one image there)."
         ),
     )
-    batch_max_wait_ms: float = Field(
+    detect_batch_wait_ms: float = Field(
         0.0,
         ge=0,
         le=1000,
@@ -292,6 +304,19 @@ class Settings(BaseSettings):
         ),
     )
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The old names of renamed variables come before the environment's own reading of the new ones.
+        renamed = RenamedVariables(settings_cls)
+        return init_settings, renamed, env_settings, dotenv_settings, file_secret_settings
+
     @field_validator("storage_url", "weights_dir", "weights_base_url", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
@@ -310,9 +335,9 @@ class Settings(BaseSettings):
             raise ValueError("SSD_API_KEY: each key (comma-separated) must have at least 16 characters")
         return self
 
-    def detect_batch_size(self, on_gpu: bool) -> int:
-        """SSD_BATCH_MAX_SIZE, or its default for where detection runs."""
-        return self.batch_max_size or (GPU_DETECT_BATCH if on_gpu else CPU_DETECT_BATCH)
+    def detect_batch_size_for(self, on_gpu: bool) -> int:
+        """SSD_DETECT_BATCH_SIZE, or its default for where detection runs."""
+        return self.detect_batch_size or (GPU_DETECT_BATCH if on_gpu else CPU_DETECT_BATCH)
 
     def detect_image_threads(self, on_gpu: bool) -> int:
         """SSD_IMAGE_THREADS, or its default for where detection runs."""
@@ -320,7 +345,9 @@ class Settings(BaseSettings):
 
     def pending_detections(self, on_gpu: bool) -> int:
         """SSD_MAX_PENDING_DETECTIONS, or four batches, at most ``MAX_DEFAULT_PENDING_DETECTIONS``."""
-        return self.max_pending_detections or min(4 * self.detect_batch_size(on_gpu), MAX_DEFAULT_PENDING_DETECTIONS)
+        return self.max_pending_detections or min(
+            4 * self.detect_batch_size_for(on_gpu), MAX_DEFAULT_PENDING_DETECTIONS
+        )
 
     @property
     def api_keys(self) -> tuple[bytes, ...]:
@@ -352,6 +379,29 @@ class Settings(BaseSettings):
     @property
     def runs_dir(self) -> Path:
         return self.layout.runs_dir
+
+
+class RenamedVariables(PydanticBaseSettingsSource):
+    """The value of each renamed variable set under its old name (``RENAMED_VARIABLES``), with a
+    FutureWarning. Where the new name is set too, the new one wins and the old one is only warned about."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # every value comes from __call__
+
+    def __call__(self) -> dict[str, Any]:
+        environment = {name.upper(): value for name, value in os.environ.items()}
+        values: dict[str, Any] = {}
+        for old, new in RENAMED_VARIABLES.items():
+            if old not in environment:
+                continue
+            if new in environment:
+                warnings.warn(f"{old} is ignored: {new}, its new name, is set", FutureWarning, stacklevel=2)
+                continue
+            warnings.warn(
+                f"{old} is renamed {new}; the old name is read until the next release", FutureWarning, stacklevel=2
+            )
+            values[new.removeprefix("SSD_").lower()] = environment[old]
+        return values
 
 
 @lru_cache(maxsize=8)

@@ -136,7 +136,7 @@ async def detect(
 async def detect_batch(
     files: Annotated[
         list[UploadFile],
-        File(min_length=1, description="JPEG, PNG, WebP or BMP images (SSD_MAX_BATCH_IMAGES at most)."),
+        File(min_length=1, description="JPEG, PNG, WebP or BMP images (SSD_MAX_IMAGES_PER_REQUEST at most)."),
     ],
     response: Response,
     store: StoreDep,
@@ -181,9 +181,9 @@ async def detect_batch(
 
 
 def batch_image_limit(settings: Settings, detection: DetectionService) -> int:
-    """The most images one /detect/batch request may send: SSD_MAX_BATCH_IMAGES, and at most half the
+    """The most images one /detect/batch request may send: SSD_MAX_IMAGES_PER_REQUEST, and at most half the
     detections admitted at once, so that a full batch request is admitted beside other traffic."""
-    return max(1, min(settings.max_batch_images, detection.max_pending // 2))
+    return max(1, min(settings.max_images_per_request, detection.max_pending // 2))
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """POST /jobs/{id}/evaluate: a trained job's COCO mAP, overall and per class, on a dataset with its class names.
 
 The evaluation uses /detect's detector (the same cache, so the same loaded model) and runs its
-forward passes on /detect's inference thread, one batch of ``SSD_BATCH_MAX_SIZE`` images at a
+forward passes on /detect's inference thread, one batch of ``SSD_DETECT_BATCH_SIZE`` images at a
 time: /detect's batches queue between them instead of waiting for the whole evaluation. Images
 are read on the thread pool (the next batch while the current one runs), and the COCO scoring at
 the end runs there too.

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from model.data.annotations import AnnotatedImage, DatasetError, DetectionData
 from model.data.images import (
     annotated_frame,
     copy_image,
@@ -26,7 +27,6 @@ from model.data.images import (
     stored_frame_warning,
     wrong_size_problem,
 )
-from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.validate import check_box
 
 _IMAGE_ERRORS = (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError)

@@ -12,8 +12,8 @@ from torch.utils.data import Dataset, Sampler
 from torchvision import tv_tensors
 from torchvision.transforms.v2 import functional as F
 
+from model.data.annotations import AnnotatedImage, DatasetError
 from model.data.images import open_rgb
-from model.data.records import AnnotatedImage, DatasetError
 
 Sample = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 SeededIndex = tuple[int, int]  # (image index, the seed of its augmentation draws)

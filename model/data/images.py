@@ -24,7 +24,7 @@ from pathlib import Path, PurePosixPath
 
 from PIL import Image
 
-from model.data.records import DatasetError
+from model.data.annotations import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 

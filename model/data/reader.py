@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from model.data.annotations import DatasetError, DetectionData
 from model.data.coco import read_coco
-from model.data.records import DatasetError, DetectionData
 from model.data.voc import read_voc
 from model.data.yolo import YAML_NAMES, read_yolo
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from model.data.annotations import AnnotatedImage, DetectionData
 from model.data.coco import write_coco
-from model.data.records import AnnotatedImage, DetectionData
 
 CLASSES = ("circle", "square", "triangle")  # alphabetical, so COCO and VOC readers number them alike
 MAX_OBJECTS = 4

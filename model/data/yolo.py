@@ -22,6 +22,7 @@ import torch
 import yaml
 from PIL import Image
 
+from model.data.annotations import AnnotatedImage, DatasetError, DetectionData
 from model.data.images import (
     IMAGE_SUFFIXES,
     copy_image,
@@ -30,7 +31,6 @@ from model.data.images import (
     read_image_header,
     safe_relative_path,
 )
-from model.data.records import AnnotatedImage, DatasetError, DetectionData
 from model.data.validate import check_box
 
 _IMAGE_ERRORS = (OSError, Image.DecompressionBombWarning, Image.DecompressionBombError)

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ..checkpoint import RunCheckpoint, read_checkpoint
 from ..config import ModelConfig, TrainConfig
-from ..data.records import DetectionData
+from ..data.annotations import DetectionData
 from ..device import Precision
 from ..initialisation import Initialisation, Start, WeightsSource, plan_start, resumed_start
 from ..plots import plot_losses

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..config import ModelConfig, TrainConfig, parse_init
+from ..data.annotations import DetectionData
 from ..data.dataset import DetectionDataset, SeededSampler, collate_detections, split_train_val
-from ..data.records import DetectionData
 from ..data.transforms import eval_transforms, train_transforms
 from ..device import Precision, amp_dtype, memory_format, precision_name, resolve_device
 from ..initialisation import Start

@@ -367,7 +367,7 @@ def capped_api(trained, redis_server, data_dir, log_dir) -> Iterator[str]:
     """An API of its own (the same Redis and models) that admits 2 detections at once; each waits up to
     1 s for a batch to fill, so the first two stay admitted while more arrive."""
     env = service_env(redis_server.url, data_dir)
-    limits = {"SSD_MAX_PENDING_DETECTIONS": "2", "SSD_BATCH_MAX_SIZE": "256", "SSD_BATCH_MAX_WAIT_MS": "1000"}
+    limits = {"SSD_MAX_PENDING_DETECTIONS": "2", "SSD_DETECT_BATCH_SIZE": "256", "SSD_DETECT_BATCH_WAIT_MS": "1000"}
     with api_process(env, log_dir, "capped-api", **limits) as base_url:
         yield base_url
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 from pydantic import ValidationError
@@ -15,22 +16,55 @@ from core.settings import Settings
 def test_settings_come_from_ssd_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("SSD_REDIS_URL", "redis://example:6380/2")
     monkeypatch.setenv("SSD_DATA_DIR", str(tmp_path))
-    monkeypatch.setenv("SSD_BATCH_MAX_SIZE", "16")
+    monkeypatch.setenv("SSD_DETECT_BATCH_SIZE", "16")
     monkeypatch.setenv("SSD_DEVICE", "cpu")
     settings = Settings()
-    assert settings.redis_url == "redis://example:6380/2" and settings.batch_max_size == 16
+    assert settings.redis_url == "redis://example:6380/2" and settings.detect_batch_size == 16
     assert settings.runs_dir == tmp_path / "runs" and settings.datasets_dir == tmp_path / "datasets"
 
 
 def test_detect_batching_defaults_suit_the_device():
     default = Settings(_env_file=None)
-    assert (default.detect_batch_size(on_gpu=False), default.pending_detections(on_gpu=False)) == (8, 32)
-    assert (default.detect_batch_size(on_gpu=True), default.pending_detections(on_gpu=True)) == (64, 128)
-    chosen = Settings(_env_file=None, batch_max_size=16)
-    assert chosen.detect_batch_size(on_gpu=True) == 16 and chosen.pending_detections(on_gpu=True) == 64
+    assert (default.detect_batch_size_for(on_gpu=False), default.pending_detections(on_gpu=False)) == (8, 32)
+    assert (default.detect_batch_size_for(on_gpu=True), default.pending_detections(on_gpu=True)) == (64, 128)
+    chosen = Settings(_env_file=None, detect_batch_size=16)
+    assert chosen.detect_batch_size_for(on_gpu=True) == 16 and chosen.pending_detections(on_gpu=True) == 64
     assert Settings(_env_file=None, max_pending_detections=5).pending_detections(on_gpu=False) == 5
     assert (default.detect_image_threads(on_gpu=False), default.detect_image_threads(on_gpu=True)) == (2, 8)
     assert Settings(_env_file=None, image_threads=3).detect_image_threads(on_gpu=True) == 3
+
+
+RENAMED = [
+    ("SSD_BATCH_MAX_SIZE", "SSD_DETECT_BATCH_SIZE", "detect_batch_size", "7"),
+    ("SSD_BATCH_MAX_WAIT_MS", "SSD_DETECT_BATCH_WAIT_MS", "detect_batch_wait_ms", "7"),
+    ("SSD_MAX_BATCH_IMAGES", "SSD_MAX_IMAGES_PER_REQUEST", "max_images_per_request", "7"),
+    ("SSD_MAX_BATCH_BYTES", "SSD_MAX_BATCH_REQUEST_BYTES", "max_batch_request_bytes", "4096"),
+]
+
+
+@pytest.mark.parametrize(("old", "new", "field", "value"), RENAMED)
+def test_a_renamed_variable_is_read_under_its_old_name_with_a_warning(monkeypatch, old, new, field, value):
+    monkeypatch.delenv(new, raising=False)
+    monkeypatch.setenv(old, value)
+    with pytest.warns(FutureWarning, match=f"{old} is renamed {new}"):
+        settings = Settings(_env_file=None)
+    assert getattr(settings, field) == float(value)
+
+
+def test_the_new_name_of_a_renamed_variable_wins_over_its_old_one(monkeypatch):
+    monkeypatch.setenv("SSD_BATCH_MAX_SIZE", "7")
+    monkeypatch.setenv("SSD_DETECT_BATCH_SIZE", "9")
+    with pytest.warns(FutureWarning, match="SSD_BATCH_MAX_SIZE is ignored"):
+        assert Settings(_env_file=None).detect_batch_size == 9
+
+
+def test_the_new_names_alone_warn_of_nothing(monkeypatch):
+    for old, new, _, value in RENAMED:
+        monkeypatch.delenv(old, raising=False)
+        monkeypatch.setenv(new, value)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert Settings(_env_file=None).max_images_per_request == 7
 
 
 @pytest.mark.parametrize(
@@ -41,7 +75,7 @@ def test_detect_batching_defaults_suit_the_device():
         {"storage_url": "s3://"},
         {"cache_bytes": -1},
         {"device": "tpu"},
-        {"batch_max_size": 0},
+        {"detect_batch_size": 0},
         {"max_upload_bytes": -1},
         {"port": 70000},
         {"lease_seconds": 4, "worker_heartbeat_seconds": 5},
