@@ -1,13 +1,34 @@
-"""Fixtures the model and service tests share: a tiny synthetic set and a tiny network overfitted to it
-(trained once), and torchvision's published weight files (made on first use)."""
+"""Fixtures every test folder shares: a tiny synthetic set and a tiny network overfitted to it (trained
+once), and torchvision's published weight files (made on first use). The fixtures that start real
+processes are plugins in tests/support.
+
+Tests that start processes (a redis-server, a worker, an API, the S3 stand-in, a browser), and every
+test under tests/system, are marked ``process``; ``./run-tests --fast`` leaves them and the ``slow``
+ones out.
+"""
+
+from pathlib import Path
 
 import pytest
 
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.training import fit
-from tests.pretrained_files import PublishedFiles
-from tests.tiny import TINY
+from tests.support.pretrained_files import PublishedFiles
+from tests.support.tiny import TINY
+
+pytest_plugins = ["tests.support.processes", "tests.support.browser"]
+
+SYSTEM_TESTS = Path(__file__).resolve().parent / "system"
+# The fixtures that start a process (or the in-process S3 server), directly or through others.
+PROCESS_FIXTURES = {"redis_server", "log_dir", "worker", "api", "s3", "browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SYSTEM_TESTS in Path(item.path).parents or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,148 @@
+"""Mixed precision on the CPU: bf16 only where the processor computes it natively, float32 weights,
+optimiser state and checkpoints, and bf16 detections that agree with float32 ones.
+
+bf16 is forced on where a test needs it (``native_bf16``): oneDNN computes it on any x86-64 CPU,
+emulated where the instructions are missing, so these tests check the same thing everywhere.
+"""
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.ops import box_iou
+
+import model.device
+from model.checkpoint import load_checkpoint
+from model.config import ModelConfig, TrainConfig
+from model.detector import Detector, load_model
+from model.device import amp_dtype, cpu_has_native_bf16, memory_format, precision_name
+from model.metrics import evaluate_detector
+from model.network import SSD300
+from model.training import build_training_run, fit, train_step, training_precision
+from tests.support.tiny import TINY
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture
+def native_bf16(monkeypatch):
+    monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda: True)
+
+
+@pytest.fixture
+def no_native_bf16(monkeypatch):
+    monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda: False)
+
+
+@pytest.mark.parametrize(
+    ("onednn_bf16", "avx512_bf16", "amx", "native"),
+    [
+        (True, True, True, True),  # Sapphire Rapids and later
+        (True, True, False, True),  # Cooper Lake, Zen 4
+        (True, False, False, False),  # AVX-512 alone: oneDNN emulates bf16, slower than float32
+        (False, False, False, False),  # no AVX-512
+    ],
+)
+def test_bf16_counts_as_native_only_with_avx512_bf16_or_amx(monkeypatch, onednn_bf16, avx512_bf16, amx, native):
+    monkeypatch.setattr(model.device.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: onednn_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    cpu_has_native_bf16.cache_clear()
+    try:
+        assert cpu_has_native_bf16() is native
+    finally:
+        cpu_has_native_bf16.cache_clear()
+
+
+def test_the_cpu_runs_bf16_where_native_and_float32_elsewhere_or_when_off(monkeypatch):
+    for native in (True, False):
+        monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda native=native: native)
+        assert amp_dtype(CPU, enabled=True) == (torch.bfloat16 if native else None)
+        assert amp_dtype(CPU, enabled=False) is None
+        assert training_precision(TrainConfig(device="cpu"))[1] == ("bf16" if native else "fp32")
+        assert training_precision(TrainConfig(device="cpu", amp=False))[1] == "fp32"
+    assert [precision_name(d) for d in (torch.bfloat16, torch.float16, None)] == ["bf16", "fp16", "fp32"]
+    assert memory_format(CPU, torch.bfloat16) == torch.channels_last
+    assert memory_format(CPU, None) == torch.contiguous_format
+
+
+def test_a_bf16_training_step_keeps_weights_optimiser_state_and_loss_in_float32(native_bf16):
+    torch.manual_seed(0)
+    network = SSD300(ModelConfig(num_classes=3, width_multiplier=0.125)).to(memory_format=torch.channels_last)
+    run = build_training_run(network, TrainConfig(**TINY), CPU, total_steps=10)
+    assert run.autocast_dtype == torch.bfloat16 and run.precision == "bf16"
+    computed_in = []
+    network.heads[0].register_forward_hook(lambda _m, _i, out: computed_in.append(out.dtype))
+    images = torch.rand(2, 3, 300, 300)
+    boxes = torch.tensor([[[0.1, 0.1, 0.5, 0.6]], [[0.3, 0.2, 0.9, 0.8]]])
+    losses = train_step(run, (images, boxes, torch.tensor([[1], [2]])))
+    assert computed_in == [torch.bfloat16]  # the convolutions ran in bf16
+    assert losses.total.dtype == torch.float32 and torch.isfinite(losses.total)
+    assert {p.dtype for p in network.parameters()} == {torch.float32}
+    moments = [v for state in run.optimizer.state.values() for v in state.values() if v.dim() > 0]
+    assert moments and {v.dtype for v in moments} == {torch.float32}
+    assert not run.scaler.is_enabled()  # bf16 has float32's range: no loss scaling
+
+
+def test_fit_reports_its_precision_and_writes_float32_checkpoints(shapes, tmp_path, native_bf16):
+    result = fit(TrainConfig(epochs=1, val_fraction=0.25, **TINY), shapes, tmp_path)
+    assert (result.device, result.precision) == ("cpu", "bf16")
+    state = load_checkpoint(result.last_checkpoint)
+    assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
+    moments = [v for s in state["optimizer"]["state"].values() for v in s.values() if v.dim() > 0]
+    assert {v.dtype for v in moments} == {torch.float32}
+
+
+def test_fit_without_amp_trains_in_float32(shapes, tmp_path, native_bf16):
+    result = fit(TrainConfig(epochs=1, val_fraction=0, amp=False, **TINY), shapes, tmp_path)
+    assert result.precision == "fp32"
+
+
+def test_a_cpu_without_native_bf16_trains_and_detects_in_float32(shapes, tmp_path, no_native_bf16):
+    result = fit(TrainConfig(epochs=1, val_fraction=0, **TINY), shapes, tmp_path)
+    assert result.precision == "fp32"
+    assert Detector.from_checkpoint(result.last_checkpoint, device="cpu").precision == "fp32"
+
+
+# The overfitted model is confident on the images it learned and knows nothing else (its mAP@0.5 on new
+# shapes images is under 0.01, and there its boxes move with sub-pixel noise in fp32 alone): the agreement
+# is checked here on its own images, and on held-out images with models trained until they generalise in
+# bench/precision_agreement.py (recorded in bench/RESULTS.md).
+
+
+def test_bf16_detections_match_float32_ones(overfitted, shapes, monkeypatch):
+    result, _ = overfitted
+    network, classes = load_model(result.best_checkpoint)
+    fp32 = Detector(network, classes, amp=False)
+    monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda: True)
+    bf16 = Detector(network, classes)
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+
+    images = [Image.open(image.path) for image in shapes.images]
+    reference = fp32.predict(images, score_threshold=0.3)
+    # Below the threshold too: a float32 score of 0.31 may be 0.29 in bf16 and still be the same detection.
+    candidates = bf16.predict(images, score_threshold=0.2)
+    unpartnered = [score for ref, got in zip(reference, candidates, strict=True) for score in without_partner(ref, got)]
+    assert not unpartnered, f"fp32 detections without a bf16 partner: {unpartnered}"
+    assert sum(len(ref["scores"]) for ref in reference) >= shapes.num_boxes
+
+
+def without_partner(reference: dict, candidates: dict) -> list[float]:
+    """Scores of the detections of ``reference`` that have no detection in ``candidates`` of the same class,
+    with IoU >= 0.9 and a score within 0.03."""
+    same_class = reference["labels"][:, None] == candidates["labels"][None, :]
+    close_score = (reference["scores"][:, None] - candidates["scores"][None, :]).abs() <= 0.03
+    overlapping = box_iou(reference["boxes"], candidates["boxes"]) >= 0.9
+    partnered = (same_class & close_score & overlapping).any(dim=1)
+    return reference["scores"][~partnered].tolist()
+
+
+def test_bf16_moves_map_by_at_most_a_hundredth(overfitted, shapes, monkeypatch):
+    result, _ = overfitted
+    network, classes = load_model(result.best_checkpoint)
+    fp32 = evaluate_detector(Detector(network, classes, amp=False), shapes.images, 8, None, shapes.classes)
+    monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda: True)
+    bf16 = evaluate_detector(Detector(network, classes), shapes.images, 8, None, shapes.classes)
+    assert fp32["map50"] > 0.5
+    assert abs(bf16["map50"] - fp32["map50"]) <= 0.01
+    assert abs(bf16["map"] - fp32["map"]) <= 0.01
