@@ -30,9 +30,9 @@ import httpx
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from detect_load import run_load, summary, test_images  # noqa: E402 - the bench folder is on the path now
+from detect_load import run_load, summary, test_images  # the bench folder is on the path now
 
-from core.launcher import free_port, http_answers, redis_server_executable, stop  # noqa: E402
+from core.launcher import free_port, http_answers, redis_server_executable, stop
 
 REPO = Path(__file__).resolve().parents[1]
 

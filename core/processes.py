@@ -23,7 +23,7 @@ def _die_with_parent() -> None:
 
 
 def spawn(args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # noqa: PLW1509 - no threads yet
+    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent)  # preexec_fn is safe: no threads yet
 
 
 def stop(process: subprocess.Popen, name: str, grace: float, say: Callable[[str], None] = print) -> None:

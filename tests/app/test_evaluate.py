@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import torch
@@ -199,7 +200,7 @@ def test_a_job_without_a_model_answers_409(trained, client):
 class _SlowModel:
     """Takes ``seconds`` per forward pass and finds nothing; logs each call as ("evaluate"|"detect", images)."""
 
-    classes = ["circle", "square", "triangle"]
+    classes: ClassVar[list[str]] = ["circle", "square", "triangle"]
 
     def __init__(self, seconds: float):
         self.seconds = seconds

@@ -175,7 +175,7 @@ def test_an_imported_file_is_recognised_by_its_hash_and_checked(published, coco_
     # The right hash for its name, but not the kind of file the name says: refused too.
     vgg = published.path(IMAGENET_WEIGHTS["vgg16_bn"])
     posing = named_by_hash(COCO_WEIGHTS, vgg)
-    with pytest.raises(WeightsError, match="not ssd300_vgg16_coco-.*kind of file"):
+    with pytest.raises(WeightsError, match=r"not ssd300_vgg16_coco-.*kind of file"):
         WeightsFolder(tmp_path / "other-weights", catalogue=(posing,)).import_file(vgg)
     assert not (tmp_path / "other-weights" / posing.file_name).exists()
 

@@ -39,7 +39,7 @@ def test_cli_walk_from_synthetic_data_to_detections(tmp_path, capsys):
     table = printed.err.strip().splitlines()[-4:]
     assert table[0].split() == ["label", "AP@0.5", "AP", "boxes"]
     for line, figures in zip(table[1:], scores["per_class"], strict=True):
-        label, ap50, ap, boxes = line.split()
+        label, ap50, _ap, boxes = line.split()
         assert label == figures["label"] and int(boxes) == figures["num_boxes"]
         assert ap50 == ("-" if figures["ap50"] is None else f"{figures['ap50']:.3f}")
 

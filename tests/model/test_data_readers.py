@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -385,7 +386,7 @@ def test_read_dataset_recognises_voc_folders_also_one_level_down(tmp_path, shape
 
 def test_read_dataset_explains_what_it_expected(tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="expected a COCO .json file"):
+    with pytest.raises(DatasetError, match=re.escape("expected a COCO .json file")):
         read_dataset(tmp_path / "empty")
     with pytest.raises(DatasetError, match="no such file"):
         read_dataset(tmp_path / "missing")

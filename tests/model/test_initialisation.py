@@ -1,6 +1,7 @@
 """Where a run's weights start: auto's choice and its notes, explicit choices, earlier runs, frozen layers,
 resuming, and patience."""
 
+import re
 from contextlib import contextmanager
 
 import pytest
@@ -63,7 +64,7 @@ def test_auto_at_another_width_or_without_a_folder_starts_from_scratch_without_a
 def test_explicit_choices_the_weights_do_not_fit_are_refused():
     with pytest.raises(ValueError, match="init 'coco' needs the vgg16 backbone"):
         TrainConfig(init="coco", backbone="vgg16_bn")
-    with pytest.raises(ValueError, match="init 'imagenet' needs width_multiplier 1.0"):
+    with pytest.raises(ValueError, match=re.escape("init 'imagenet' needs width_multiplier 1.0")):
         TrainConfig(init="imagenet", width_multiplier=0.5)
     for bad in ("coco2", "job:", "job:has space", "", "JOB:x"):
         with pytest.raises(ValueError, match="init"):
@@ -78,7 +79,7 @@ def test_explicit_choices_the_weights_do_not_fit_are_refused():
 
 
 def test_explicit_weights_that_are_missing_or_do_not_load_fail_naming_the_file(published, tmp_path):
-    with pytest.raises(WeightsUnavailable, match="vgg16_bn-6c64b313.pth is not in"):
+    with pytest.raises(WeightsUnavailable, match=re.escape("vgg16_bn-6c64b313.pth is not in")):
         plan_start(TrainConfig(init="imagenet"), CLASSES, LocalWeights(tmp_path))
     with pytest.raises(WeightsUnavailable, match="no weights folder"):
         plan_start(TrainConfig(init="coco"), CLASSES, None)
@@ -128,7 +129,7 @@ def test_a_job_start_loads_everything_and_matches_class_rows_by_name(tmp_path):
 def test_a_job_start_of_another_architecture_is_refused(tmp_path):
     tiny_checkpoint(tmp_path / "run" / "best.pt", ["cat"])
     weights = LocalWeights(tmp_path)
-    with pytest.raises(ValueError, match="width_multiplier 0.125, not 1.0"):
+    with pytest.raises(ValueError, match=re.escape("width_multiplier 0.125, not 1.0")):
         plan_start(TrainConfig(init=f"job:{tmp_path / 'run'}"), ["cat"], weights)
     with pytest.raises(ValueError, match="backbone vgg16_bn, not vgg16"):
         plan_start(

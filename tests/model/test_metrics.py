@@ -2,6 +2,7 @@
 
 import logging
 from dataclasses import replace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -141,7 +142,7 @@ def test_different_class_names_are_named(dataset, words):
 class _TruthDetector:
     """Answers each batch with the model-id ground truth of the next images: a perfect detector."""
 
-    classes = ["circle", "square", "triangle"]
+    classes: ClassVar[list[str]] = ["circle", "square", "triangle"]
 
     def __init__(self, images):
         self._truth = iter(images)

@@ -1,6 +1,7 @@
 """Training end to end on CPU: overfitting a tiny set, checkpoints, resume, cancel, divergence."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -221,7 +222,7 @@ def test_without_validation_there_is_no_best_val_loss_but_a_best_checkpoint(shap
 
 
 def test_pretrained_weights_need_the_full_width():
-    with pytest.raises(ValueError, match="width_multiplier 1.0"):
+    with pytest.raises(ValueError, match=re.escape("width_multiplier 1.0")):
         TrainConfig(pretrained_backbone="imagenet", width_multiplier=0.5)
 
 

@@ -118,7 +118,7 @@ class Process:
 
 def start_process(name: str, args: list[str] | str, env: dict[str, str], log_dir: Path, **popen_args) -> Process:
     log = log_dir / f"{name}.log"
-    handle = open(log, "ab")  # noqa: SIM115 - the child owns it for its lifetime
+    handle = open(log, "ab")  # the child owns it for its lifetime
     popen = subprocess.Popen(args, env=env, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, **popen_args)
     handle.close()
     return Process(name, popen, log)

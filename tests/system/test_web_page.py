@@ -234,7 +234,7 @@ def test_per_class_ap_follows_the_newest_epoch(page, console):
     page.goto("/#curves/made-up-job")
     expect(page.locator("#per-class-epoch")).to_have_text("(epoch 1)")
     assert shown_per_class(page) == {"circle": 0.2, "square": None, "triangle": 0.5}
-    expect(page.locator("#per-class-table tr[data-label=square] td")).to_have_text("–")
+    expect(page.locator("#per-class-table tr[data-label=square] td")).to_have_text("–")  # noqa: RUF001 - the page shows an en dash
     expect(page.locator("#per-class-table tr[data-label=circle] td")).to_have_text("0.200")
     expect(page.locator("#per-class-empty")).to_be_hidden()
 
