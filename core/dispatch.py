@@ -1,33 +1,8 @@
-"""Celery's configuration for training tasks, shared by the worker and the API that enqueues them.
+"""Sending training tasks to Celery by name, and Celery's configuration, shared by the worker and the API.
 
-The API builds its own Celery client from this module and sends tasks by name (``send_task``),
-so neither it nor ``core`` imports the worker's Celery app or the training code.
-
-Why these settings:
-
-- ``task_acks_late``: the message is acked when training ends, not when it starts, so a job
-  whose worker dies is delivered again instead of being lost.
-- ``worker_prefetch_multiplier = 1`` and ``--pool solo``: a worker holds one training task at
-  a time (one per GPU), and does not hoard queued jobs that an idle worker could run.
-- ``visibility_timeout`` (``SSD_VISIBILITY_TIMEOUT_SECONDS``, 6 h by default): Redis's
-  transport redelivers a message not acked within it. A job running longer is therefore
-  delivered a second time while it still runs; the job's Redis lease (``core.store``)
-  makes that second delivery a no-op (it is acked and nothing runs), so a job never trains
-  twice at once. The timeout is not what recovers a job whose worker died: the reaper
-  (``worker.reaper``) requeues it as soon as its lease expires (``SSD_LEASE_SECONDS``), so
-  the timeout can stay long and redeliveries rare. Idle workers look for messages to
-  restore every ``visibility_timeout / 20`` seconds (1 s to 100 s).
-- ``task_reject_on_worker_lost``: a task whose worker process dies is requeued, not acked.
-- JSON only: a task carries a job id, never a pickled object.
-- Redis's socket timeout: a publish to a broker that vanished without closing the
-  connection fails instead of hanging.
-
-Each message sent for a job (``dispatch``) has a fresh task id, kept as the job's
-``dispatch_id`` until a worker takes that message: the reaper sends a queued job's task
-again only when no message is on its way (redeliveries of older messages do not count).
-A ``dispatch_id`` whose message is not in the queue (its sender died between recording the id
-and sending, or the worker that took it died before starting the job) is found by looking for
-it there (``task_ids_in_broker``).
+The API builds its own Celery client here and sends tasks by name (``send_task``), so neither it
+nor ``core`` imports the worker's Celery app or the training code. Why each setting, and how a
+job's ``dispatch_id`` tells a message on its way from a lost one: docs/jobs.md.
 """
 
 from __future__ import annotations

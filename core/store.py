@@ -1,30 +1,8 @@
 """The Redis job store: dataset records, job records, loss streams, worker heartbeats.
 
-Keys (``p`` is ``Settings.key_prefix``):
-
-- ``p:dataset:<id>`` (string, the ``DatasetRecord`` as JSON) and ``p:datasets`` (sorted set, by
-  creation time).
-- ``p:job:<id>`` (hash): the ``JobRecord``, one field per record field (``core.records``),
-  so the API and the worker update fields without read-modify-write races.
-- Indexes of the jobs, each a sorted set by creation time, kept by the scripts that change a
-  job's status (``core/lua/prelude.lua``): ``p:jobs`` (every job), ``p:status:<status>``,
-  ``p:dataset:<id>:jobs`` and ``p:dataset:<id>:status:<status>``. Every listing pages through
-  one of them newest first, and the reaper, the queue limit, a dataset's delete and the job
-  counts of /metrics read only the queued and running ones or the sets' sizes: nothing grows
-  with the number of jobs that have ended. ``p:jobs:succeeded`` (sorted set, by finish time):
-  the newest succeeded job serves /detect by default.
-- ``p:job:<id>:losses`` (stream): one entry per finished epoch whose stream id is
-  ``<epoch>-0``, so an epoch is there at most once and epochs stay in order.
-- ``p:job:<id>:lease`` (string, a run's token, with expiry): whoever holds it trains the job
-  (``core.lease``). Every write of a running job's run checks its token atomically.
-- ``p:job:<id>:redispatch`` (string, with expiry): a reaper is sending the job's task again.
-- ``p:workers`` (sorted set): worker name -> last heartbeat (unix seconds); an entry older
-  than ``WORKER_ENTRY_SECONDS`` is dropped.
-- ``p:marker`` (string): the Redis run id at the last rebuild from the data folder (``worker.rebuild``).
-
-succeeded, failed and cancelled are final: no script changes a job's status once it is one
-of them. The scripts that change a record return it, with its ``revision`` counted, so the
-caller can write the same record to the job's ``job.json`` (``core.run_files``).
+Every multi-key change is a Lua script (``core.lua_scripts``); succeeded, failed and cancelled are
+final, and the scripts that change a record return it with its ``revision`` counted, for the job's
+``job.json`` (``core.run_files``). The keys and the indexes every listing pages through: docs/jobs.md.
 """
 
 from __future__ import annotations

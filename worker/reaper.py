@@ -1,33 +1,8 @@
 """The reaper: puts back the jobs that nobody runs and that no task message will reach.
 
-Every worker runs it from its heartbeat thread (at start, then every heartbeat). It looks
-only at the active set (queued and running jobs) and acts where the lease says nobody
-trains the job; the lease (SET NX) is what makes acting safe even when several reapers act
-at once or a message turns up late: a second runner cannot take a held lease.
-
-- **Running, no lease** (its worker was SIGKILLed, crashed, lost its machine, or could not
-  record the job's end): once this reaper has seen the lease missing for half a lease TTL
-  (time for a live runner to take back a lease that lapsed while Redis was away), the job
-  goes back to queued with ``restarts`` + 1 and a ``restart_reason``, and its task is sent
-  again; the next free worker resumes it from its last checkpoint.
-- **Queued, no lease, no task message on its way** (no ``dispatch_id``: the newest message
-  was taken by a worker that found the job leased and acked it, a requeue's send failed, a
-  worker died between taking the message and starting; or its run put it back because the
-  storage was away, to be sent again from its ``retry_at`` on): its task is sent again, by one
-  reaper. The same when the ``dispatch_id``'s message is not in the queue on two passes half
-  a lease TTL apart while the job stays queued and unleased: its sender died between
-  recording the id and sending, or the worker that took it died before starting the job (a
-  live one leases the job within moments; the second look lets it).
-- **Running, no lease, crashed too often**: a job whose runs stopped without pausing it
-  more than ``SSD_MAX_JOB_RESTARTS`` times (each one killed its worker: out of memory, a
-  setting that crashes the process) fails, saying so, instead of going round forever.
-- **Running, no lease, cancel asked** (while its worker was dead): it ends cancelled.
-- **Redis lost records** (it is a new or emptied server, or it restarted and may have lost its
-  last second): ``worker.rebuild`` restores them from the storage (data folder or bucket), and
-  corrects the queued and running jobs whose saved record is ahead of Redis's (a cancel or a
-  delete Redis lost). Other reapers skip their passes meanwhile.
-
-Every change the reaper makes to a job also reaches the job's ``job.json``.
+Every worker runs it from its heartbeat thread; it acts only on queued and running jobs whose lease
+nobody holds, so several reapers at once are safe. What it does in each case (a dead runner, a lost
+message, a crash loop, a cancel asked meanwhile, records Redis lost): docs/jobs.md.
 """
 
 from __future__ import annotations
