@@ -70,7 +70,7 @@ def choose_model(store: Store, settings: Settings, job_id: str | None, model: st
             f"the COCO model's weights ({COCO_WEIGHTS.file_name}) are not in {folder.folder}: "
             "run `ssd-service weights fetch coco` (or `ssd-service weights import FILE`) first",
         )
-    return ModelChoice(model, None, partial(nullcontext, path))
+    return ModelChoice(model, None, lambda: nullcontext(path))
 
 
 def resolve_model(store: Store, settings: Settings, job_id: str | None) -> tuple[str, CheckpointSource]:

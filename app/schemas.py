@@ -25,7 +25,10 @@ from model.config import INIT_CHOICES, MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, TrainConf
 _DEFAULTS = TrainConfig()
 
 # FastAPI answers 400 to a JSON body it cannot parse (not JSON, not UTF-8): routes with one say so.
-UNREADABLE_BODY = {400: {"description": "The body is not JSON (or not UTF-8)."}}
+# A route's documented answers besides its own (status -> OpenAPI response object), as FastAPI takes them.
+Responses = dict[int | str, dict[str, Any]]
+
+UNREADABLE_BODY: Responses = {400: {"description": "The body is not JSON (or not UTF-8)."}}
 # A PNG answer's media type entry in the OpenAPI document: bytes (generated clients read them as such).
 PNG_CONTENT = {"schema": {"type": "string", "format": "binary"}}
 
@@ -68,7 +71,10 @@ class SyntheticDatasetRequest(BaseModel):
     def size_range(self) -> tuple[int, int]:
         if self.image_size is None:
             return (240, 400)
-        return (self.image_size, self.image_size) if isinstance(self.image_size, int) else tuple(self.image_size)
+        if isinstance(self.image_size, int):
+            return (self.image_size, self.image_size)
+        low, high = self.image_size
+        return (low, high)
 
 
 class TrainRequest(BaseModel):

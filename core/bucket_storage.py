@@ -31,6 +31,7 @@ import shutil
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,7 @@ from core.layout import (
     run_key,
     run_version_key,
 )
-from core.lease import Lease, LeaseLost, LostReason
+from core.lease import Lease, LeasedRunFolder, LeaseLost, LostReason
 from core.records import DatasetRecord, JobRecord
 from core.run_files import RunFolderBusy, parse_history
 from core.s3 import Bucket, BucketError, Conflict, Location
@@ -77,7 +78,7 @@ class Manifest(BaseModel):
         return self.model_copy(update={**changes, "serial": secrets.token_hex(8)})
 
 
-class BucketRunFolder(RunFolder):
+class BucketRunFolder(LeasedRunFolder):
     """The working copy of a run's files on this machine, committed to the bucket file by file.
 
     ``claim`` fences older runs out and fills the working copy with the bucket's files;
@@ -273,7 +274,7 @@ class BucketStorage:
             if key is None:
                 return None
             try:
-                return held.enter_context(self.cache.use(key, lambda path, key=key: self.bucket.download(key, path)))
+                return held.enter_context(self.cache.use(key, partial(self.bucket.download, key)))
             except FileNotFoundError:
                 if attempt:
                     raise

@@ -57,13 +57,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def check_storage(create_bucket: bool) -> int:
     """``ssd-service storage``: 0 when the storage can be used (after creating the bucket if asked), else 1."""
+    from core.bucket_storage import BucketStorage
     from core.settings import Settings
     from core.storage import StorageUnavailable
 
     settings = Settings()
     storage = settings.storage
     try:
-        if create_bucket and settings.storage_url and storage.bucket.create():
+        if create_bucket and isinstance(storage, BucketStorage) and storage.bucket.create():
             print(f"created {storage}")
         storage.check(thorough=True)
     except (StorageUnavailable, OSError) as error:
@@ -92,7 +93,7 @@ def manage_weights(action: str | None, which: str | None, file: Path | None) -> 
             for weights in (w for w in PUBLISHED if which in ("all", w.kind)):
                 folder.fetch(weights, _ProgressLine(weights.file_name))
                 print(f"ok: {folder.path(weights)}")
-        elif action == "import":
+        elif action == "import" and file is not None:  # argparse asks for it
             weights = folder.import_file(file)
             print(f"ok: {file} is {weights.file_name} ({weights.kind}, {weights.backbone}): {folder.path(weights)}")
     except (WeightsUnavailable, WeightsError, BucketError, OSError) as error:
@@ -113,7 +114,8 @@ class _ProgressLine:
     """A download's progress on one terminal line."""
 
     def __init__(self, name: str):
-        self.name, self.shown = name, -1
+        self.name = name
+        self.shown: int | None = -1
 
     def __call__(self, done: int, total: int | None) -> None:
         percent = int(100 * done / total) if total else None

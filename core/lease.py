@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import redis
 
@@ -120,7 +121,7 @@ class Leases:
         return bool(self._release(keys=[lease.key], args=[lease.token]))
 
     def holder(self, job_id: str) -> str | None:
-        return self.redis.get(self.lease_key(job_id))
+        return cast("str | None", self.redis.get(self.lease_key(job_id)))  # a client that decodes replies
 
 
 def fence_holder(run_dir: Path) -> str | None:
@@ -131,7 +132,16 @@ def fence_holder(run_dir: Path) -> str | None:
         return None
 
 
-class FencedRunFolder(RunFolder):
+class LeasedRunFolder(RunFolder):
+    """A run folder one run at a time may write: the run holding the job's lease ``claim``s it before
+    it reads or writes anything there (in the data folder ``FencedRunFolder``, in a bucket
+    ``core.bucket_storage.BucketRunFolder``)."""
+
+    def claim(self) -> None:
+        raise NotImplementedError
+
+
+class FencedRunFolder(LeasedRunFolder):
     """The run folder of the run holding ``lease``: ``fit`` writes it through ``commit``, which
     renames a file into place only under the folder's lock, while the fence names this run and
     its lease is trusted (else LeaseLost, and the file is thrown away). A write never creates

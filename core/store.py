@@ -3,6 +3,9 @@
 Every multi-key change is a Lua script (``core.lua_scripts``); succeeded, failed and cancelled are
 final, and the scripts that change a record return it with its ``revision`` counted, for the job's
 ``job.json`` (``core.run_files``). The keys and the indexes every listing pages through: docs/jobs.md.
+
+The client decodes replies (``decode_responses``); redis-py's types cannot know it, so replies are cast
+to the strings they are.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -255,7 +258,7 @@ class Store:
         return bool(self._run("restore_job", keys, args))
 
     def get_job(self, job_id: str) -> JobRecord | None:
-        fields = self.redis.hgetall(self.job_key(job_id))
+        fields = cast(dict[str, str], self.redis.hgetall(self.job_key(job_id)))
         return JobRecord.from_hash(fields) if fields else None
 
     def get_jobs(self, job_ids: Iterable[str]) -> list[JobRecord]:
@@ -298,14 +301,14 @@ class Store:
                 pipe.zcount(key, f"({score!r}", "+inf")
                 rank, newer = pipe.execute()
             start = rank + 1 if rank is not None else newer
-        found = self.redis.zrevrange(key, start, start + limit, withscores=True)
+        found = cast(list[tuple[str, float]], self.redis.zrevrange(key, start, start + limit, withscores=True))
         more = len(found) > limit
         found = found[:limit]
         return [member for member, _ in found], make_cursor(*found[-1]) if more else None
 
     def newest_succeeded_job(self) -> str | None:
         """The id of the job that succeeded last, or None if none has."""
-        ids = self.redis.zrevrange(self._key("jobs", "succeeded"), 0, 0)
+        ids = cast(list[str], self.redis.zrevrange(self._key("jobs", "succeeded"), 0, 0))
         return ids[0] if ids else None
 
     def status_counts(self) -> dict[str, int]:
@@ -476,7 +479,7 @@ class Store:
 
     def marker(self) -> str | None:
         """The store's marker (``set_marker``): gone after a FLUSHALL or on an empty new server."""
-        return self.redis.get(self._key("marker"))
+        return cast("str | None", self.redis.get(self._key("marker")))
 
     def set_marker(self, value: str) -> None:
         self.redis.set(self._key("marker"), value)
@@ -528,7 +531,10 @@ class Store:
 
     def losses(self, job_id: str, after: int = 0) -> list[dict[str, Any]]:
         """The job's epoch records with epoch > ``after``, oldest first."""
-        entries = self.redis.xrange(self.losses_key(job_id), min=epoch_stream_id(max(after, 0) + 1), max="+")
+        entries = cast(
+            list[tuple[str, dict[str, str]]],
+            self.redis.xrange(self.losses_key(job_id), min=epoch_stream_id(max(after, 0) + 1), max="+"),
+        )
         return [json.loads(fields["record"]) for _, fields in entries]
 
     # --- workers ----------------------------------------------------------------------------
@@ -547,7 +553,10 @@ class Store:
     def workers_seen(self, within_seconds: float) -> list[dict[str, Any]]:
         """Workers whose last heartbeat is at most ``within_seconds`` old, newest first."""
         now = time.time()
-        seen = self.redis.zrevrangebyscore(self._key("workers"), "+inf", now - within_seconds, withscores=True)
+        seen = cast(
+            list[tuple[str, float]],
+            self.redis.zrevrangebyscore(self._key("workers"), "+inf", now - within_seconds, withscores=True),
+        )
         return [{"name": name, "last_seen_seconds_ago": round(now - score, 1)} for name, score in seen]
 
     def ping(self) -> bool:

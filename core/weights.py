@@ -15,6 +15,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,7 +181,7 @@ class WeightsFolder:
         self.folder.mkdir(parents=True, exist_ok=True)
         return FileLock(self.folder / weights_lock_name(weights.file_name))
 
-    def _install(self, weights: PublishedWeights, fill: Callable[[Path], None], origin: str) -> None:
+    def _install(self, weights: PublishedWeights, fill: Callable[[Path], object], origin: str) -> None:
         """Fill a temporary file beside the file's place (``fill(temp path)``), check its hash, rename it
         into place (the lock held: any other temporary file of it is a dead fetch's leftover)."""
         path = self.path(weights)
@@ -224,12 +225,13 @@ class WeightsFolder:
 
     def _from_bucket(self, weights: PublishedWeights) -> bool:
         """Copy the file from the bucket if it is there (the lock held); whether it was."""
-        if self.bucket is None:
+        bucket = self.bucket
+        if bucket is None:
             return False
 
         key = weights_key(weights.file_name)
         try:
-            self._install(weights, lambda temp: self.bucket.download(key, temp), f"{self.bucket.location}{key}")
+            self._install(weights, partial(bucket.download, key), f"{bucket.location}{key}")
         except FileNotFoundError:
             return False
         return True

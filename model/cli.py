@@ -22,7 +22,8 @@ from tqdm import tqdm
 from .config import TrainConfig
 from .data import DatasetError, DetectionData, make_shapes_dataset, read_dataset, write_voc, write_yolo
 
-_OPTIONAL_TYPES = {"int | None": int, "float | None": float}  # any other optional field takes a string
+# Any other optional field takes a string.
+_OPTIONAL_TYPES: dict[object, type] = {"int | None": int, "float | None": float}
 _HELP = {
     "init": (
         "where the weights start: auto (default: COCO's SSD300 if in --weights-dir, else the ImageNet backbone, "

@@ -70,7 +70,7 @@ def default_boxes(
         raise ValueError("default boxes spaced by steps need the image_size the steps are in pixels of")
     per_map = []
     for k, (f_k, shapes) in enumerate(zip(map_sizes, box_shapes(scales, aspect_ratios), strict=True)):
-        spacing = f_k if steps is None else image_size / steps[k]  # cells per image side
+        spacing = f_k if steps is None or image_size is None else image_size / steps[k]  # cells per image side
         centres = (torch.arange(f_k, dtype=torch.float64) + 0.5) / spacing
         cy, cx = torch.meshgrid(centres, centres, indexing="ij")
         xy = torch.stack([cx.reshape(-1), cy.reshape(-1)], dim=1)  # [f_k^2, 2]

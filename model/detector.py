@@ -65,7 +65,8 @@ class Detector:
         model = (copy.deepcopy(model) if own_copy else model).eval()
         fold_batch_norms(model)
         self.autocast_dtype = amp_dtype(self.device, enabled=amp)
-        self.model = model.to(self.device, memory_format=self._layout)
+        # Module.to takes memory_format (as Tensor.to does); torch's stubs leave it out of every overload.
+        self.model = model.to(self.device, memory_format=self._layout)  # type: ignore[call-overload]
         self.classes = list(classes)
         self.nms_threshold = nms_threshold
         self.topk_candidates = topk_candidates
@@ -109,7 +110,8 @@ class Detector:
         tensors = [_to_chw_tensor(image) for image in images]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for i, tensor in enumerate(tensors):
-            groups[(*tensor.shape, tensor.dtype, tensor.device)].append(i)
+            key = (*tensor.shape, tensor.dtype, tensor.device)
+            groups[key].append(i)
         order, resized = [], []
         for indices in groups.values():
             height, width = tensors[indices[0]].shape[-2:]
@@ -190,7 +192,8 @@ class Detector:
             ImageDecodeError (``ImageTooLarge`` over ``max_pixels``): naming an image that could
                 not be decoded (see ``decode_images``); no image of the batch is detected on.
         """
-        return self.detect(decode_images(data, self.device, max_pixels), score_threshold, max_detections)
+        images: list[ImageInput] = list(decode_images(data, self.device, max_pixels))
+        return self.detect(images, score_threshold, max_detections)
 
 
 def load_model(path: Path | str) -> tuple[SSD300, list[str]]:

@@ -58,7 +58,8 @@ def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
 
 def precision_name(dtype: torch.dtype | None) -> Precision:
     """``"bf16"``, ``"fp16"`` or ``"fp32"`` for an ``amp_dtype`` result."""
-    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")  # type: ignore[return-value]
+    names: dict[torch.dtype | None, Precision] = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+    return names.get(dtype, "fp32")
 
 
 def memory_format(device: torch.device, dtype: torch.dtype | None = None) -> torch.memory_format:

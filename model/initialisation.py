@@ -111,7 +111,7 @@ def plan_start(config: TrainConfig, classes: list[str], source: WeightsSource | 
         return _auto(config, classes, source)
     if source is None:
         raise WeightsUnavailable(f"init {config.init!r} needs weights, and no weights folder was given")
-    if kind == "job":
+    if kind == "job" and reference is not None:  # parse_init gives a job: init its reference
         return _from_run(config, classes, source, reference)
     backbone = "vgg16" if kind == "coco" else config.resolved_backbone
     weights = COCO_WEIGHTS if kind == "coco" else IMAGENET_WEIGHTS[backbone]

@@ -31,6 +31,9 @@ class SSDLoss(nn.Module):
         neg_pos_ratio: negatives kept per positive, the hardest (highest loss) first.
     """
 
+    defaults: torch.Tensor
+    defaults_xyxy: torch.Tensor
+
     def __init__(
         self,
         defaults: torch.Tensor,

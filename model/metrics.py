@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import TypedDict
+from typing import Literal, TypedDict
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -21,7 +21,9 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from .postprocess import Detections
 
-COCO_BACKEND = "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+COCO_BACKEND: Literal["faster_coco_eval", "pycocotools"] = (
+    "faster_coco_eval" if importlib.util.find_spec("faster_coco_eval") else "pycocotools"
+)
 # faster-coco-eval logs its summary table at INFO after every evaluation (a dozen lines an epoch in the
 # worker's log); the figures are in the epoch records.
 logging.getLogger("faster_coco_eval").setLevel(logging.WARNING)
@@ -112,8 +114,8 @@ def _mean_precision(precision: torch.Tensor) -> float | None:
 
 
 def _or_none(value: torch.Tensor) -> float | None:
-    value = float(value)
-    return None if value < 0 else value  # torchmetrics reports -1 when nothing could be scored
+    number = float(value)
+    return None if number < 0 else number  # torchmetrics reports -1 when nothing could be scored
 
 
 class ClassMismatchError(ValueError):

@@ -13,7 +13,26 @@ from .config import ModelConfig
 from .default_boxes import boxes_per_location, default_boxes, feature_map_sizes
 
 # torchvision's VGG16 layer configuration ("D"): conv widths, "M" = 2x2 max pool.
-_VGG16_LAYOUT = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M"]
+_VGG16_LAYOUT: list[int | str] = [
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+]
 # Layers of torchvision's vgg16().features (conv, ReLU and pool each count one) in conv
 # blocks 1 and 2: the layers frozen with a pretrained backbone and trained at a lower rate.
 EARLY_BLOCK_LAYERS = 10
@@ -78,11 +97,15 @@ class SSD300(nn.Module):
     input side, in the order of the heads' outputs.
     """
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    defaults: torch.Tensor
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         batch_norm = config.backbone == "vgg16_bn"
-        layout = [c if c == "M" else _width(c, config.width_multiplier) for c in _VGG16_LAYOUT]
+        layout = [c if isinstance(c, str) else _width(c, config.width_multiplier) for c in _VGG16_LAYOUT]
         layers = vgg.make_layers(layout, batch_norm=batch_norm)
         self._pools = [i for i, layer in enumerate(layers) if isinstance(layer, nn.MaxPool2d)]
         layers[self._pools[2]].ceil_mode = True  # SSD section 3: conv4_3 is 38x38, not 37x37
@@ -143,7 +166,9 @@ class SSD300(nn.Module):
         counts (frozen layers, early blocks) mean the same thing for both backbones.
         """
         index = -1
-        for module in [*self.features, *self.extra[0][:-1]]:
+        vgg_tail = self.extra[0]
+        assert isinstance(vgg_tail, nn.Sequential)  # pool4, conv5 and conv6/conv7, then the extra blocks
+        for module in [*self.features, *vgg_tail[:-1]]:
             if not isinstance(module, nn.BatchNorm2d):
                 index += 1
             yield index, module

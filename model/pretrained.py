@@ -85,7 +85,7 @@ def match_class_rows(source_classes: Sequence[str], classes: Sequence[str]) -> l
     Returns:
         ``[0, row of classes[0], row of classes[1], ...]``: background comes from background.
     """
-    rows = {}
+    rows: dict[str, int] = {}
     for class_id, name in enumerate(source_classes, start=1):
         if name != UNUSED_CATEGORY:
             rows.setdefault(class_key(name), class_id)
@@ -129,7 +129,7 @@ def ssd_state_from_torchvision(state: Mapping[str, torch.Tensor]) -> tuple[dict[
             ours["l2norm.weight"] = value
         elif key.startswith("backbone."):
             ours[key.removeprefix("backbone.")] = value
-    num_classes = None
+    num_classes = 0  # set by every head below
     for i in range(6):
         for name in ("weight", "bias"):
             try:

@@ -33,14 +33,14 @@ LOSS_PLOT = "losses.png"
 TEMP_SUFFIX = ".tmp"
 TRASH_PREFIX = ".trash-"
 
-_owner = {"pid": -1, "token": ""}
+_owner: dict[str, int | str] = {"pid": -1, "token": ""}
 
 
 def process_owner() -> str:
     """This process's owner token (hex, no dots or dashes): a fresh one in each process, forks included."""
     if _owner["pid"] != os.getpid():
         _owner.update(pid=os.getpid(), token=secrets.token_hex(8))
-    return _owner["token"]
+    return str(_owner["token"])
 
 
 def temp_prefix(target_name: str) -> str:
@@ -61,7 +61,7 @@ def trash_name(record_id: str) -> str:
     return f"{TRASH_PREFIX}{record_id}-{secrets.token_hex(3)}"
 
 
-Writer = Callable[[IO[bytes]], None]
+Writer = Callable[[IO[bytes]], object]  # what it returns (file.write's count) is ignored
 
 
 def write_temp(path: Path, write: Writer, make_folder: bool = True) -> Path:

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 import redis
 
 from core.dispatch import send_quietly
-from core.lease import Lease, LeaseLost
+from core.lease import Lease, LeasedRunFolder, LeaseLost
 from core.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
 from core.run_files import RunFolderBusy
 from core.s3 import BucketError, Conflict
@@ -186,7 +186,7 @@ def _checked_against_storage(job: JobRecord, store: Store, settings: Settings) -
 
 def _run(
     job: JobRecord,
-    folder: RunFolder,
+    folder: LeasedRunFolder,
     store: Store,
     settings: Settings,
     lease: Lease,
@@ -216,7 +216,7 @@ def _claim_and_train(
     job: JobRecord,
     store: Store,
     settings: Settings,
-    folder: RunFolder,
+    folder: LeasedRunFolder,
     monitor: JobMonitor,
     shutdown: threading.Event,
     worker_name: str,
@@ -240,7 +240,7 @@ def _claim_and_train(
     return _train_and_judge(job, store, settings, folder, monitor, shutdown, worker_name)
 
 
-def _claim(folder: RunFolder, patience: float) -> None:
+def _claim(folder: LeasedRunFolder, patience: float) -> None:
     """``folder.claim()``, tried again for up to ``patience`` seconds while a bucket is away (not when
     it refuses): a short outage delays the job instead of failing it."""
     deadline = time.monotonic() + patience
@@ -261,7 +261,7 @@ def _train_and_judge(
     job: JobRecord,
     store: Store,
     settings: Settings,
-    folder: RunFolder,
+    folder: LeasedRunFolder,
     monitor: JobMonitor,
     shutdown: threading.Event,
     worker_name: str,

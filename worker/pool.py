@@ -49,7 +49,7 @@ def cuda_device_count() -> int:
 
 def visible_gpus(setting: str, environ: dict[str, str] | None = None, count: Callable[[], int] = cuda_device_count):
     """The GPU indices ``SSD_GPUS`` names on this host, as strings; [] for a CPU worker."""
-    environ = os.environ if environ is None else environ
+    environ = dict(os.environ) if environ is None else environ
     if setting == "none":
         return []
     if setting != "all":
@@ -103,11 +103,11 @@ class Pool:
                 self._tend(member)
             self.stopping.wait(0.5)
         log.info("stopping %d worker(s): each pauses its job at the next batch", len(self.pool))
-        running = [m for m in self.pool if m.process is not None and m.process.poll() is None]
-        for member in running:  # every worker hears it at once, then each is waited for
-            member.process.send_signal(signal.SIGTERM)
-        for member in running:
-            stop(member.process, f"worker {member.label}", STOP_GRACE_SECONDS, log.warning)
+        running = [(m, m.process) for m in self.pool if m.process is not None and m.process.poll() is None]
+        for _, process in running:  # every worker hears it at once, then each is waited for
+            process.send_signal(signal.SIGTERM)
+        for member, process in running:
+            stop(process, f"worker {member.label}", STOP_GRACE_SECONDS, log.warning)
         return 0
 
     def _tend(self, member: Member) -> None:

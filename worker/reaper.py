@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Container
 
 from core.dispatch import send_quietly
 from core.records import QUEUED, RUNNING
@@ -49,7 +49,7 @@ class Reaper:
         self.dispatch = dispatch
         self.clock = clock
         self.broker_task_ids = broker_task_ids
-        self._in_broker: set[str] | None = None  # read at most once a pass, when needed
+        self._in_broker: Container[str] | None = None  # read at most once a pass, when needed
         self.grace = settings.lease_seconds / 2
         # What this pass found wrong -> since when it has been found on every pass: ("lease",
         # job id) for a running job with no lease, ("message", job id, dispatch id) for a

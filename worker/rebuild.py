@@ -80,7 +80,8 @@ def rebuild_from_storage(store: Store, settings: Settings, dispatch: Callable[[s
         losses = storage.history(job_id)
         record = restored(saved, losses[-1]["epoch"] if losses else 0)
         finished = iso_to_unix(record.finished_at) if record.status == SUCCEEDED else None
-        if not store.restore_job(record, iso_to_unix(record.created_at, time.time()), finished):
+        created = iso_to_unix(record.created_at)
+        if not store.restore_job(record, created if created is not None else time.time(), finished):
             continue
         for epoch_record in losses:
             store.append_epoch(job_id, epoch_record)

@@ -9,7 +9,7 @@ from fastapi import APIRouter, File, Form, HTTPException, Request, Response, Upl
 
 from app.deps import DatasetId, ImportsDep, SettingsDep, StoreDep, dataset_or_404
 from app.paging import Cursor, Limit, link_next, read_page
-from app.schemas import UNREADABLE_BODY, Dataset, SyntheticDatasetRequest, invalid_body
+from app.schemas import UNREADABLE_BODY, Dataset, Responses, SyntheticDatasetRequest, invalid_body
 from app.uploads import ImportPermit, ImportSlots
 from core.dataset_import import DatasetImportError, create_synthetic, import_archive
 from core.records import DatasetRecord
@@ -17,8 +17,10 @@ from core.storage import StorageUnavailable
 
 router = APIRouter(prefix="/datasets", tags=["datasets"])
 
-_BUSY = {503: {"description": "Every import slot is busy (SSD_IMPORT_SLOTS), or Redis or the storage is unreachable."}}
-_ERRORS = {
+_BUSY: Responses = {
+    503: {"description": "Every import slot is busy (SSD_IMPORT_SLOTS), or Redis or the storage is unreachable."}
+}
+_ERRORS: Responses = {
     400: {"description": "Not a zip, or a dataset with problems: the message names the file and the problem."},
     413: {"description": "The upload, its entry count, its compression ratio or its unpacked size is over the limit."},
     **_BUSY,

@@ -22,7 +22,7 @@ from app.inference import (
     ImageRejected,
 )
 from app.model_choice import ModelChoice, choose_model, model_load_errors
-from app.schemas import PNG_CONTENT, DetectBatchResponse, DetectResponse
+from app.schemas import PNG_CONTENT, DetectBatchResponse, DetectResponse, Responses
 from app.timing import ServerTiming
 from core.settings import Settings
 
@@ -63,7 +63,7 @@ def wants_png(accept: str | None) -> bool:
     return quality("image/png") > quality("application/json")
 
 
-_ERRORS = {
+_ERRORS: Responses = {
     400: {"description": "A truncated or corrupt image."},
     404: {"description": "No such job, or (model=coco) the COCO weights are not in the weights folder."},
     409: {"description": "No trained model yet (or the job has none)."},
@@ -166,10 +166,11 @@ async def detect_batch(
                 return_exceptions=True,
             )
         # The first refused image in the order sent is the one named, however the decodes interleaved.
+        images: list[Image.Image] = []
         for outcome in decoded:
             if isinstance(outcome, BaseException):
                 raise outcome
-        images = list(decoded)
+            images.append(outcome)
         with timing.phase("detect"):
             found = await _detect(detection, settings, chosen, images, score_threshold, max_detections)
         response.headers.update(_timed(timing))

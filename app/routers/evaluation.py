@@ -13,7 +13,7 @@ import asyncio
 import logging
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, HTTPException, Request, Response
 from starlette.concurrency import run_in_threadpool
@@ -141,7 +141,7 @@ async def score_in_batches(
     reading = asyncio.ensure_future(run_in_threadpool(evaluation.load, batches[0])) if batches else None
     try:
         for index, batch in enumerate(batches):
-            pictures = await reading
+            pictures = await cast(asyncio.Future, reading)  # the batch's reading, started before its turn
             reading = None
             if index + 1 < len(batches):
                 reading = asyncio.ensure_future(run_in_threadpool(evaluation.load, batches[index + 1]))

@@ -26,7 +26,7 @@ from app.deps import (
 )
 from app.event_streams import CountedEventSourceResponse
 from app.paging import Cursor, Limit, link_next, read_page
-from app.schemas import PNG_CONTENT, UNREADABLE_BODY, Job, JobStatus, Losses, TrainRequest, invalid_body
+from app.schemas import PNG_CONTENT, UNREADABLE_BODY, Job, JobStatus, Losses, Responses, TrainRequest, invalid_body
 from core.dispatch import SEND_ERRORS, dispatch
 from core.layout import LOSS_PLOT
 from core.records import ACTIVE, FINISHED, SUCCEEDED, JobRecord
@@ -42,8 +42,10 @@ stream_router = APIRouter(tags=["jobs"])
 # Larger epochs cannot exist; bounding them keeps stream ids valid. 2^53 - 1: the largest integer a
 # double holds exactly, so clients that parse numbers as doubles agree on the bound.
 MAX_EPOCH = 2**53 - 1
-_NOT_FOUND = {404: {"description": "No such job."}}
-_BUSY_STREAMS = {503: {"description": "Too many event streams are open (SSD_MAX_EVENT_STREAMS), or Redis is away."}}
+_NOT_FOUND: Responses = {404: {"description": "No such job."}}
+_BUSY_STREAMS: Responses = {
+    503: {"description": "Too many event streams are open (SSD_MAX_EVENT_STREAMS), or Redis is away."}
+}
 
 
 @router.post(
@@ -150,7 +152,8 @@ def fitted_to_source_job(store: Store, body: TrainRequest, config: TrainConfig) 
     Raises:
         RequestValidationError: (422) no such job, no model yet, or another backbone or width asked for.
     """
-    _, job_id = parse_init(config.init)
+    _, reference = parse_init(config.init)
+    job_id = reference or ""  # a job: init always names one
     source = store.get_job(job_id)
     if source is None:
         raise invalid_body("init", f"init {config.init!r}: there is no job {job_id}", config.init)

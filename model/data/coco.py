@@ -254,7 +254,7 @@ def _read_annotations(
             continue
         x, y, w, h = (float(v) for v in bbox)
         box, problem = check_box([x, y, x + w, y + h], image.width, image.height)
-        if problem:
+        if box is None:
             problems.append(f"{label}, category {category}: bbox {bbox} (x, y, width, height): {problem}")
             continue
         image.boxes.append(box)

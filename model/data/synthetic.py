@@ -173,7 +173,8 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
     distance = np.linalg.norm(candidates - under.mean(axis=0), axis=1)
     good = np.flatnonzero(distance >= MIN_CONTRAST)
     chosen = candidates[good[0]] if good.size else candidates[int(np.argmax(distance))]
-    return tuple(int(c) for c in chosen)
+    red, green, blue = (int(c) for c in chosen)
+    return red, green, blue
 
 
 def _draw_shapes(rng: np.random.Generator, image: Image.Image) -> tuple[list[list[int]], list[int]]:
@@ -192,7 +193,8 @@ def _draw_shapes(rng: np.random.Generator, image: Image.Image) -> tuple[list[lis
         else:
             continue  # no free place found: this image gets fewer shapes
         colour = _contrasting_colour(rng, np.asarray(image)[pixels].astype(np.float32))
-        image.paste(colour, box=tuple(box), mask=mask.crop(tuple(box)))
+        x1, y1, x2, y2 = box
+        image.paste(colour, box=(x1, y1, x2, y2), mask=mask.crop((x1, y1, x2, y2)))
         boxes.append(box)
         labels.append(kind + 1)
     return boxes, labels

@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import warnings
 from collections.abc import Sequence
+from typing import cast
 
 import torch
 from PIL import Image
@@ -99,7 +100,8 @@ def decode_images(
         if isinstance(tensor, Exception):
             raise ImageDecodeError(i, f"the JPEG decoder refused it ({tensor})") from tensor
         decoded[i] = tensor
-    return [orient(tensor, orientation) for tensor, orientation in zip(decoded, orientations, strict=True)]
+    filled = cast(list[torch.Tensor], decoded)  # every slot by now: by Pillow above, or by the JPEG decoder
+    return [orient(tensor, orientation) for tensor, orientation in zip(filled, orientations, strict=True)]
 
 
 def _decode_jpegs(data: Sequence[bytes], device: torch.device) -> list[torch.Tensor | Exception]:

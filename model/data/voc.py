@@ -157,8 +157,9 @@ def _read_annotation(xml_file: Path, image_dir: Path, problems: list[str], warni
     except _IMAGE_ERRORS as error:
         problems.append(f"{xml_file}: {path}: {describe_image_error(error)}")
         return None
-    declared = (_number(tree.findtext("size/width")), _number(tree.findtext("size/height")))
-    frame = annotated_frame(header, None if None in declared else declared)
+    width, height = _number(tree.findtext("size/width")), _number(tree.findtext("size/height"))
+    declared = (width, height)
+    frame = annotated_frame(header, None if width is None or height is None else (width, height))
     if frame is None:
         problems.append(f"{xml_file}: <size> says {declared[0]:g}x{declared[1]:g} {wrong_size_problem(path, header)}")
         return None
@@ -171,12 +172,13 @@ def _read_annotation(xml_file: Path, image_dir: Path, problems: list[str], warni
         name = (obj.findtext("name") or "").strip()
         values = [_number(obj.findtext(f"bndbox/{key}")) for key in _COORDINATES]
         where = f"{xml_file}: object #{number} ({name!r})"
-        if not name or None in values:
+        numbers = [value for value in values if value is not None]
+        if not name or len(numbers) < len(values):
             problems.append(f"{where}: needs a <name> and numeric <bndbox> {'/'.join(_COORDINATES)}")
             continue
-        xmin, ymin, xmax, ymax = values
+        xmin, ymin, xmax, ymax = numbers
         box, problem = check_box([xmin - 1, ymin - 1, xmax, ymax], width, height)
-        if problem:
+        if box is None:
             raw = " ".join(f"{key}={value:g}" for key, value in zip(_COORDINATES, values, strict=True))
             problems.append(f"{where}: bndbox {raw} (1-based, inclusive): {problem}")
             continue

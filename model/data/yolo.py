@@ -433,14 +433,14 @@ def _read_labels(
             continue
         where = f"{label_file}: line {number}"
         parsed, problem = _parse_line(line, num_classes)
-        if problem:
+        if parsed is None:
             problems.append(f"{where}: {problem}")
             continue
         index, (cx, cy, w, h) = parsed
         box, problem = check_box(
             [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height], width, height
         )
-        if problem:
+        if box is None:
             problems.append(f"{where}: class {index} cx={cx:g} cy={cy:g} w={w:g} h={h:g}: {problem}")
             continue
         boxes.append(box)
@@ -462,6 +462,8 @@ def _parse_line(line: str, num_classes: int | None) -> tuple[tuple[int, list[flo
     if not index.is_integer():
         return None, f"class index {fields[0]!r} is not a whole number"
     if index < 0 or (num_classes is not None and index >= num_classes):
+        if num_classes is None:  # no names list to count against
+            return None, f"class index {int(index)} is out of range: it is negative"
         return (
             None,
             f"class index {int(index)} is out of range: names lists {num_classes} classes (0-{num_classes - 1})",

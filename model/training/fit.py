@@ -9,7 +9,7 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 from ..checkpoint import RunCheckpoint, read_checkpoint
 from ..config import ModelConfig, TrainConfig
@@ -121,11 +121,12 @@ def _train(
         outcome, epoch_result = run_epoch(run, config, data.classes, epoch, validation_seconds, callbacks, partial)
         partial = None
         if outcome == "paused":
-            _save_checkpoints(folder, run, config, data.classes, history, best, start.init, paused_at=epoch_result)
-            return result(outcome, paused_at=(epoch, epoch_result.steps_done))
+            paused_at = cast(EpochState, epoch_result)  # run_epoch's state to carry on from
+            _save_checkpoints(folder, run, config, data.classes, history, best, start.init, paused_at=paused_at)
+            return result(outcome, paused_at=(epoch, paused_at.steps_done))
         if outcome != "done":
             return result(outcome)
-        record = epoch_result
+        record = cast(dict, epoch_result)  # run_epoch's record of a finished epoch
         validation_seconds = record["val_seconds"]
         history.append(record)
         score = _selection_score(record)
@@ -147,7 +148,7 @@ def _out_of_patience(history: list[dict], patience: int | None) -> str | None:
     than an earlier one (a tie is no better); None to go on."""
     if patience is None or not history:
         return None
-    scores = [r.get("val_map50") if r.get("val_map50") is not None else -1.0 for r in history]
+    scores = [float(r["val_map50"]) if r.get("val_map50") is not None else -1.0 for r in history]
     best = max(range(len(scores)), key=lambda i: (scores[i], -i))  # the first epoch with the best score
     waited = len(history) - 1 - best
     if waited < patience:
@@ -162,6 +163,8 @@ def _stop_loader_workers(run: TrainingRun) -> None:
     """Stop the loaders' persistent worker processes now, not when the loaders are collected: an
     exception's traceback keeps them (and every worker process) alive for as long as it is held."""
     for loader in (run.train_loader, run.val_loader):
+        if loader is None:
+            continue
         iterator = getattr(loader, "_iterator", None)
         if iterator is not None and hasattr(iterator, "_shutdown_workers"):
             try:

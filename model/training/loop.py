@@ -10,13 +10,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch.utils.data import DataLoader
 
 from ..config import TrainConfig
 from ..data import photometric
+from ..data.dataset import SeededSampler
 from ..device import autocast, memory_format
 from ..initialisation import Start
 from ..loss import SSDLoss, SSDLossOutput
@@ -142,14 +143,14 @@ def train_one_epoch(
     """
     start = start or EpochState()
     run.model.train()
-    steps = steps_per_epoch(run.train_loader)
+    steps = steps_per_epoch(run.training_loader)
     if start.steps_done >= steps:  # paused during validation: training is already done
         return "done", start
     sums = torch.tensor(start.loss_sums, device=run.device, dtype=torch.float64)
     first_bad_step = torch.full((), -1, device=run.device, dtype=torch.int64)
     reporter = _Reporter(callbacks, epoch, epochs, steps, validation_seconds)
     # The sampler skips the steps done before a pause (see _run_epoch): the rest come as they would have.
-    for step, batch in enumerate(run.train_loader, start=start.steps_done + 1):
+    for step, batch in enumerate(run.training_loader, start=start.steps_done + 1):
         interruption = callbacks.interruption()
         if interruption is not None:
             _raise_if_diverged(first_bad_step, epoch)
@@ -294,7 +295,8 @@ def run_epoch(
     # The epoch's order and augmentation follow from its seed; a resumed epoch skips what was done.
     done = start.steps_done if start is not None else 0
     seed = epoch_seed(config.seed, epoch)
-    run.train_loader.sampler.set_epoch(seed, skip=done * run.train_loader.batch_size)
+    loader = run.training_loader
+    cast(SeededSampler, loader.sampler).set_epoch(seed, skip=done * (loader.batch_size or 1))
     torch.manual_seed(seed)  # anything else random draws the same on resume
     started = time.perf_counter()
     outcome, state = train_one_epoch(run, epoch, config.epochs, callbacks, validation_seconds, start, augment_seed=seed)
@@ -304,9 +306,11 @@ def run_epoch(
     val = _no_validation()
     if run.val_loader is not None:
         interruption = _Interruption(callbacks)
-        val = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, interruption, classes)
-        if val is None:  # when paused here, the resumed epoch goes straight to validation
-            return interruption.reason, state if interruption.reason == "paused" else None
+        scored = evaluate(run.model, run.loss_fn, run.val_loader, run.device, run.autocast_dtype, interruption, classes)
+        if scored is None:  # when paused here, the resumed epoch goes straight to validation
+            reason = cast(Literal["cancelled", "paused"], interruption.reason)  # evaluate stops only when interrupted
+            return reason, state if reason == "paused" else None
+        val = scored
         if not math.isfinite(val["val_loss"]):
             raise NonFiniteLossError(f"the validation loss became NaN or infinite at epoch {epoch}")
     now = time.perf_counter()
@@ -323,5 +327,5 @@ def run_epoch(
     }
 
 
-def _no_validation() -> dict[str, None]:
+def _no_validation() -> dict[str, Any]:
     return dict.fromkeys(("val_loss", "val_loc_loss", "val_conf_loss", "val_map50", "val_map", "val_ap50_per_class"))

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch.utils.data import DataLoader
@@ -87,9 +88,10 @@ def build_loaders(
     train_idx, val_idx = split_train_val(len(data.images), config.val_fraction, config.seed)
     if config.max_train_images is not None:
         train_idx = train_idx[: config.max_train_images]
-    fill = tuple(round(255 * m) for m in model_config.image_mean)
+    red, green, blue = (round(255 * m) for m in model_config.image_mean)
+    fill = (red, green, blue)
     augment = train_transforms(config.image_size, fill) if config.augment else eval_transforms(config.image_size)
-    common = {
+    common: dict[str, Any] = {
         "batch_size": config.batch_size,
         "num_workers": config.num_workers,
         "collate_fn": collate_detections,
@@ -128,10 +130,18 @@ class TrainingRun:
     def precision(self) -> Precision:
         return precision_name(self.autocast_dtype)
 
+    @property
+    def training_loader(self) -> DataLoader:
+        """``train_loader``, which every run that trains epochs has."""
+        if self.train_loader is None:
+            raise ValueError("this run has no training data loader: it can only time train_step")
+        return self.train_loader
+
 
 def steps_per_epoch(loader: DataLoader) -> int:
     """Batches in a whole pass over ``loader``'s dataset (the last one may be short)."""
-    return math.ceil(len(loader.dataset) / loader.batch_size)
+    # A loader without a batch size gives one sample a step.
+    return math.ceil(len(cast(Sized, loader.dataset)) / (loader.batch_size or 1))
 
 
 def build_training_run(
@@ -152,7 +162,9 @@ def build_training_run(
     model_config = model.config
     loss_fn = SSDLoss(model.defaults, model_config.variances, model_config.iou_threshold, model_config.neg_pos_ratio)
     optimizer = build_optimizer(model, config, device)
-    steps = total_steps if total_steps is not None else config.epochs * steps_per_epoch(train_loader)
+    if total_steps is None and train_loader is None:
+        raise ValueError("a training run needs total_steps or a train_loader to count them from")
+    steps = total_steps if total_steps is not None else config.epochs * steps_per_epoch(cast(DataLoader, train_loader))
     schedule = WarmupSchedule(steps, config.warmup_steps, config.lr_schedule == "cosine")
     dtype = amp_dtype(device, config.amp)
     if dtype is not None and precision is not None:
@@ -186,6 +198,7 @@ def build_run(start: Start, data: DetectionData) -> TrainingRun:
     device = resolve_device(config.device)
     model_config = start.model_config(num_classes=len(data.classes) + 1)
     layout = memory_format(device, amp_dtype(device, config.amp))
-    model = build_model(model_config, config, start.load).to(device, memory_format=layout)
+    # Module.to takes memory_format (as Tensor.to does); torch's stubs leave it out of every overload.
+    model = build_model(model_config, config, start.load).to(device, memory_format=layout)  # type: ignore[call-overload]
     train_loader, val_loader = build_loaders(data, config, model_config, device)
     return build_training_run(model, config, device, train_loader, val_loader)

@@ -284,6 +284,14 @@ def test_yolo_collects_every_problem_before_raising(tmp_path):
     assert len(caught.value.problems) == 4
 
 
+def test_a_negative_class_index_without_names_is_a_problem_not_a_crash(tmp_path):
+    path = _sample(tmp_path, names="nc: 2")
+    _write(tmp_path / "labels" / "a.txt", "-1 0.5 0.5 0.1 0.1\n")
+    with pytest.raises(DatasetError) as caught:
+        read_yolo(path)
+    assert any("a.txt: line 1: class index -1 is out of range" in problem for problem in caught.value.problems)
+
+
 def test_yolo_unreadable_image_is_a_problem(tmp_path):
     path = _sample(tmp_path)
     (tmp_path / "images" / "b.png").write_bytes(b"not a png")
