@@ -22,13 +22,18 @@ pytest_plugins = ["tests.support.processes", "tests.support.browser"]
 SYSTEM_TESTS = Path(__file__).resolve().parent / "system"
 # The fixtures that start a process (or the in-process S3 server), directly or through others.
 PROCESS_FIXTURES = {"redis_server", "log_dir", "worker", "api", "s3", "browser"}
+# The fixtures that take several seconds with no process: training the overfitted tiny network.
+SLOW_FIXTURES = {"overfitted"}
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if SYSTEM_TESTS in Path(item.path).parents or PROCESS_FIXTURES & set(getattr(item, "fixturenames", ())):
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if SYSTEM_TESTS in Path(item.path).parents or PROCESS_FIXTURES & fixtures:
             item.add_marker(pytest.mark.process)
+        if SLOW_FIXTURES & fixtures:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

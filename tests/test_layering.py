@@ -131,6 +131,7 @@ def test_the_rules_catch_a_wrong_import_and_a_cycle():
     assert cycles(graph) == [["core.a", "core.b"]]
 
 
+@pytest.mark.slow
 def test_the_api_process_does_not_load_the_training_code():
     code = "import sys, app.main; print(sorted(m for m in ('model.training', 'torchmetrics') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)

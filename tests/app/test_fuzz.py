@@ -125,6 +125,7 @@ def valid_as_a_whole(case) -> bool:
     return True
 
 
+@pytest.mark.process  # its API processes come through request.getfixturevalue
 @pytest.mark.parametrize("keyed", [False, True], ids=["without-keys", "with-keys"])
 def test_every_check_passes_with_and_without_keys(request, keyed):
     """Schemathesis's every check, ignored_auth included: the document declares the keys this server asks for."""

@@ -132,6 +132,7 @@ def test_a_server_that_stops_answering_is_given_up_after_the_read_timeout(tmp_pa
     assert leftovers(folder.folder) == []
 
 
+@pytest.mark.slow
 def test_many_fetches_of_one_file_download_it_once(tmp_path, coco_file):
     server = FileServer(tmp_path / "served", delay=0.01)
     server.folder.mkdir()
@@ -160,6 +161,7 @@ def test_many_fetches_of_one_file_download_it_once(tmp_path, coco_file):
         server.close()
 
 
+@pytest.mark.slow
 def test_an_imported_file_is_recognised_by_its_hash_and_checked(published, coco_file, tmp_path):
     weights = named_by_hash(COCO_WEIGHTS, coco_file)
     copied = tmp_path / "from-a-usb-stick.pth"
@@ -180,6 +182,7 @@ def test_an_imported_file_is_recognised_by_its_hash_and_checked(published, coco_
     assert not (tmp_path / "other-weights" / posing.file_name).exists()
 
 
+@pytest.mark.process  # moto's S3 server
 def test_with_a_bucket_each_file_is_downloaded_once_for_every_host(server, coco_file, tmp_path):
     weights = named_by_hash(COCO_WEIGHTS, coco_file)
     serve(server, coco_file, weights.file_name)

@@ -58,6 +58,7 @@ def test_a_tensor_that_is_not_rgb_is_refused(detector):
         detector.predict([torch.zeros(1, 40, 40)])
 
 
+@pytest.mark.slow
 def test_a_compiled_detector_finds_what_the_eager_one_finds(detector):
     generator = torch.Generator().manual_seed(3)
     images = [torch.randint(0, 256, (3, 96, 128), dtype=torch.uint8, generator=generator) for _ in range(2)]

@@ -151,6 +151,7 @@ def coco_run(published, tmp_path_factory):
     return {"data": data, "config": config, "run_dir": run_dir, "result": result, "start": starts[0]}
 
 
+@pytest.mark.slow
 def test_frozen_layers_stay_bit_identical_after_an_epoch_from_coco(published, coco_run):
     tv_state = read_state_dict(published.path(COCO_WEIGHTS))
     trained = load_checkpoint(coco_run["run_dir"] / "last.pt")["model"]
@@ -162,6 +163,7 @@ def test_frozen_layers_stay_bit_identical_after_an_epoch_from_coco(published, co
     assert coco_run["result"].init.used == "coco" and coco_run["start"].config.backbone == "vgg16"
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_how_it_started_without_the_weights(coco_run, tmp_path):
     resumed = fit(
         TrainConfig(**{**coco_run["config"].to_dict(), "epochs": 2}),

@@ -22,6 +22,8 @@ from model.export import GRAPH_VERSION, ExportableSSD
 from model.network import SSD300
 from model.postprocess import Detections
 
+pytestmark = pytest.mark.slow  # each export traces the network with torch's dynamo exporter
+
 CLASSES = ["circle", "square", "triangle"]
 SCORE_THRESHOLD = 0.01
 SLOTS = 100

@@ -62,6 +62,7 @@ def test_class_rows_are_matched_by_name_ignoring_case_and_spaces():
     assert match_class_rows(["cat", "dog"], ["dog", "bird"]) == [0, 2, None]
 
 
+@pytest.mark.slow
 def test_torchvisions_ssd_state_dict_maps_to_ours_with_equal_outputs():
     torch.manual_seed(0)
     tv_model = ssd300_vgg16(weights=None, weights_backbone=None, num_classes=5).eval()
@@ -85,6 +86,7 @@ def anchors_as_centre_size(anchors: torch.Tensor) -> torch.Tensor:
     return torch.cat([(anchors[:, :2] + anchors[:, 2:]) / 2, anchors[:, 2:] - anchors[:, :2]], dim=1)
 
 
+@pytest.mark.slow
 def test_coco_weights_start_every_layer_and_the_rows_of_coco_named_classes(coco_state):
     classes = ["Person", "traffic light", "widget"]
     ours_state, num_classes = ssd_state_from_torchvision(coco_state)
@@ -109,6 +111,7 @@ def test_coco_weights_start_every_layer_and_the_rows_of_coco_named_classes(coco_
             assert torch.equal(rows, fresh[f"heads.{i}.{name}"].view(boxes, 8, -1)[:, 7])
 
 
+@pytest.mark.slow
 def test_the_coco_detector_equals_torchvisions_ssd300_with_the_same_weights(coco_state):
     state = {k: v.clone() for k, v in coco_state.items()}
     unused = [i for i, name in enumerate(COCO_CATEGORY_IDS) if name == "N/A"]
@@ -144,6 +147,7 @@ def test_the_published_coco_file_loads_as_a_detector(published):
     assert model.config.backbone == "vgg16" and model.num_classes == 81
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backbone", ["vgg16", "vgg16_bn"])
 def test_imagenet_files_load_into_the_backbone(published, backbone):
     state = read_state_dict(published.path(IMAGENET_WEIGHTS[backbone]))

@@ -95,6 +95,7 @@ def test_truncated_and_foreign_checkpoints_give_clear_errors(overfitted, tmp_pat
         load_checkpoint(tmp_path / "missing.pt")
 
 
+@pytest.mark.slow
 def test_resume_continues_the_epoch_count_and_matches_an_uninterrupted_run(shapes, tmp_path):
     config = TrainConfig(epochs=3, val_fraction=0.25, **TINY)
     straight = fit(config, shapes, tmp_path / "straight")
@@ -180,6 +181,7 @@ def test_imagenet_weights_freeze_ten_layers_and_scratch_freezes_none(published, 
         build_model(scratch.model_config(num_classes=3), TrainConfig(frozen_layers=10, **TINY))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_may_add_epochs_and_then_follows_the_longer_schedule(shapes, tmp_path):
     config = TrainConfig(epochs=1, val_fraction=0, warmup_steps=0, **TINY)
     fit(config, shapes, tmp_path)
@@ -241,6 +243,7 @@ def pause_after(checks_before_pause: int) -> Callbacks:
     "checks_before_pause, where, paused_at",
     [(3, "after two of three training batches", (1, 2)), (4, "before the first validation batch", (1, 3))],
 )
+@pytest.mark.slow
 def test_a_paused_run_carries_on_to_the_same_result_as_an_uninterrupted_one(
     shapes, tmp_path, checks_before_pause, where, paused_at
 ):

@@ -139,6 +139,7 @@ def _crop_draws(transform: v2.RandomIoUCrop, count: int, seed: int) -> torch.Ten
     return torch.tensor(rows, dtype=torch.float64)
 
 
+@pytest.mark.slow
 def test_iou_crop_draws_crops_as_torchvisions_does():
     count = 1500
     ours, theirs = _crop_draws(IoUCropWithBoxes(), count, seed=0), _crop_draws(v2.RandomIoUCrop(), count, seed=1)
