@@ -39,7 +39,7 @@ from torchvision.transforms.v2 import functional as F
 from core.launcher import start_redis, stop
 from core.layout import BEST_CHECKPOINT, DATASET_FILES_DIR, DataLayout
 from core.records import SUCCEEDED, DatasetRecord, JobRecord, now_iso
-from core.store import Store
+from core.store import Store, new_id
 from model.checkpoint import save_checkpoint
 from model.config import ModelConfig
 from model.data import make_shapes_dataset
@@ -127,12 +127,12 @@ def write_job(store: Store, runs_dir: Path, width_multiplier: float = 1.0) -> st
     config = ModelConfig(num_classes=len(CLASSES) + 1, backbone="vgg16", width_multiplier=width_multiplier)
     torch.manual_seed(0)
     model = SSD300(config)
-    job_id = "bench-" + now_iso().replace(":", "")
+    job_id = new_id()  # the service's id form: the API answers 404 to any other
     (runs_dir / job_id).mkdir(parents=True)
     state = {"epoch": 1, "classes": CLASSES, "model_config": config.to_dict(), "model": model.state_dict()}
     save_checkpoint(runs_dir / job_id / BEST_CHECKPOINT, state)
     dataset = DatasetRecord(
-        id="bench", name="bench", format="coco", num_images=0, num_boxes=0, classes=CLASSES, root=DATASET_FILES_DIR
+        id=new_id(), name="bench", format="coco", num_images=0, num_boxes=0, classes=CLASSES, root=DATASET_FILES_DIR
     )
     store.put_dataset(dataset)
     job = JobRecord.new(job_id, dataset, {"epochs": 1})
