@@ -302,14 +302,29 @@ class DetectionService:
         image_threads: int,
         on_batch: Callable[[int], None] | None = None,
         on_pending: Callable[[int], None] | None = None,
+        on_forward: Callable[[], None] | None = None,
     ):
         self.executor = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="ssd-inference")
         self.image_executor = ThreadPoolExecutor(max_workers=image_threads, thread_name_prefix="ssd-image")
         self.cache = DetectorCache(load, cache_size)
-        self.batcher = MicroBatcher(self.executor, max_batch, max_wait_ms / 1000, on_batch)
+        self.on_forward = on_forward
+        self.batcher = MicroBatcher(self.executor, max_batch, max_wait_ms / 1000, self._batch_hook(on_batch))
         self.max_pending = max_pending
         self.pending = 0
         self.on_pending = on_pending
+
+    def _batch_hook(self, on_batch: Callable[[int], None] | None) -> Callable[[int], None]:
+        def batch_starts(size: int) -> None:
+            if on_batch is not None:
+                on_batch(size)
+            self.forward_starts()
+
+        return batch_starts
+
+    def forward_starts(self) -> None:
+        """Called before each forward pass (detection's batches, evaluation's): ``on_forward``, where given."""
+        if self.on_forward is not None:
+            self.on_forward()
 
     def admit(self, images: int = 1) -> AbstractContextManager[None]:
         """Takes ``images`` of the ``max_pending`` places, all or none; leaving the returned context gives

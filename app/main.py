@@ -29,7 +29,7 @@ from app.security import (
     require_api_key_or_query,
 )
 from app.uploads import ImportAdmission, ImportSlots
-from core.cpu_threads import api_threads, use_threads
+from core.cpu_threads import DetectingSignal, api_threads, use_threads
 from core.dispatch import make_celery
 from core.leftovers import start_sweep
 from core.s3 import BucketError
@@ -68,6 +68,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     store = Store.from_url(settings.redis_url, settings.key_prefix, max_connections=SYNC_REDIS_CONNECTIONS)
     metrics = Metrics(store.status_counts)
     on_gpu = detects_on_gpu(settings.device)
+    # Detecting on CPU cores a worker shares: tell it, so it leaves the API its SSD_API_CPU_CORES meanwhile.
+    detecting = DetectingSignal(store.mark_api_detecting) if settings.api_cpu_cores and not on_gpu else None
     detection = DetectionService(
         load=partial(load_detector, device=settings.device, cpu_precision=settings.cpu_precision),
         cache_size=settings.detector_cache_size,
@@ -78,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         image_threads=settings.detect_image_threads(on_gpu),
         on_batch=metrics.detect_batch_size.observe,
         on_pending=metrics.detect_pending.set,
+        on_forward=detecting.detected if detecting is not None else None,
     )
 
     imports = ImportSlots(settings.import_slots)
@@ -85,6 +88,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         use_threads(api_threads(settings))
+        if detecting is not None:
+            detecting.start()
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)
         # This process's owner lock first: from then on, nothing it writes looks abandoned.
         await run_in_threadpool(start_sweep, settings.layout, store, settings.storage)
@@ -94,6 +99,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         gc.freeze()
         yield
         detection.close()
+        if detecting is not None:
+            detecting.stop()
         imports.close()
         await app.state.async_redis.aclose()
         store.redis.close()

@@ -316,6 +316,9 @@ class WeightsInfo(BaseModel):
 class WorkerSeen(BaseModel):
     name: str
     last_seen_seconds_ago: float
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="Where it trains (SSD_DEVICE as it resolved there)."
+    )
 
 
 class Ready(BaseModel):

@@ -113,9 +113,12 @@ def run(settings: Settings) -> int:
         say(f"started redis-server at {url} (AOF in {data_dir / 'redis'})")
 
     env = {**os.environ, "SSD_REDIS_URL": url, "SSD_DATA_DIR": str(data_dir)}
-    if settings.api_cpu_cores is None:  # the API and a worker share this host: each gets its own cores
+    if settings.api_cpu_cores is None:  # the API and a worker share this host's cores (core.cpu_threads)
         env["SSD_API_CPU_CORES"] = str(shared_host_api_cores())
-        say(f"the API's detection keeps {env['SSD_API_CPU_CORES']} of this host's CPU cores (SSD_API_CPU_CORES)")
+        say(
+            f"the API detects on {env['SSD_API_CPU_CORES']} of this host's CPU cores (SSD_API_CPU_CORES); "
+            "a worker training on the CPU uses them too while the API is idle"
+        )
     children = [
         ("workers", spawn([sys.executable, "-m", "worker.pool"], env)),  # one per GPU (SSD_GPUS), else one
         ("api", spawn([sys.executable, "-m", "app"], env)),

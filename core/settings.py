@@ -149,10 +149,12 @@ class Settings(BaseSettings):
         ge=1,
         le=1024,
         description=(
-            "CPU cores that the API's detection and evaluation use, and that a worker on the same host leaves "
-            "them: the API runs that many PyTorch threads, a worker its host's cores minus that many (at least "
-            "one). Unset: each process uses every core (a host that runs only workers, or only the API); "
-            "`ssd-service up`, which runs both, sets half the cores."
+            "CPU cores that the API's detection and evaluation use, and that a worker training on the CPU of "
+            "the same host leaves them while the API detects: the API runs that many PyTorch threads; a worker "
+            "every core while the API is idle, its host's cores minus that many (at least one) from within a "
+            "second of a detection until a few seconds after the last. Unset: each process uses every core (a "
+            "host that runs only workers, or only the API); `ssd-service up`, which runs both, sets half the "
+            "cores."
         ),
     )
 

@@ -539,25 +539,48 @@ class Store:
 
     # --- workers ----------------------------------------------------------------------------
 
-    def worker_heartbeat(self, name: str) -> None:
-        """Say the worker ``name`` is alive, and forget the workers not heard of for ``WORKER_ENTRY_SECONDS``."""
+    def worker_heartbeat(self, name: str, device: str | None = None) -> None:
+        """Say the worker ``name`` (training on ``device``: cpu or cuda) is alive, and forget the workers
+        not heard of for ``WORKER_ENTRY_SECONDS``."""
         now = time.time()
         with self.redis.pipeline() as pipe:
             pipe.zadd(self._key("workers"), {name: now})
+            if device is not None:  # a key each, so a worker that died unannounced leaves nothing behind
+                pipe.set(self._key("worker-device", name), device, ex=int(WORKER_ENTRY_SECONDS))
             pipe.zremrangebyscore(self._key("workers"), "-inf", now - WORKER_ENTRY_SECONDS)
             pipe.execute()
 
     def worker_gone(self, name: str) -> None:
-        self.redis.zrem(self._key("workers"), name)
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(self._key("workers"), name)
+            pipe.delete(self._key("worker-device", name))
+            pipe.execute()
 
     def workers_seen(self, within_seconds: float) -> list[dict[str, Any]]:
-        """Workers whose last heartbeat is at most ``within_seconds`` old, newest first."""
+        """Workers whose last heartbeat is at most ``within_seconds`` old, newest first, with the device
+        each trains on (None from a worker that did not say)."""
         now = time.time()
         seen = cast(
             list[tuple[str, float]],
             self.redis.zrevrangebyscore(self._key("workers"), "+inf", now - within_seconds, withscores=True),
         )
-        return [{"name": name, "last_seen_seconds_ago": round(now - score, 1)} for name, score in seen]
+        devices = (
+            cast(list[str | None], self.redis.mget([self._key("worker-device", name) for name, _ in seen]))
+            if seen
+            else []
+        )
+        return [
+            {"name": name, "last_seen_seconds_ago": round(now - score, 1), "device": device}
+            for (name, score), device in zip(seen, devices, strict=True)
+        ]
+
+    # --- an API detecting on the CPU cores it shares with a worker (core.cpu_threads) -----------
+
+    def mark_api_detecting(self, ttl_ms: int) -> None:
+        self.redis.set(self._key("api-detecting"), "1", px=ttl_ms)
+
+    def api_detecting(self) -> bool:
+        return bool(self.redis.exists(self._key("api-detecting")))
 
     def ping(self) -> bool:
         return bool(self.redis.ping())

@@ -22,18 +22,19 @@ from functools import partial
 
 from celery.signals import celeryd_after_setup, worker_ready, worker_shutdown, worker_shutting_down
 
-from core.cpu_threads import threads_line, use_threads, worker_threads
+from core.cpu_threads import host_cores, threads_line, use_threads
 from core.dispatch import dispatch, make_celery, task_ids_in_broker
 from core.leftovers import start_sweep
 from core.settings import Settings
 from core.storage import StorageUnavailable
 from core.store import REDIS_ERRORS, Store
+from worker.job_runner import training_device
 from worker.reaper import Reaper
 
 settings = Settings()
 app = make_celery(settings, task_modules=["worker.tasks"])
 log = logging.getLogger(__name__)
-use_threads(worker_threads(settings))  # before anything computes
+use_threads(host_cores())  # before anything computes; a job shares them with the API (core.cpu_threads)
 
 SHUTDOWN = threading.Event()  # the worker is stopping: a running job pauses at its next batch
 
@@ -68,7 +69,7 @@ def _beat() -> None:
     reaper = Reaper(store(), settings, send_again, broker_task_ids=partial(task_ids_in_broker, store().redis, settings))
     while True:
         try:
-            store().worker_heartbeat(node_name())
+            store().worker_heartbeat(node_name(), training_device(settings))
         except REDIS_ERRORS as error:  # Redis away for a moment: try again at the next beat
             log.warning("worker heartbeat failed: %s", error)
         if not SHUTDOWN.is_set():

@@ -27,13 +27,15 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, TypeVar
 
 import redis
 
+from core.cpu_threads import CoreSharing, host_cores, use_threads, worker_threads_beside_api
 from core.dispatch import send_quietly
 from core.lease import Lease, LeasedRunFolder, LeaseLost
 from core.records import CANCELLED, FAILED, QUEUED, SUCCEEDED, JobRecord
@@ -103,6 +105,39 @@ def _device_type(config: TrainConfig) -> str | None:
         return resolve_device(config.device).type
     except ValueError:
         return None
+
+
+def training_device(settings: Settings) -> str | None:
+    """Where this worker trains the jobs that leave the device to it (``SSD_DEVICE``): cpu or cuda."""
+    try:
+        return resolve_device(settings.device).type
+    except ValueError:  # cuda asked for where there is none
+        return None
+
+
+@contextmanager
+def sharing_cores_with_the_api(
+    config: TrainConfig, settings: Settings, store: Store, callbacks: Callbacks
+) -> Iterator[Callbacks]:
+    """``callbacks`` whose check before each batch also sets this worker's PyTorch threads: every core
+    while the API is idle, the ones it does not keep while it detects (``core.cpu_threads``). Only for
+    a run on the CPU, and only with ``SSD_API_CPU_CORES`` set (an API shares this host)."""
+    if not settings.api_cpu_cores or _device_type(config) != "cpu":
+        yield callbacks
+        return
+    sharing = CoreSharing(store.api_detecting, alone=host_cores(), beside_api=worker_threads_beside_api(settings))
+    should_stop = callbacks.should_stop
+
+    def apply_then_check() -> bool:
+        sharing.apply()
+        return should_stop() if should_stop is not None else False
+
+    sharing.start()
+    try:
+        yield dataclasses.replace(callbacks, should_stop=apply_then_check)
+    finally:
+        sharing.stop()
+        use_threads(sharing.alone)
 
 
 @dataclass
@@ -315,7 +350,9 @@ def _train(job: JobRecord, store: Store, settings: Settings, folder: RunFolder, 
         raise ValueError(f"dataset {job.dataset_id} was deleted")
     weights = JobWeights(WeightsFolder.from_settings(settings), store, settings.storage)
     with settings.storage.dataset_files(dataset) as root:  # copied from the bucket into the cache on first use
-        return fit(training_config(job, settings), read_dataset(root), folder, callbacks, weights)
+        config = training_config(job, settings)
+        with sharing_cores_with_the_api(config, settings, store, callbacks) as callbacks:
+            return fit(config, read_dataset(root), folder, callbacks, weights)
 
 
 def _record(

@@ -147,6 +147,7 @@ async def score_in_batches(
                 reading = asyncio.ensure_future(run_in_threadpool(evaluation.load, batches[index + 1]))
             if await request.is_disconnected():
                 raise ClientGone
+            detection.forward_starts()
             await loop.run_in_executor(detection.executor, step, batch, pictures)
     finally:
         if reading is not None:  # the batch after a failed or abandoned one: its result is not wanted

@@ -86,6 +86,14 @@ export class DatasetsView {
     });
   }
 
+  /** Workers that all train on CPUs: the synthetic dataset's size becomes the CPU demo's (300), once. */
+  offerCpuDefaults(workers) {
+    const input = document.querySelector("#synthetic-num-images");
+    if (this.cpuOffered || !workers.length || !workers.every((worker) => worker.device === "cpu")) return;
+    this.cpuOffered = true;
+    if (input.value === input.defaultValue) input.value = "300";
+  }
+
   setupSynthetic(form) {
     const message = form.querySelector("#synthetic-message");
     const error = form.querySelector("#synthetic-error");

@@ -110,6 +110,8 @@ async function refreshStatus() {
   const status = $("#service-status");
   try {
     const ready = await request("/readyz");
+    training.offerCpuDefaults(ready.workers);
+    datasets.offerCpuDefaults(ready.workers);
     const workers = ready.workers.length;
     status.textContent = workers
       ? `Ready · ${workers} training worker${workers > 1 ? "s" : ""}`

@@ -107,15 +107,15 @@ def test_settings_table_lists_every_variable():
         assert f"`SSD_{name.upper()}`" in table
 
 
-def test_the_api_keeps_its_cores_and_a_worker_on_the_same_host_takes_the_rest(monkeypatch):
-    from core.cpu_threads import api_threads, host_cores, shared_host_api_cores, worker_threads
+def test_the_api_keeps_its_cores_and_a_worker_on_the_same_host_takes_the_rest_while_it_detects(monkeypatch):
+    from core.cpu_threads import api_threads, host_cores, shared_host_api_cores, worker_threads_beside_api
 
     monkeypatch.setenv("OMP_NUM_THREADS", "8")
     assert host_cores() == 8
     alone = Settings(_env_file=None)
-    assert (api_threads(alone), worker_threads(alone)) == (8, 8)  # a process alone on its host: every core
+    assert (api_threads(alone), worker_threads_beside_api(alone)) == (8, 8)  # a process alone on its host
     shared = Settings(_env_file=None, api_cpu_cores=shared_host_api_cores())
-    assert (api_threads(shared), worker_threads(shared)) == (4, 4)
-    assert worker_threads(Settings(_env_file=None, api_cpu_cores=8)) == 1  # at least one
+    assert (api_threads(shared), worker_threads_beside_api(shared)) == (4, 4)
+    assert worker_threads_beside_api(Settings(_env_file=None, api_cpu_cores=8)) == 1  # at least one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert shared_host_api_cores() == 1

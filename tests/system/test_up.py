@@ -53,10 +53,12 @@ def test_up_starts_everything_and_ctrl_c_stops_everything(tmp_path, log_dir):
         wait_until(lambda: httpx.get(f"{base_url}/readyz").json()["workers"], 90, "a worker in /readyz")
         wait_until(lambda: "ready: API at" in up.log.read_text(), 30, "the ready line")
         redis_url = re.search(r"started redis-server at (redis://\S+)", up.log.read_text()).group(1)
-        # The API and the worker share this host: the worker leaves the API its cores.
-        api_cores = int(re.search(r"detection keeps (\d+) of this host's CPU cores", up.log.read_text()).group(1))
+        # The API and the worker share this host: the API detects on its share of the cores, and the worker
+        # starts with all of them (it leaves the API its share while the API detects: test_cpu_sharing).
+        api_cores = int(re.search(r"the API detects on (\d+) of this host's CPU cores", up.log.read_text()).group(1))
         cores = int(re.search(r"PyTorch CPU threads: \d+ of (\d+) cores", up.log.read_text()).group(1))
-        assert f"PyTorch CPU threads: {max(1, cores - api_cores)} of {cores} cores" in up.log.read_text()
+        assert 1 <= api_cores <= cores and f"PyTorch CPU threads: {cores} of {cores} cores" in up.log.read_text()
+        assert [w["device"] for w in httpx.get(f"{base_url}/readyz").json()["workers"]] == ["cpu"]
         assert redis_answers(redis_url)
         assert (tmp_path / "data" / "redis" / "appendonly.aof").exists()
 

@@ -90,9 +90,14 @@ def test_upload_train_watch_and_detect(page, console, api, worker, shapes):
     page.unroute("**/datasets")
     screenshot(page, "desktop-datasets")
 
-    # Training: the form holds the API's defaults; the new dataset is chosen; tiny settings for speed.
+    # Training: the form holds the API's defaults, but the CPU demo's where every worker trains on a CPU
+    # (as here); the new dataset is chosen; tiny settings for speed.
     page.click("nav a[data-view=training]")
-    expect(page.locator("#train-epochs")).to_have_value("10")
+    expect(page.locator("#train-epochs")).to_have_value("54")
+    expect(page.locator("#train-width_multiplier")).to_have_value("0.25")
+    expect(page.locator("#train-batch_size")).to_have_value("16")
+    expect(page.locator("#train-cpu-note")).to_be_visible()
+    expect(page.locator("#train-learning_rate")).to_have_value("0.001")  # the others keep the API's defaults
     expect(page.locator("#train-backbone")).to_have_value("")  # what the weights need
     expect(page.locator("#train-init")).to_have_value("auto")
     expect(page.locator("#train-init-hint")).to_have_text(
@@ -260,6 +265,7 @@ def test_per_class_ap_follows_the_newest_epoch(page, console):
 
 def test_synthetic_dataset_and_cancel(page, console, api, worker):
     page.goto("/#datasets")
+    expect(page.locator("#synthetic-num-images")).to_have_value("300")  # the CPU demo's size: CPU workers here
     page.fill("#synthetic-num-images", "8")
     page.fill("#synthetic-seed", "5")
     page.click("#synthetic-form button[type=submit]")
