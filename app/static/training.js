@@ -198,6 +198,15 @@ export class TrainingView {
     this.form.querySelector("#train-cpu-note").hidden = false;
   }
 
+  /** Learned weights fix the width (1, or a job's own): the CPU demo's width, if still there, goes back to the
+   * server's default, which the form leaves unset. */
+  fitWidthToInit() {
+    const init = this.form.querySelector("#train-init").value;
+    const width = this.form.querySelector("#train-width_multiplier");
+    if (!this.cpuOffered || !width || ["auto", "scratch"].includes(init)) return;
+    if (Number(width.value) === CPU_DEMO.width_multiplier) width.value = JSON.parse(width.dataset.default);
+  }
+
   /** Builds the fields from the OpenAPI schema of POST /train's body. */
   buildForm(schema) {
     const properties = Object.fromEntries(Object.entries(schema.properties).filter(([, prop]) => !prop.deprecated));
@@ -210,7 +219,10 @@ export class TrainingView {
         .filter((n) => !MAIN_FIELDS.includes(n))
         .map((n) => fieldFor(n, properties[n])),
     );
-    this.form.querySelector("#train-init")?.addEventListener("change", () => this.showInitHint());
+    this.form.querySelector("#train-init")?.addEventListener("change", () => {
+      this.fitWidthToInit();
+      this.showInitHint();
+    });
     this.showInitHint();
   }
 

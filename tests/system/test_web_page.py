@@ -297,7 +297,7 @@ def test_rejections_show_the_servers_words(page, console, api, tmp_path):
     expect(page.locator("#upload-error")).to_have_text(direct.json()["detail"])
 
     page.click("nav a[data-view=training]")
-    expect(page.locator("#train-epochs")).to_have_value("10")
+    expect(page.locator("#train-epochs")).to_have_value("54")  # the CPU demo's: this service's workers use CPUs
     page.fill("#train-epochs", "0")
     page.fill("#train-learning_rate", "-1")
     page.click("#train-more summary")
@@ -361,7 +361,7 @@ def test_an_api_key_is_asked_for_once_kept_and_sent(browser, console, keyed_api,
     before_reload = len(requests)
     page.reload()  # kept: no prompt, and every API request carries the key
     expect(page.locator("#service-status")).to_contain_text("Ready")
-    expect(page.locator("#train-epochs")).to_have_value("10")
+    expect(page.locator("#train-epochs")).to_have_value("54")  # the CPU demo's: this service's workers use CPUs
     expect(dialog).to_be_hidden()
     api_calls = [
         (path, key) for path, key in requests[before_reload:] if path.split("?")[0] in ("/datasets", "/jobs", "/readyz")
@@ -454,8 +454,10 @@ def test_start_from_a_trained_job_and_detect_with_the_coco_model(browser, consol
         expect(page.locator(f"#train-init option[value='job:{first['id']}']")).to_have_count(1)
         expect(page.locator("#train-init-hint")).to_contain_text("Here: coco: ssd300_vgg16_coco-b556d3b4.pth")
         page.select_option("#train-dataset_id", dataset["id"])
+        expect(page.locator("#train-width_multiplier")).to_have_value("0.25")  # the CPU demo's width...
         page.select_option("#train-init", f"job:{first['id']}")
         expect(page.locator("#train-init-hint")).to_have_text("Here: that succeeded job's best checkpoint.")
+        expect(page.locator("#train-width_multiplier")).to_have_value("1")  # ...gives way to the job's
         page.fill("#train-epochs", "1")
         page.click("#train-more summary")
         for selector in ("#train-batch_size", "#train-num_workers", "#train-warmup_steps"):
