@@ -3,26 +3,16 @@ the API's forward passes mark it as detecting, and the worker's thread count fol
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 import torch
 
 from core import cpu_threads
 from core.cpu_threads import CoreSharing, DetectingSignal
 from core.settings import Settings
-from core.store import Store
 from model.config import TrainConfig
 from model.training import Callbacks
 from tests.support.processes import wait_until
 from worker.job_runner import sharing_cores_with_the_api
-
-
-@pytest.fixture
-def fresh(redis_server):
-    store = Store.from_url(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
-    yield store
-    store.redis.close()
 
 
 @pytest.fixture

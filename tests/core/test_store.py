@@ -15,15 +15,6 @@ from tests.support.service import DATASET
 CRASHED = ("crashed its worker ", " times")
 
 
-@pytest.fixture
-def fresh(redis_server):
-    """A store under a key prefix of its own, so each test starts empty."""
-    store = Store.from_url(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
-    store.put_dataset(DATASET)
-    yield store
-    store.redis.close()
-
-
 def _queue(store: Store, job_id: str, dataset: DatasetRecord = DATASET) -> JobRecord:
     job = store.create_job(JobRecord.new(job_id, dataset, {"epochs": 3}))
     assert job is not None and job.status == "queued"

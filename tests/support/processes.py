@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ import redis
 
 from core.settings import Settings
 from core.store import Store
-from tests.support.service import TINY, read_sse, shapes, voc_zip, wait_for_job, zip_folder
+from tests.support.service import DATASET, TINY, read_sse, shapes, voc_zip, wait_for_job, zip_folder
 from worker.__main__ import celery_worker_args
 
 REPO = Path(__file__).resolve().parents[2]
@@ -193,6 +194,15 @@ def settings(env) -> Settings:
 @pytest.fixture(scope="session")
 def store(settings) -> Iterator[Store]:
     store = Store.from_url(settings.redis_url, settings.key_prefix)
+    yield store
+    store.redis.close()
+
+
+@pytest.fixture
+def fresh(redis_server) -> Iterator[Store]:
+    """A store under a key prefix of its own, so each test starts empty (but for the dataset ``DATASET``)."""
+    store = Store.from_url(redis_server.url, prefix=f"test-{uuid.uuid4().hex[:8]}")
+    store.put_dataset(DATASET)
     yield store
     store.redis.close()
 

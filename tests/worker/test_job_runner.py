@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import time
-import uuid
 from pathlib import Path
-
-import pytest
 
 from core.lease import Lease
 from core.records import JobRecord
@@ -19,14 +16,6 @@ from tests.support.service import DATASET, TINY, wait_for_job
 from worker.job_runner import run_job, training_config, where_it_runs
 from worker.lease_monitor import JobMonitor
 from worker.reaper import Reaper
-
-
-@pytest.fixture
-def fresh(redis_server):
-    store = Store.from_url(redis_server.url, prefix=f"train-{uuid.uuid4().hex[:8]}")
-    store.put_dataset(DATASET)
-    yield store
-    store.redis.close()
 
 
 def _queue(store: Store, job_id: str = "j1", epochs: int = 2, data_dir: Path | None = None) -> JobRecord:
