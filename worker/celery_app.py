@@ -67,9 +67,10 @@ def _remember_node_name(sender: str, **_kwargs) -> None:
 
 def _beat() -> None:
     reaper = Reaper(store(), settings, send_again, broker_task_ids=partial(task_ids_in_broker, store().redis, settings))
+    device = training_device(settings)  # fixed for the process: asked once, not at every beat
     while True:
         try:
-            store().worker_heartbeat(node_name(), training_device(settings))
+            store().worker_heartbeat(node_name(), device)
         except REDIS_ERRORS as error:  # Redis away for a moment: try again at the next beat
             log.warning("worker heartbeat failed: %s", error)
         if not SHUTDOWN.is_set():

@@ -86,10 +86,11 @@ export class DatasetsView {
     });
   }
 
-  /** Workers that all train on CPUs: the synthetic dataset's size becomes the CPU demo's (300), once. */
-  offerCpuDefaults(workers) {
+  /** Workers that all train on CPUs: the synthetic dataset's size becomes the CPU demo's (300, beside
+   * training.js's CPU_DEMO), once. */
+  offerCpuDefaults() {
     const input = document.querySelector("#synthetic-num-images");
-    if (this.cpuOffered || !workers.length || !workers.every((worker) => worker.device === "cpu")) return;
+    if (this.cpuOffered) return;
     this.cpuOffered = true;
     if (input.value === input.defaultValue) input.value = "300";
   }

@@ -110,8 +110,11 @@ async function refreshStatus() {
   const status = $("#service-status");
   try {
     const ready = await request("/readyz");
-    training.offerCpuDefaults(ready.workers);
-    datasets.offerCpuDefaults(ready.workers);
+    // Every worker seen trains on a CPU: both forms offer the CPU demo's settings.
+    if (ready.workers.length && ready.workers.every((worker) => worker.device === "cpu")) {
+      training.offerCpuDefaults();
+      datasets.offerCpuDefaults();
+    }
     const workers = ready.workers.length;
     status.textContent = workers
       ? `Ready · ${workers} training worker${workers > 1 ? "s" : ""}`

@@ -184,10 +184,9 @@ export class TrainingView {
   }
 
   /** Workers that all train on CPUs (GET /readyz): the fields still at the server's default take the CPU
-   * demo's values, once, and a note says why. */
-  offerCpuDefaults(workers) {
-    const onCpus = workers.length > 0 && workers.every((worker) => worker.device === "cpu");
-    if (!onCpus || this.cpuOffered || !this.form.querySelector("#train-epochs")) return;
+   * demo's values, once (when the form is built), and a note says why. */
+  offerCpuDefaults() {
+    if (this.cpuOffered || !this.form.querySelector("#train-epochs")) return;
     this.cpuOffered = true;
     for (const [name, value] of Object.entries(CPU_DEMO)) {
       const input = this.form.querySelector(`#train-${name}`);
