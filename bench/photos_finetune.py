@@ -2,9 +2,10 @@
 same images and on a second, unseen split.
 
 The dataset is a folder of real photographs with boxes: one the project's readers take (COCO, VOC,
-YOLO), or ``annotations/*.xml`` + ``images/`` (Pascal VOC files in the layout of
-github.com/datitran/raccoon_dataset). Its images are shuffled by ``--seed`` and split three ways:
-a test split, split A and split B. Three runs, each validating on a part of its own split:
+YOLO; BCCD_Dataset/BCCD of github.com/Shenggan/BCCD_Dataset is a VOC folder), or ``annotations/*.xml`` +
+``images/`` (Pascal VOC files in the layout of github.com/datitran/raccoon_dataset). Its images are
+shuffled by ``--seed`` and split three ways: a test split, split A and split B. Three runs, each
+validating on a part of its own split:
 
 1. scratch: random weights, split A, ``--epochs``;
 2. job on A: starts from run 1's best checkpoint, the same images, ``--fine-tune-epochs``;
@@ -14,7 +15,7 @@ Then each run's best checkpoint is scored on the test split. Writes ``results.js
 record, the test mAPs, the settings) and ``curves.png`` (validation mAP@0.5 per epoch and per
 minute of training, the three runs in one plot) to ``--out``. Usage (CPU, lowest priority):
 
-    nice -n 19 python bench/photos_finetune.py /path/to/raccoon_dataset --out bench/results/<date>-cpu-photos
+    nice -n 19 python bench/photos_finetune.py /path/to/BCCD_Dataset/BCCD --out bench/results/<date>-cpu-bccd
 """
 
 from __future__ import annotations
