@@ -8,10 +8,12 @@ On ``--device`` (default: the CPU; bf16 there where it computes it natively, bf1
 2. For each of the two trained models, on ``--held-out`` new images (another seed): every float32
    detection above 0.3 must have a mixed-precision counterpart of the same class with IoU >= 0.9 and a score
    within 0.03 (its detections down to 0.2 are candidates), and mAP@0.5 and mAP@0.5:0.95 from
-   ``evaluate_detector`` may move by at most 0.01 between the two precisions.
+   ``evaluate_detector`` may move by at most 0.01 between the two precisions. Each float32 detection
+   without such a partner is explained: whether the mixed-precision network's boxes before NMS hold
+   a partner for it, and which kept detection suppressed that partner.
 
 Usage: python bench/precision_agreement.py [--images 300] [--held-out 100] [--epochs 12] [--width 0.5]
-       [--batch-size 16] [--device cpu|cuda] [--workers 2] [--json out.json]
+       [--batch-size 16] [--device cpu|cuda] [--workers 2] [--trained-in amp fp32] [--keep DIR] [--json out.json]
 """
 
 from __future__ import annotations
@@ -49,29 +51,77 @@ def _map(record: dict) -> dict:
     return {"val_map50": record["val_map50"], "val_map": record["val_map"], "train_loss": record["train_loss"]}
 
 
+def partners(reference: dict, candidates: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For each detection of ``reference``: whether ``candidates`` hold one of the same class with IoU >= 0.9
+    and a score within 0.03 (bool Tensor[K]), the IoU of its best same-class candidate and their score gap
+    (Tensor[K] each; IoU 0 and gap 1 where there is none)."""
+    count = len(reference["scores"])
+    if not len(candidates["scores"]):
+        return torch.zeros(count, dtype=torch.bool), torch.zeros(count), torch.ones(count)
+    same_class = reference["labels"][:, None] == candidates["labels"][None, :]
+    iou = torch.where(same_class, box_iou(reference["boxes"], candidates["boxes"]), 0.0)
+    gap = (reference["scores"][:, None] - candidates["scores"][None, :]).abs()
+    partnered = ((iou >= 0.9) & (gap <= 0.03)).any(dim=1)
+    best_iou, best = iou.max(dim=1)
+    return partnered, best_iou, gap.gather(1, best[:, None])[:, 0]
+
+
+def explain_miss(detection: dict, kept: dict, before_nms: dict, nms_threshold: float) -> dict:
+    """Why one float32 detection (its ``boxes``, ``scores``, ``labels`` as 1-row tensors) has no partner
+    among the mixed-precision detections ``kept``: the closest same-class box the mixed-precision network
+    gave before NMS (``before_nms``), and the kept detection that overlaps that box most, which NMS
+    suppressed it for when their IoU is above ``nms_threshold``."""
+    partnered, iou, gap = partners(detection, before_nms)
+    explained = {
+        "fp32_score": round(float(detection["scores"][0]), 4),
+        "fp32_box": [round(v, 1) for v in detection["boxes"][0].tolist()],
+        "best_kept_iou": round(float(partners(detection, kept)[1][0]), 3),
+        "partner_before_nms": bool(partnered[0]),
+        "closest_before_nms": {"iou": round(float(iou[0]), 3), "score_gap": round(float(gap[0]), 4)},
+    }
+    if partnered[0] and len(kept["scores"]):
+        same_class = before_nms["labels"] == detection["labels"][0]
+        overlap = box_iou(detection["boxes"], before_nms["boxes"])[0]
+        score_close = (before_nms["scores"] - detection["scores"][0]).abs() <= 0.03
+        candidate = torch.where(same_class & score_close, overlap, -1.0).argmax()
+        rivals = box_iou(before_nms["boxes"][candidate, None], kept["boxes"])[0]
+        rivals = torch.where(kept["labels"] == detection["labels"][0], rivals, 0.0)
+        rival = int(rivals.argmax())
+        explained["suppressed_by"] = {
+            "score": round(float(kept["scores"][rival]), 4),
+            "candidate_score": round(float(before_nms["scores"][candidate]), 4),
+            "iou_with_candidate": round(float(rivals[rival]), 3),
+            "above_nms_threshold": bool(rivals[rival] > nms_threshold),
+        }
+    return explained
+
+
 def agreement(checkpoint: str, held_out, device: str) -> dict:
     """The detection rule and the mAP shift between float32 and mixed-precision inference of one trained model."""
     network, classes = load_model(checkpoint)
     fp32, bf16 = Detector(network, classes, device, amp=False), Detector(network, classes, device)
+    no_nms = Detector(network, classes, device, nms_threshold=1.0)  # bf16's boxes before suppression
     images = [Image.open(record.path) for record in held_out.images]
-    compared, unpartnered, worst_iou, largest_score_gap = 0, [], 1.0, 0.0
+    compared, unpartnered, worst_iou, largest_score_gap, misses = 0, [], 1.0, 0.0, []
     for start in range(0, len(images), 16):
         chunk = images[start : start + 16]
-        for ref, got in zip(fp32.predict(chunk, 0.3), bf16.predict(chunk, 0.2), strict=True):
+        kept_and_raw = zip(bf16.predict(chunk, 0.2), no_nms.predict(chunk, 0.2, max_detections=10_000), strict=True)
+        for index, (ref, (got, raw)) in enumerate(zip(fp32.predict(chunk, 0.3), kept_and_raw, strict=True)):
             if not len(ref["scores"]):
                 continue
-            same_class = ref["labels"][:, None] == got["labels"][None, :]
-            iou = torch.where(same_class, box_iou(ref["boxes"], got["boxes"]), 0.0) if len(got["scores"]) else None
-            if iou is None:
-                unpartnered += ref["scores"].tolist()
-                continue
-            gap = (ref["scores"][:, None] - got["scores"][None, :]).abs()
-            partnered = ((iou >= 0.9) & (gap <= 0.03)).any(dim=1)
+            partnered, best_iou, gap = partners(ref, got)
             unpartnered += ref["scores"][~partnered].tolist()
-            best = iou.argmax(dim=1)
-            worst_iou = min(worst_iou, float(iou.max(dim=1).values.min()))
-            largest_score_gap = max(largest_score_gap, float(gap.gather(1, best[:, None]).max()))
+            worst_iou = min(worst_iou, float(best_iou.min()))
+            largest_score_gap = max(largest_score_gap, float(gap.max()))
             compared += len(ref["scores"])
+            for k in (~partnered).nonzero()[:, 0].tolist():
+                detection = {key: value[k : k + 1] for key, value in ref.items()}
+                misses.append(
+                    {
+                        "image": held_out.images[start + index].path.name,
+                        **explain_miss(detection, got, raw, bf16.nms_threshold),
+                    }
+                )
     maps = {
         name: evaluate_detector(detector, held_out.images, 16, None, held_out.classes)
         for name, detector in (("fp32", fp32), (bf16.precision, bf16))
@@ -81,6 +131,7 @@ def agreement(checkpoint: str, held_out, device: str) -> dict:
         "inference_precisions": list(maps),
         "fp32_detections_above_0.3": compared,
         "without_bf16_partner": len(unpartnered),
+        "misses": misses,
         "worst_best_iou": worst_iou,
         "largest_score_gap_to_best_match": largest_score_gap,
         "map50": {k: v["map50"] for k, v in maps.items()},
@@ -99,22 +150,28 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--workers", type=int, default=TrainConfig.num_workers, help="data-loading processes")
+    parser.add_argument("--trained-in", nargs="+", choices=["amp", "fp32"], default=["amp", "fp32"])
+    parser.add_argument(
+        "--keep", type=Path, help="keep the datasets and run folders here (default: a temporary folder)"
+    )
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    summary: dict = {"args": vars(args) | {"json": str(args.json)}, "torch": torch.__version__}
+    summary: dict = {"args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    summary["torch"] = torch.__version__
 
     def save() -> None:
         if args.json:
             args.json.write_text(json.dumps(summary, indent=2))
 
-    with tempfile.TemporaryDirectory() as folder:
-        data = make_shapes_dataset(Path(folder) / "train", args.images, seed=0)
-        held_out = make_shapes_dataset(Path(folder) / "held-out", args.held_out, seed=1)
+    with tempfile.TemporaryDirectory() as temporary:
+        folder = args.keep or Path(temporary)
+        data = make_shapes_dataset(folder / "train", args.images, seed=0)
+        held_out = make_shapes_dataset(folder / "held-out", args.held_out, seed=1)
         common = {"epochs": args.epochs, "width_multiplier": args.width, "batch_size": args.batch_size}
         common |= {"device": args.device, "num_workers": args.workers}
         runs = {}
-        for amp in (True, False):
-            run = train(data, TrainConfig(amp=amp, **common), Path(folder) / f"amp-{amp}")
+        for amp in (choice == "amp" for choice in args.trained_in):
+            run = train(data, TrainConfig(amp=amp, **common), folder / f"amp-{amp}")
             runs[run["precision"]] = run
             summary["runs"] = runs
             save()
