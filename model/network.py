@@ -13,26 +13,15 @@ from .config import ModelConfig
 from .default_boxes import boxes_per_location, default_boxes, feature_map_sizes
 
 # torchvision's VGG16 layer configuration ("D"): conv widths, "M" = 2x2 max pool.
-_VGG16_LAYOUT: list[int | str] = [
-    64,
-    64,
-    "M",
-    128,
-    128,
-    "M",
-    256,
-    256,
-    256,
-    "M",
-    512,
-    512,
-    512,
-    "M",
-    512,
-    512,
-    512,
-    "M",
+# fmt: off
+_VGG16_LAYOUT: list[int | str] = [  # one conv block a line
+    64, 64, "M",
+    128, 128, "M",
+    256, 256, 256, "M",
+    512, 512, 512, "M",
+    512, 512, 512, "M",
 ]
+# fmt: on
 # Layers of torchvision's vgg16().features (conv, ReLU and pool each count one) in conv
 # blocks 1 and 2: the layers frozen with a pretrained backbone and trained at a lower rate.
 EARLY_BLOCK_LAYERS = 10

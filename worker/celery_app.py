@@ -28,7 +28,7 @@ from core.leftovers import start_sweep
 from core.settings import Settings
 from core.storage import StorageUnavailable
 from core.store import REDIS_ERRORS, Store
-from worker.job_runner import training_device
+from worker.job_runner import device_type
 from worker.reaper import Reaper
 
 settings = Settings()
@@ -67,7 +67,7 @@ def _remember_node_name(sender: str, **_kwargs) -> None:
 
 def _beat() -> None:
     reaper = Reaper(store(), settings, send_again, broker_task_ids=partial(task_ids_in_broker, store().redis, settings))
-    device = training_device(settings)  # fixed for the process: asked once, not at every beat
+    device = device_type(settings.device)  # where it trains: fixed for the process, asked once
     while True:
         try:
             store().worker_heartbeat(node_name(), device)

@@ -81,7 +81,7 @@ def training_config(job: JobRecord, settings: Settings) -> TrainConfig:
     if values.get("device", "auto") == "auto":
         values["device"] = settings.device
     config = TrainConfig.from_dict(values)
-    if settings.cpu_precision == "fp32" and config.amp and _device_type(config) == "cpu":
+    if settings.cpu_precision == "fp32" and config.amp and device_type(config.device) == "cpu":
         config = dataclasses.replace(config, amp=False)
     return config
 
@@ -100,17 +100,10 @@ def where_it_runs(job: JobRecord, settings: Settings) -> dict[str, str | None]:
     }
 
 
-def _device_type(config: TrainConfig) -> str | None:
+def device_type(device: str) -> str | None:
+    """cpu or cuda for a device setting (a job's ``device``, ``SSD_DEVICE``); None where it cannot resolve."""
     try:
-        return resolve_device(config.device).type
-    except ValueError:
-        return None
-
-
-def training_device(settings: Settings) -> str | None:
-    """Where this worker trains the jobs that leave the device to it (``SSD_DEVICE``): cpu or cuda."""
-    try:
-        return resolve_device(settings.device).type
+        return resolve_device(device).type
     except ValueError:  # cuda asked for where there is none
         return None
 
@@ -122,7 +115,7 @@ def sharing_cores_with_the_api(
     """``callbacks`` whose check before each batch also sets this worker's PyTorch threads: every core
     while the API is idle, the ones it does not keep while it detects (``core.cpu_threads``). Only for
     a run on the CPU, and only with ``SSD_API_CPU_CORES`` set (an API shares this host)."""
-    if not settings.api_cpu_cores or _device_type(config) != "cpu":
+    if not settings.api_cpu_cores or device_type(config.device) != "cpu":
         yield callbacks
         return
     sharing = CoreSharing(store.api_detecting, alone=host_cores(), beside_api=worker_threads_beside_api(settings))
