@@ -152,9 +152,9 @@ class Settings(BaseSettings):
             "CPU cores that the API's detection and evaluation use, and that a worker training on the CPU of "
             "the same host leaves them while the API detects: the API runs that many PyTorch threads; a worker "
             "every core while the API is idle, its host's cores minus that many (at least one) from within a "
-            "second of a detection until a few seconds after the last. Unset: each process uses every core (a "
-            "host that runs only workers, or only the API); `ssd-service up`, which runs both, sets half the "
-            "cores."
+            "second of a detection until a few seconds after the last. `half`: half the host's cores (what "
+            "`ssd-service up` and docker-compose.yml, which run both on one host, set unless told otherwise). "
+            "Unset: each process uses every core (a host that runs only workers, or only the API)."
         ),
     )
 
@@ -323,6 +323,17 @@ class Settings(BaseSettings):
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # SSD_STORAGE_URL= (as Compose passes an unset one)
+
+    @field_validator("api_cpu_cores", mode="before")
+    @classmethod
+    def _half_the_cores(cls, value: object) -> object:
+        if value == "":
+            return None
+        if isinstance(value, str) and value.strip().lower() == "half":
+            from core.cpu_threads import shared_host_api_cores  # here: core.cpu_threads imports this module
+
+            return shared_host_api_cores()
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> Settings:

@@ -119,3 +119,18 @@ def test_the_api_keeps_its_cores_and_a_worker_on_the_same_host_takes_the_rest_wh
     assert worker_threads_beside_api(Settings(_env_file=None, api_cpu_cores=8)) == 1  # at least one
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert shared_host_api_cores() == 1
+
+
+def test_half_the_cores_is_what_a_shared_host_is_given(monkeypatch):
+    from core.cpu_threads import api_threads, worker_threads_beside_api
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")
+    monkeypatch.setenv("SSD_API_CPU_CORES", "half")  # as docker-compose.yml passes it to both containers
+    shared = Settings(_env_file=None)
+    assert shared.api_cpu_cores == 4
+    assert (api_threads(shared), worker_threads_beside_api(shared)) == (4, 4)
+    monkeypatch.setenv("SSD_API_CPU_CORES", "")  # as Compose passes an unset one
+    assert Settings(_env_file=None).api_cpu_cores is None
+    monkeypatch.setenv("SSD_API_CPU_CORES", "most")
+    with pytest.raises(ValidationError, match="api_cpu_cores"):
+        Settings(_env_file=None)
