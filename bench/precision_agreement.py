@@ -9,8 +9,9 @@ On ``--device`` (default: the CPU; bf16 there where it computes it natively, bf1
    detection above 0.3 must have a mixed-precision counterpart of the same class with IoU >= 0.9 and a score
    within 0.03 (its detections down to 0.2 are candidates), and mAP@0.5 and mAP@0.5:0.95 from
    ``evaluate_detector`` may move by at most 0.01 between the two precisions. Each float32 detection
-   without such a partner is explained: whether the mixed-precision network's boxes before NMS hold
-   a partner for it, and which kept detection suppressed that partner.
+   without such a partner is explained (``model.agreement``): whether the mixed-precision network's boxes
+   before NMS hold a partner for it, which kept detection suppressed that partner, and whether that was
+   NMS swapping a near tie.
 
 Usage: python bench/precision_agreement.py [--images 300] [--held-out 100] [--epochs 12] [--width 0.5]
        [--batch-size 16] [--device cpu|cuda] [--workers 2] [--trained-in amp fp32] [--keep DIR] [--json out.json]
@@ -19,6 +20,7 @@ Usage: python bench/precision_agreement.py [--images 300] [--held-out 100] [--ep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import tempfile
 import time
@@ -26,8 +28,8 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
+from model.agreement import explain_miss, partners
 from model.config import TrainConfig
 from model.data import make_shapes_dataset
 from model.detector import Detector, load_model
@@ -51,51 +53,6 @@ def _map(record: dict) -> dict:
     return {"val_map50": record["val_map50"], "val_map": record["val_map"], "train_loss": record["train_loss"]}
 
 
-def partners(reference: dict, candidates: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For each detection of ``reference``: whether ``candidates`` hold one of the same class with IoU >= 0.9
-    and a score within 0.03 (bool Tensor[K]), the IoU of its best same-class candidate and their score gap
-    (Tensor[K] each; IoU 0 and gap 1 where there is none)."""
-    count = len(reference["scores"])
-    if not len(candidates["scores"]):
-        return torch.zeros(count, dtype=torch.bool), torch.zeros(count), torch.ones(count)
-    same_class = reference["labels"][:, None] == candidates["labels"][None, :]
-    iou = torch.where(same_class, box_iou(reference["boxes"], candidates["boxes"]), 0.0)
-    gap = (reference["scores"][:, None] - candidates["scores"][None, :]).abs()
-    partnered = ((iou >= 0.9) & (gap <= 0.03)).any(dim=1)
-    best_iou, best = iou.max(dim=1)
-    return partnered, best_iou, gap.gather(1, best[:, None])[:, 0]
-
-
-def explain_miss(detection: dict, kept: dict, before_nms: dict, nms_threshold: float) -> dict:
-    """Why one float32 detection (its ``boxes``, ``scores``, ``labels`` as 1-row tensors) has no partner
-    among the mixed-precision detections ``kept``: the closest same-class box the mixed-precision network
-    gave before NMS (``before_nms``), and the kept detection that overlaps that box most, which NMS
-    suppressed it for when their IoU is above ``nms_threshold``."""
-    partnered, iou, gap = partners(detection, before_nms)
-    explained = {
-        "fp32_score": round(float(detection["scores"][0]), 4),
-        "fp32_box": [round(v, 1) for v in detection["boxes"][0].tolist()],
-        "best_kept_iou": round(float(partners(detection, kept)[1][0]), 3),
-        "partner_before_nms": bool(partnered[0]),
-        "closest_before_nms": {"iou": round(float(iou[0]), 3), "score_gap": round(float(gap[0]), 4)},
-    }
-    if partnered[0] and len(kept["scores"]):
-        same_class = before_nms["labels"] == detection["labels"][0]
-        overlap = box_iou(detection["boxes"], before_nms["boxes"])[0]
-        score_close = (before_nms["scores"] - detection["scores"][0]).abs() <= 0.03
-        candidate = torch.where(same_class & score_close, overlap, -1.0).argmax()
-        rivals = box_iou(before_nms["boxes"][candidate, None], kept["boxes"])[0]
-        rivals = torch.where(kept["labels"] == detection["labels"][0], rivals, 0.0)
-        rival = int(rivals.argmax())
-        explained["suppressed_by"] = {
-            "score": round(float(kept["scores"][rival]), 4),
-            "candidate_score": round(float(before_nms["scores"][candidate]), 4),
-            "iou_with_candidate": round(float(rivals[rival]), 3),
-            "above_nms_threshold": bool(rivals[rival] > nms_threshold),
-        }
-    return explained
-
-
 def agreement(checkpoint: str, held_out, device: str) -> dict:
     """The detection rule and the mAP shift between float32 and mixed-precision inference of one trained model."""
     network, classes = load_model(checkpoint)
@@ -116,12 +73,9 @@ def agreement(checkpoint: str, held_out, device: str) -> dict:
             compared += len(ref["scores"])
             for k in (~partnered).nonzero()[:, 0].tolist():
                 detection = {key: value[k : k + 1] for key, value in ref.items()}
-                misses.append(
-                    {
-                        "image": held_out.images[start + index].path.name,
-                        **explain_miss(detection, got, raw, bf16.nms_threshold),
-                    }
-                )
+                miss = explain_miss(detection, got, raw, bf16.nms_threshold)
+                image = held_out.images[start + index].path.name
+                misses.append({"image": image, **dataclasses.asdict(miss), "near_tie": miss.near_tie})
     maps = {
         name: evaluate_detector(detector, held_out.images, 16, None, held_out.classes)
         for name, detector in (("fp32", fp32), (bf16.precision, bf16))
@@ -131,6 +85,7 @@ def agreement(checkpoint: str, held_out, device: str) -> dict:
         "inference_precisions": list(maps),
         "fp32_detections_above_0.3": compared,
         "without_bf16_partner": len(unpartnered),
+        "misses_not_near_ties": sum(not miss["near_tie"] for miss in misses),
         "misses": misses,
         "worst_best_iou": worst_iou,
         "largest_score_gap_to_best_match": largest_score_gap,

@@ -8,15 +8,16 @@ emulated where the instructions are missing, so these tests check the same thing
 import pytest
 import torch
 from PIL import Image
-from torchvision.ops import box_iou
 
 import model.device
+from model.agreement import explain_miss, partners
 from model.checkpoint import load_checkpoint
 from model.config import ModelConfig, TrainConfig
 from model.detector import Detector, load_model
 from model.device import amp_dtype, cpu_has_native_bf16, memory_format, precision_name
 from model.metrics import evaluate_detector
 from model.network import SSD300
+from model.postprocess import Detections
 from model.training import build_training_run, fit, train_step, training_precision
 from tests.support.tiny import TINY
 
@@ -116,25 +117,46 @@ def test_bf16_detections_match_float32_ones(overfitted, shapes, monkeypatch):
     fp32 = Detector(network, classes, amp=False)
     monkeypatch.setattr(model.device, "cpu_has_native_bf16", lambda: True)
     bf16 = Detector(network, classes)
-    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    before_nms = Detector(network, classes, nms_threshold=1.0)  # bf16, nothing suppressed
+    assert (fp32.precision, bf16.precision, before_nms.precision) == ("fp32", "bf16", "bf16")
 
     images = [Image.open(image.path) for image in shapes.images]
     reference = fp32.predict(images, score_threshold=0.3)
     # Below the threshold too: a float32 score of 0.31 may be 0.29 in bf16 and still be the same detection.
     candidates = bf16.predict(images, score_threshold=0.2)
-    unpartnered = [score for ref, got in zip(reference, candidates, strict=True) for score in without_partner(ref, got)]
-    assert not unpartnered, f"fp32 detections without a bf16 partner: {unpartnered}"
-    assert sum(len(ref["scores"]) for ref in reference) >= shapes.num_boxes
+    raw = before_nms.predict(images, score_threshold=0.2, max_detections=10_000)
+    compared, misses = 0, []
+    for ref, got, unsuppressed in zip(reference, candidates, raw, strict=True):
+        compared += len(ref["scores"])
+        for k in (~partners(ref, got).partnered).nonzero()[:, 0].tolist():
+            one = Detections(
+                boxes=ref["boxes"][k : k + 1], scores=ref["scores"][k : k + 1], labels=ref["labels"][k : k + 1]
+            )
+            misses.append(explain_miss(one, got, unsuppressed, bf16.nms_threshold))
+    assert compared >= shapes.num_boxes
+    # Each fp32 detection has its bf16 partner, or is a near tie whose order NMS swapped (model.agreement),
+    # and those are rare: the thread count alone decides some of them.
+    assert all(miss.near_tie for miss in misses), misses
+    assert len(misses) <= compared // 10, misses
 
 
-def without_partner(reference: dict, candidates: dict) -> list[float]:
-    """Scores of the detections of ``reference`` that have no detection in ``candidates`` of the same class,
-    with IoU >= 0.9 and a score within 0.03."""
-    same_class = reference["labels"][:, None] == candidates["labels"][None, :]
-    close_score = (reference["scores"][:, None] - candidates["scores"][None, :]).abs() <= 0.03
-    overlapping = box_iou(reference["boxes"], candidates["boxes"]) >= 0.9
-    partnered = (same_class & close_score & overlapping).any(dim=1)
-    return reference["scores"][~partnered].tolist()
+def test_a_near_tie_is_a_miss_that_the_network_gave_and_nms_swapped():
+    def detections(*rows: tuple[float, float, float, float, float]) -> Detections:
+        table = torch.tensor(rows).reshape(-1, 5)
+        return Detections(boxes=table[:, :4], scores=table[:, 4], labels=torch.ones(len(table), dtype=torch.int64))
+
+    fp32 = detections((10, 10, 50, 50, 0.80))
+    neighbour = (12, 10, 54, 50, 0.81)  # IoU 0.86 with it: suppressed by it, or suppressing it
+    assert partners(fp32, detections((10, 10, 50, 51, 0.79))).partnered.tolist() == [True]
+    assert partners(fp32, detections(neighbour)).partnered.tolist() == [False]
+    swapped = explain_miss(fp32, detections(neighbour), detections(neighbour, (10, 10, 50, 50, 0.805)), 0.45)
+    assert swapped.partner_before_nms and swapped.near_tie
+    lost = explain_miss(fp32, detections(neighbour), detections(neighbour, (10, 10, 50, 50, 0.70)), 0.45)
+    assert not lost.partner_before_nms and not lost.near_tie  # the network's own score moved by 0.1
+    far_ahead = explain_miss(
+        fp32, detections((12, 10, 54, 50, 0.95)), detections((12, 10, 54, 50, 0.95), (10, 10, 50, 50, 0.80)), 0.45
+    )
+    assert far_ahead.partner_before_nms and not far_ahead.near_tie  # not a tie: the kept one scores 0.15 more
 
 
 def test_bf16_moves_map_by_at_most_a_hundredth(overfitted, shapes, monkeypatch):
