@@ -29,7 +29,7 @@ from app.security import (
     require_api_key_or_query,
 )
 from app.uploads import ImportAdmission, ImportSlots
-from core.cpu_threads import DetectingSignal, api_threads, use_threads
+from core.cpu_threads import DetectingSignal, api_threads, threads_line, use_threads
 from core.dispatch import make_celery
 from core.leftovers import start_sweep
 from core.s3 import BucketError
@@ -88,6 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         use_threads(api_threads(settings))
+        log.info("%s", threads_line(settings))
         if detecting is not None:
             detecting.start()
         settings.datasets_dir.mkdir(parents=True, exist_ok=True)

@@ -51,11 +51,11 @@ def use_threads(count: int) -> None:
     torch.set_num_threads(count)
 
 
-def threads_line() -> str:
+def threads_line(settings: Settings) -> str:
     """This process's thread count, for its log."""
     import torch
 
-    api = os.environ.get("SSD_API_CPU_CORES") or "unset"
+    api = settings.api_cpu_cores or "unset"
     return f"PyTorch CPU threads: {torch.get_num_threads()} of {host_cores()} cores (SSD_API_CPU_CORES: {api})"
 
 

@@ -91,7 +91,7 @@ def _reap(reaper: Reaper) -> None:
 
 @worker_ready.connect
 def _start_heartbeat(**_kwargs) -> None:
-    log.info("%s", threads_line())
+    log.info("%s", threads_line(settings))
     # This process's owner lock before anything is written, then the sweep.
     start_sweep(settings.layout, store(), settings.storage)
     try:

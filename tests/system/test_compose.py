@@ -34,6 +34,8 @@ def test_compose_services_redis_api_worker():
         data_dir = service["environment"]["SSD_DATA_DIR"]
         assert any(v.split(":")[1] == data_dir and v.split(":")[0] in compose["volumes"] for v in service["volumes"])
         assert service["environment"]["SSD_REDIS_URL"].startswith("redis://redis:")
+        # Both on one host: the API detects on half its cores, a CPU worker leaves it those meanwhile.
+        assert service["environment"]["SSD_API_CPU_CORES"] == "${SSD_API_CPU_CORES:-half}"
     assert worker["command"] == ["python", "-m", "worker.pool"]  # a worker per GPU, each --pool solo
     gpu = load("docker-compose.gpu.yml")["services"]["worker"]
     devices = gpu["deploy"]["resources"]["reservations"]["devices"][0]
@@ -44,7 +46,7 @@ def test_compose_services_redis_api_worker():
 def test_compose_commands_run_as_is_against_the_test_redis(redis_server, tmp_path, log_dir):
     compose = load("docker-compose.yml")["services"]
     port, prefix = free_port(), f"compose-{os.getpid()}"
-    env = service_env(redis_server.url, tmp_path, SSD_PORT=str(port), SSD_KEY_PREFIX=prefix)
+    env = service_env(redis_server.url, tmp_path, SSD_PORT=str(port), SSD_KEY_PREFIX=prefix, SSD_API_CPU_CORES="half")
     store = Store.from_url(redis_server.url, prefix)
     api = start_process("compose-api", compose["api"]["command"], env, log_dir)
     worker = start_process("compose-worker", compose["worker"]["command"], env, log_dir)
@@ -66,6 +68,8 @@ def test_compose_commands_run_as_is_against_the_test_redis(redis_server, tmp_pat
         store.redis.close()
     # uvicorn re-raises the SIGTERM it handled after a clean shutdown, so -15 is a clean exit too.
     assert api.popen.returncode in (0, -15) and "Application shutdown complete" in api.log.read_text(), api.tail()
+    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert f"PyTorch CPU threads: {half} of" in api.log.read_text(), api.tail()
 
 
 def test_compose_s3_profile_runs_minio_and_makes_the_bucket_with_the_service_image(tmp_path, log_dir):
