@@ -319,7 +319,7 @@ class Settings(BaseSettings):
         renamed = RenamedVariables(settings_cls)
         return init_settings, renamed, env_settings, dotenv_settings, file_secret_settings
 
-    @field_validator("storage_url", "weights_dir", "weights_base_url", mode="before")
+    @field_validator("storage_url", "weights_dir", "weights_base_url", "api_cpu_cores", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value  # SSD_STORAGE_URL= (as Compose passes an unset one)
@@ -327,8 +327,6 @@ class Settings(BaseSettings):
     @field_validator("api_cpu_cores", mode="before")
     @classmethod
     def _half_the_cores(cls, value: object) -> object:
-        if value == "":
-            return None
         if isinstance(value, str) and value.strip().lower() == "half":
             from core.cpu_threads import shared_host_api_cores  # here: core.cpu_threads imports this module
 

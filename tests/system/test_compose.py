@@ -68,7 +68,7 @@ def test_compose_commands_run_as_is_against_the_test_redis(redis_server, tmp_pat
         store.redis.close()
     # uvicorn re-raises the SIGTERM it handled after a clean shutdown, so -15 is a clean exit too.
     assert api.popen.returncode in (0, -15) and "Application shutdown complete" in api.log.read_text(), api.tail()
-    half = max(1, len(os.sched_getaffinity(0)) // 2)
+    half = max(1, int(env["OMP_NUM_THREADS"]) // 2)  # the cores PyTorch sees (core.cpu_threads.host_cores)
     assert f"PyTorch CPU threads: {half} of" in api.log.read_text(), api.tail()
 
 
