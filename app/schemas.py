@@ -107,7 +107,7 @@ class TrainRequest(BaseModel):
         le=10,
         description=(
             "Adam's rate (conv blocks 1-2 learn at early_block_lr_factor of it). Training on from a job: "
-            "about a fifth (0.0002) keeps what it learned."
+            "about a fifth (0.0002) keeps what it learned, where 0.001 can undo it."
         ),
     )
     early_block_lr_factor: float = Field(_DEFAULTS.early_block_lr_factor, ge=0, le=1)
