@@ -72,8 +72,7 @@ def agreement(checkpoint: str, held_out, device: str) -> dict:
             largest_score_gap = max(largest_score_gap, float(gap.max()))
             compared += len(ref["scores"])
             for k in (~partnered).nonzero()[:, 0].tolist():
-                detection = {key: value[k : k + 1] for key, value in ref.items()}
-                miss = explain_miss(detection, ref, got, raw, bf16.nms_threshold)
+                miss = explain_miss(ref, k, got, raw, bf16.nms_threshold)
                 image = held_out.images[start + index].path.name
                 misses.append({"image": image, **dataclasses.asdict(miss), "near_tie": miss.near_tie})
     maps = {

@@ -90,12 +90,12 @@ class Miss:
 
 
 def explain_miss(
-    detection: Detections, reference: Detections, kept: Detections, before_nms: Detections, nms_threshold: float
+    reference: Detections, index: int, kept: Detections, before_nms: Detections, nms_threshold: float
 ) -> Miss:
-    """Explains an unpartnered reference ``detection`` (one row of ``reference``, the reference run's kept
-    detections of its image) with the other run's ``kept`` detections of that image and its boxes
-    ``before_nms`` (the same network and score threshold, NMS off); the other run's NMS suppressed above
-    ``nms_threshold`` IoU."""
+    """Explains the unpartnered detection ``index`` of ``reference`` (the reference run's kept detections of
+    one image) with the other run's ``kept`` detections of that image and its boxes ``before_nms`` (the same
+    network and score threshold, NMS off); the other run's NMS suppressed above ``nms_threshold`` IoU."""
+    detection = _row(reference, index)
     twin, closest_iou, closest_gap = partners(detection, before_nms)
     miss = Miss(
         score=float(detection["scores"][0]),
@@ -119,15 +119,21 @@ def explain_miss(
     if not could_suppress.any():
         return replace(miss, twin_score=float(twin_score))
     suppressor = int(torch.where(could_suppress, kept["scores"], -1.0).argmax())
-    rival = Detections(
-        boxes=kept["boxes"][suppressor, None], scores=kept["scores"][suppressor, None], labels=label[None]
-    )
     return replace(
         miss,
         twin_score=float(twin_score),
         suppressor_score=float(kept["scores"][suppressor]),
         suppressor_iou=float(overlap[suppressor]),
-        suppressor_kept_by_reference=bool(partners(rival, reference).partnered[0]),
+        suppressor_kept_by_reference=bool(partners(_row(kept, suppressor), reference).partnered[0]),
+    )
+
+
+def _row(detections: Detections, index: int) -> Detections:
+    """Detection ``index`` alone, as a one-row :class:`Detections`."""
+    return Detections(
+        boxes=detections["boxes"][index, None],
+        scores=detections["scores"][index, None],
+        labels=detections["labels"][index, None],
     )
 
 

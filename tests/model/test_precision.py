@@ -129,10 +129,7 @@ def test_bf16_detections_match_float32_ones(overfitted, shapes, monkeypatch):
     for ref, got, unsuppressed in zip(reference, candidates, raw, strict=True):
         compared += len(ref["scores"])
         for k in (~partners(ref, got).partnered).nonzero()[:, 0].tolist():
-            one = Detections(
-                boxes=ref["boxes"][k : k + 1], scores=ref["scores"][k : k + 1], labels=ref["labels"][k : k + 1]
-            )
-            misses.append(explain_miss(one, ref, got, unsuppressed, bf16.nms_threshold))
+            misses.append(explain_miss(ref, k, got, unsuppressed, bf16.nms_threshold))
     assert compared >= shapes.num_boxes
     # Each fp32 detection has its bf16 partner, or is a near tie whose order NMS swapped (model.agreement);
     # which near ties swap depends on the arithmetic down to the thread count, but they stay rare.
@@ -152,7 +149,7 @@ def test_a_near_tie_is_two_boxes_that_each_run_kept_in_the_others_place():
     assert partners(fp32, detections((*neighbour, 0.81))).partnered.tolist() == [False]
 
     def explain(kept: Detections, before_nms: Detections, reference: Detections = fp32):
-        return explain_miss(fp32, reference, kept, before_nms, nms_threshold=0.45)
+        return explain_miss(reference, 0, kept, before_nms, nms_threshold=0.45)  # row 0: the fp32 box
 
     swapped = explain(detections((*neighbour, 0.81)), detections((*neighbour, 0.81), (*box, 0.805)))
     assert swapped.partner_before_nms and swapped.near_tie
